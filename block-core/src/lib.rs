@@ -1,0 +1,3 @@
+//! Strata's block engine (work in progress).
+pub mod error;
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,1 @@
+//! Strata's drivers (work in progress).

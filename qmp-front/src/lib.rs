@@ -1,0 +1,1 @@
+//! Strata's front-end (work in progress).
