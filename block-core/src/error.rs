@@ -60,10 +60,13 @@ pub enum Error {
         source: io::Error,
     },
     /// Another process holds a conflicting image lock.
-    #[error("Failed to get \"{perm}\" lock\nIs another process using the image [{path}]?")]
+    #[error("Failed to get {}\"{perm}\" lock\nIs another process using the image [{path}]?", if *shared { "shared " } else { "" })]
     Locked {
         /// The image path.
         path: String,
+        /// Whether the lock that failed is the "shared" byte (we want to
+        /// stop others from using a permission that someone holds).
+        shared: bool,
         /// The permission whose lock byte is taken ("write", "consistent read").
         perm: &'static str,
     },

@@ -1,1 +1,2 @@
+//! `strata-img`: qemu-img-style tool (work in progress).
 fn main() {}

@@ -1,1 +1,2 @@
+//! `stratad`: the daemon (work in progress).
 fn main() {}

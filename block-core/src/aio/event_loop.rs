@@ -1,0 +1,477 @@
+//! The event loop (QEMU's AioContext): one thread, one executor, one engine.
+//!
+//! Everything a loop owns (its nodes, their metadata caches, the ring) is
+//! touched only from its thread, so none of it needs a lock. Other threads
+//! reach the loop through a [`LoopHandle`]: they queue a closure and kick the
+//! loop's eventfd; the closure runs on the loop as a task and its result
+//! travels back through a [`RemoteFuture`] that can be awaited from any
+//! executor or waited on synchronously.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use super::engine::{AioMode, Engine, EngineFile};
+use super::executor::{Executor, JoinHandle};
+use super::notify::Notifier;
+use super::pool::{PoolFuture, WorkerPool};
+use super::uring::Uring;
+use crate::buf::IoBuf;
+use crate::error::{Error, Result};
+
+/// Submission queue depth of each loop's ring.
+const RING_ENTRIES: u32 = 256;
+
+type RemoteJob = Box<dyn FnOnce(&Rc<AioContext>) + Send>;
+
+struct Remote {
+    jobs: Mutex<Vec<RemoteJob>>,
+    notifier: Arc<Notifier>,
+    stopped: AtomicBool,
+}
+
+/// What runs on a loop thread: the executor, the I/O engine, and the worker
+/// pool for blocking or CPU-heavy work. Shared as `Rc` on that thread.
+pub struct AioContext {
+    exec: Executor,
+    engine: Engine,
+    pool: WorkerPool,
+    remote: Arc<Remote>,
+    notifier: Arc<Notifier>,
+    stop: Cell<bool>,
+}
+
+impl AioContext {
+    /// Spawns a task on this loop.
+    pub fn spawn<F: Future + 'static>(&self, fut: F) -> JoinHandle<F::Output> {
+        self.exec.spawn(fut)
+    }
+
+    /// Spawns a task whose result nobody awaits.
+    pub fn spawn_detached(&self, fut: impl Future<Output = ()> + 'static) {
+        self.exec.spawn_detached(fut)
+    }
+
+    /// The engine's name: "io_uring" or "threads".
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Registers an opened host file with the engine.
+    pub fn open_file(&self, fd: std::os::fd::OwnedFd) -> EngineFile {
+        self.engine.open_file(fd)
+    }
+
+    /// Reads up to `buf.len()` bytes; may return short.
+    pub async fn read(
+        &self,
+        f: &EngineFile,
+        offset: u64,
+        buf: IoBuf,
+        rw_flags: i32,
+    ) -> (std::io::Result<usize>, IoBuf) {
+        self.engine.read(f, offset, buf, rw_flags).await
+    }
+
+    /// Writes up to `buf.len()` bytes; may return short.
+    pub async fn write(
+        &self,
+        f: &EngineFile,
+        offset: u64,
+        buf: IoBuf,
+        rw_flags: i32,
+    ) -> (std::io::Result<usize>, IoBuf) {
+        self.engine.write(f, offset, buf, rw_flags).await
+    }
+
+    /// fsync, or fdatasync when `datasync`.
+    pub async fn fsync(&self, f: &EngineFile, datasync: bool) -> std::io::Result<()> {
+        self.engine.fsync(f, datasync).await
+    }
+
+    /// fallocate(2).
+    pub async fn fallocate(
+        &self,
+        f: &EngineFile,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        self.engine.fallocate(f, mode, offset, len).await
+    }
+
+    /// Runs a blocking syscall that has no asynchronous form.
+    pub async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.engine.blocking(f).await
+    }
+
+    /// Waits until `fd` is readable (sockets, pipes).
+    pub async fn readable(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        self.engine.readable(fd).await
+    }
+
+    /// Completes after `dur` without blocking the loop.
+    pub async fn sleep(&self, dur: std::time::Duration) {
+        self.engine.sleep(dur).await
+    }
+
+    /// Runs CPU-heavy work (compression, hashing) on the worker pool.
+    pub fn run_on_worker<T, F>(&self, f: F) -> PoolFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.pool.run(f)
+    }
+
+    /// The worker pool itself, for components that keep a handle.
+    pub fn worker_pool(&self) -> &WorkerPool {
+        &self.pool
+    }
+
+    /// A handle other threads use to send work here.
+    pub fn handle(&self) -> LoopHandle {
+        LoopHandle {
+            remote: Arc::clone(&self.remote),
+        }
+    }
+
+    /// Asks [`EventLoop::run`] to return after the current turn.
+    pub fn stop(&self) {
+        self.stop.set(true);
+    }
+
+    fn take_remote(self: &Rc<Self>) {
+        let jobs = std::mem::take(&mut *self.remote.jobs.lock().unwrap_or_else(|e| e.into_inner()));
+        for job in jobs {
+            job(self);
+        }
+    }
+
+    /// One loop turn: run remote jobs and ready tasks, then submit I/O and,
+    /// if nothing is ready, sleep until a completion or a wake-up.
+    fn turn(self: &Rc<Self>, may_block: bool) {
+        self.take_remote();
+        self.exec.run_ready();
+        let block = may_block && !self.exec.has_ready() && !self.stop.get() && !self.has_remote();
+        match &self.engine {
+            Engine::Uring(ring) => ring.turn(block),
+            Engine::Threads(_) => {
+                if block {
+                    self.notifier.wait(-1);
+                }
+            }
+        }
+    }
+
+    /// Runs the loop until `fut` completes and returns its output. Other
+    /// tasks make progress meanwhile. For synchronous callers on the loop
+    /// thread (tools, tests); never call it from inside a task, where it
+    /// would re-enter the executor.
+    pub fn block_on<F: Future>(self: &Rc<Self>, fut: F) -> F::Output {
+        let woken = Arc::new(AtomicBool::new(true));
+        let waker = Waker::from(Arc::new(FlagWaker {
+            flag: Arc::clone(&woken),
+            notifier: Arc::clone(&self.notifier),
+        }));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = pin!(fut);
+        loop {
+            if woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                    return v;
+                }
+            }
+            self.take_remote();
+            self.exec.run_ready();
+            if woken.load(Ordering::Acquire) {
+                // Still flush queued submissions without sleeping.
+                if let Engine::Uring(ring) = &self.engine {
+                    ring.turn(false);
+                }
+                continue;
+            }
+            let block = !self.exec.has_ready() && !self.has_remote();
+            match &self.engine {
+                Engine::Uring(ring) => ring.turn(block && !woken.load(Ordering::Acquire)),
+                Engine::Threads(_) => {
+                    if block && !woken.load(Ordering::Acquire) {
+                        self.notifier.wait(-1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn has_remote(&self) -> bool {
+        !self
+            .remote
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+}
+
+/// An event loop owned by the current thread.
+pub struct EventLoop {
+    ctx: Rc<AioContext>,
+}
+
+impl EventLoop {
+    /// Creates a loop on the current thread with the given engine.
+    pub fn new(mode: AioMode) -> Result<Self> {
+        Self::with_pool(mode, WorkerPool::new(64))
+    }
+
+    /// Creates a loop that shares an existing worker pool.
+    pub fn with_pool(mode: AioMode, pool: WorkerPool) -> Result<Self> {
+        let notifier =
+            Arc::new(Notifier::new().map_err(|e| Error::io("", "creating the loop's eventfd", e))?);
+        let engine = match mode {
+            AioMode::Threads => Engine::Threads(pool.clone()),
+            AioMode::IoUring | AioMode::Auto => match Uring::new(RING_ENTRIES, notifier.raw_fd()) {
+                Ok(r) => Engine::Uring(Rc::new(r)),
+                Err(e) if mode == AioMode::IoUring => {
+                    return Err(Error::io("", "setting up io_uring", e));
+                }
+                Err(_) => Engine::Threads(pool.clone()),
+            },
+        };
+        let remote = Arc::new(Remote {
+            jobs: Mutex::new(Vec::new()),
+            notifier: Arc::clone(&notifier),
+            stopped: AtomicBool::new(false),
+        });
+        Ok(EventLoop {
+            ctx: Rc::new(AioContext {
+                exec: Executor::new(Arc::clone(&notifier)),
+                engine,
+                pool,
+                remote,
+                notifier,
+                stop: Cell::new(false),
+            }),
+        })
+    }
+
+    /// The loop's context, to give to drivers and tasks.
+    pub fn context(&self) -> &Rc<AioContext> {
+        &self.ctx
+    }
+
+    /// Runs the loop until `fut` completes and returns its output. Other
+    /// tasks make progress meanwhile.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        self.ctx.block_on(fut)
+    }
+
+    /// Runs the loop until [`AioContext::stop`] is called.
+    pub fn run(&self) {
+        self.ctx.stop.set(false);
+        while !self.ctx.stop.get() {
+            self.ctx.turn(true);
+        }
+    }
+
+    /// Starts a loop on a new thread and returns a handle to it. The loop
+    /// runs until [`LoopHandle::stop`].
+    pub fn spawn_thread(name: &str, mode: AioMode) -> Result<LoopHandle> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || match EventLoop::new(mode) {
+                Ok(el) => {
+                    let _ = tx.send(Ok(el.ctx.handle()));
+                    el.run();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })
+            .map_err(|e| Error::io("", "starting a loop thread", e))?;
+        rx.recv().map_err(|_| Error::LoopStopped)?
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.ctx.remote.stopped.store(true, Ordering::Release);
+        // Buffers of in-flight io_uring operations belong to the kernel until
+        // completion: drain before the tasks that own them go away.
+        if let Engine::Uring(ring) = &self.ctx.engine {
+            while ring.in_flight() > 0 {
+                ring.turn(true);
+            }
+        }
+        self.ctx.exec.clear();
+        // Fail remote jobs that will never run (their senders see LoopStopped).
+        self.ctx
+            .remote
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+struct FlagWaker {
+    flag: Arc<AtomicBool>,
+    notifier: Arc<Notifier>,
+}
+
+impl std::task::Wake for FlagWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.flag.swap(true, Ordering::AcqRel) {
+            self.notifier.notify();
+        }
+    }
+}
+
+/// A `Send` handle to a loop, for other threads (a VMM's vCPU threads, QMP
+/// monitor threads).
+#[derive(Clone)]
+pub struct LoopHandle {
+    remote: Arc<Remote>,
+}
+
+impl LoopHandle {
+    /// Runs `f` on the loop thread and returns a future of its result.
+    /// `f` receives the loop's context and returns a (non-`Send`) future.
+    pub fn submit<T, F, Fut>(&self, f: F) -> RemoteFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<AioContext>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let slot = Arc::new(RemoteSlot {
+            state: Mutex::new(RemoteState {
+                value: None,
+                waker: None,
+                dropped: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let done = Completer(Some(Arc::clone(&slot)));
+        let job: RemoteJob = Box::new(move |ctx: &Rc<AioContext>| {
+            let fut = f(Rc::clone(ctx));
+            ctx.spawn_detached(async move {
+                let v = fut.await;
+                done.finish(v);
+            });
+        });
+        if self.remote.stopped.load(Ordering::Acquire) {
+            slot.complete(Err(Error::LoopStopped));
+        } else {
+            self.remote
+                .jobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(job);
+            self.remote.notifier.notify();
+        }
+        RemoteFuture { slot }
+    }
+
+    /// Stops the loop after its current turn.
+    pub fn stop(&self) {
+        drop(self.submit(|ctx| async move { ctx.stop() }));
+    }
+}
+
+struct RemoteState<T> {
+    value: Option<Result<T>>,
+    waker: Option<Waker>,
+    dropped: bool,
+}
+
+struct RemoteSlot<T> {
+    state: Mutex<RemoteState<T>>,
+    cv: Condvar,
+}
+
+impl<T> RemoteSlot<T> {
+    fn complete(&self, v: Result<T>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.dropped {
+            return;
+        }
+        s.value = Some(v);
+        let w = s.waker.take();
+        drop(s);
+        self.cv.notify_all();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// Completes a remote job's slot; if the job is dropped unrun (the loop
+/// stopped), the waiter gets [`Error::LoopStopped`] instead of hanging.
+struct Completer<T>(Option<Arc<RemoteSlot<T>>>);
+
+impl<T> Completer<T> {
+    fn finish(mut self, v: T) {
+        if let Some(s) = self.0.take() {
+            s.complete(Ok(v));
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.complete(Err(Error::LoopStopped));
+        }
+    }
+}
+
+/// The result of work sent to a loop with [`LoopHandle::submit`].
+pub struct RemoteFuture<T> {
+    slot: Arc<RemoteSlot<T>>,
+}
+
+impl<T> RemoteFuture<T> {
+    /// Blocks the calling thread until the result is there. Must not be
+    /// called on the loop thread itself (it would wait for itself).
+    pub fn wait(self) -> Result<T> {
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(v) = s.value.take() {
+                return v;
+            }
+            s = self.slot.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl<T> Future for RemoteFuture<T> {
+    type Output = Result<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let mut s = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T> Drop for RemoteFuture<T> {
+    fn drop(&mut self) {
+        self.slot
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dropped = true;
+    }
+}

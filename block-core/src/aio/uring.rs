@@ -1,0 +1,416 @@
+//! The io_uring reactor.
+//!
+//! Owned operations: each in-flight operation has a slot in `ops` that keeps
+//! its buffer alive until the kernel posts the completion, whatever happens
+//! to the future that started it. A future dropped early marks its slot
+//! abandoned; the slot (and the buffer) is freed when the completion arrives.
+//! Submissions are queued in the SQ as tasks poll and go to the kernel once
+//! per loop turn (`submit_and_wait`), so a burst of requests costs one
+//! syscall. A full SQ is flushed on the spot rather than failing.
+//!
+//! Only the loop thread touches the ring (it sits in a `RefCell` of the
+//! loop's `AioContext`).
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::buf::IoBuf;
+
+/// `user_data` of the eventfd poll that wakes the loop for remote work.
+const NOTIFY_TOKEN: u64 = u64::MAX;
+/// Size of the sparse registered-file table.
+const FIXED_FILES: u32 = 1024;
+
+enum OpState {
+    Waiting(Option<Waker>),
+    Done(i32),
+    Abandoned,
+}
+
+struct OpSlot {
+    state: OpState,
+    /// Keeps the kernel's target memory alive until completion.
+    buf: Option<IoBuf>,
+    /// A timeout's timespec, alive until completion.
+    ts: Option<Box<types::Timespec>>,
+}
+
+/// The ring and its in-flight operations.
+pub struct Uring {
+    ring: RefCell<IoUring>,
+    ops: RefCell<Vec<Option<OpSlot>>>,
+    free: RefCell<Vec<usize>>,
+    in_flight: Cell<usize>,
+    notify_armed: Cell<bool>,
+    notify_fd: RawFd,
+    fixed: RefCell<FixedFiles>,
+}
+
+struct FixedFiles {
+    enabled: bool,
+    free: Vec<u32>,
+}
+
+/// A file as the reactor addresses it: a plain fd or a registered slot.
+#[derive(Debug, Clone, Copy)]
+pub struct UringFile {
+    fd: RawFd,
+    fixed: Option<u32>,
+}
+
+impl UringFile {
+    fn target(&self) -> UringTarget {
+        match self.fixed {
+            Some(i) => UringTarget::Fixed(types::Fixed(i)),
+            None => UringTarget::Fd(types::Fd(self.fd)),
+        }
+    }
+}
+
+enum UringTarget {
+    Fd(types::Fd),
+    Fixed(types::Fixed),
+}
+
+macro_rules! with_target {
+    ($file:expr, |$t:ident| $body:expr) => {
+        match $file.target() {
+            UringTarget::Fd($t) => $body,
+            UringTarget::Fixed($t) => $body,
+        }
+    };
+}
+
+impl Uring {
+    /// Sets up a ring with `entries` SQ entries, or fails when the kernel
+    /// refuses io_uring (seccomp, sysctl, old kernel): the caller then falls
+    /// back to the thread pool.
+    pub(crate) fn new(entries: u32, notify_fd: RawFd) -> io::Result<Self> {
+        let ring = IoUring::builder().build(entries)?;
+        // Probe the opcodes the data path needs, so a kernel that lacks one
+        // selects the thread pool at start instead of failing requests later.
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for code in [
+            opcode::Read::CODE,
+            opcode::Write::CODE,
+            opcode::Fsync::CODE,
+            opcode::Fallocate::CODE,
+            opcode::PollAdd::CODE,
+            opcode::Timeout::CODE,
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("io_uring opcode {code} not supported"),
+                ));
+            }
+        }
+        let enabled = ring.submitter().register_files_sparse(FIXED_FILES).is_ok();
+        Ok(Uring {
+            ring: RefCell::new(ring),
+            ops: RefCell::new(Vec::with_capacity(entries as usize)),
+            free: RefCell::new(Vec::new()),
+            in_flight: Cell::new(0),
+            notify_armed: Cell::new(false),
+            notify_fd,
+            fixed: RefCell::new(FixedFiles {
+                enabled,
+                free: (0..FIXED_FILES).rev().collect(),
+            }),
+        })
+    }
+
+    /// Registers `fd` in the fixed-file table when there is room, which
+    /// saves the kernel a file-table lookup per request.
+    pub(crate) fn register(&self, fd: RawFd) -> UringFile {
+        let mut f = self.fixed.borrow_mut();
+        if f.enabled {
+            if let Some(slot) = f.free.pop() {
+                let ok = self
+                    .ring
+                    .borrow()
+                    .submitter()
+                    .register_files_update(slot, &[fd])
+                    .is_ok();
+                if ok {
+                    return UringFile {
+                        fd,
+                        fixed: Some(slot),
+                    };
+                }
+                f.free.push(slot);
+            }
+        }
+        UringFile { fd, fixed: None }
+    }
+
+    /// Releases a registered slot; call before closing the fd.
+    pub(crate) fn unregister(&self, file: UringFile) {
+        if let Some(slot) = file.fixed {
+            let _ = self
+                .ring
+                .borrow()
+                .submitter()
+                .register_files_update(slot, &[-1]);
+            self.fixed.borrow_mut().free.push(slot);
+        }
+    }
+
+    fn push(self: &Rc<Self>, entry: squeue::Entry, buf: Option<IoBuf>) -> UringOp {
+        let idx = {
+            let mut ops = self.ops.borrow_mut();
+            let slot = OpSlot {
+                state: OpState::Waiting(None),
+                buf,
+                ts: None,
+            };
+            match self.free.borrow_mut().pop() {
+                Some(i) => {
+                    ops[i] = Some(slot);
+                    i
+                }
+                None => {
+                    ops.push(Some(slot));
+                    ops.len() - 1
+                }
+            }
+        };
+        let entry = entry.user_data(idx as u64);
+        self.push_entry(&entry);
+        self.in_flight.set(self.in_flight.get() + 1);
+        UringOp {
+            ring: Rc::clone(self),
+            idx,
+            finished: false,
+        }
+    }
+
+    fn push_entry(&self, entry: &squeue::Entry) {
+        let mut ring = self.ring.borrow_mut();
+        loop {
+            // SAFETY: every buffer an entry points to is owned by its OpSlot
+            // (or is the reactor's own eventfd counter), and the slot lives
+            // until the completion for that entry has been reaped.
+            let pushed = unsafe { ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            // SQ full: hand what is queued to the kernel to make room.
+            if let Err(e) = ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) {
+                    // The next loop turn retries; spinning here is still
+                    // correct because the kernel drains the SQ on submit.
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    /// Starts a read of `buf.len()` bytes at `offset` into `buf`.
+    pub(crate) fn read(
+        self: &Rc<Self>,
+        file: UringFile,
+        offset: u64,
+        mut buf: IoBuf,
+        rw_flags: i32,
+    ) -> UringOp {
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+        let e = with_target!(file, |t| opcode::Read::new(t, ptr, len)
+            .offset(offset)
+            .rw_flags(rw_flags)
+            .build());
+        self.push(e, Some(buf))
+    }
+
+    /// Starts a write of `buf` at `offset`.
+    pub(crate) fn write(
+        self: &Rc<Self>,
+        file: UringFile,
+        offset: u64,
+        buf: IoBuf,
+        rw_flags: i32,
+    ) -> UringOp {
+        let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+        let e = with_target!(file, |t| opcode::Write::new(t, ptr, len)
+            .offset(offset)
+            .rw_flags(rw_flags)
+            .build());
+        self.push(e, Some(buf))
+    }
+
+    /// Starts an fsync (fdatasync when `datasync`).
+    pub(crate) fn fsync(self: &Rc<Self>, file: UringFile, datasync: bool) -> UringOp {
+        let flags = if datasync {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let e = with_target!(file, |t| opcode::Fsync::new(t).flags(flags).build());
+        self.push(e, None)
+    }
+
+    /// Starts an fallocate(mode, offset, len).
+    pub(crate) fn fallocate(
+        self: &Rc<Self>,
+        file: UringFile,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> UringOp {
+        let e = with_target!(file, |t| opcode::Fallocate::new(t, len)
+            .offset(offset)
+            .mode(mode)
+            .build());
+        self.push(e, None)
+    }
+
+    /// Waits (one-shot) until `fd` is readable.
+    pub(crate) fn poll_readable(self: &Rc<Self>, fd: RawFd) -> UringOp {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+        self.push(e, None)
+    }
+
+    /// Completes after `dur` (a timer; the result is -ETIME).
+    pub(crate) fn sleep(self: &Rc<Self>, dur: std::time::Duration) -> UringOp {
+        let ts = Box::new(types::Timespec::from(dur));
+        let e = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+        let op = self.push(e, None);
+        // The kernel reads the timespec at submission (the next loop turn):
+        // the op's slot owns it until the completion is reaped.
+        self.ops.borrow_mut()[op.idx]
+            .as_mut()
+            .expect("fresh slot")
+            .ts = Some(ts);
+        op
+    }
+
+    /// Number of operations the kernel still owns.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Submits queued entries and, when `wait` is set, blocks until at least
+    /// one completion or a remote wake-up arrives; then reaps completions.
+    pub(crate) fn turn(&self, wait: bool) {
+        if wait && !self.notify_armed.get() {
+            let e = opcode::PollAdd::new(types::Fd(self.notify_fd), libc::POLLIN as u32)
+                .build()
+                .user_data(NOTIFY_TOKEN);
+            self.push_entry(&e);
+            self.notify_armed.set(true);
+        }
+        {
+            let ring = self.ring.borrow();
+            let want = usize::from(wait);
+            match ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion queue overflow: reap below, then retry.
+                }
+                Err(_) => {}
+            }
+        }
+        self.reap();
+    }
+
+    fn reap(&self) {
+        let mut ring = self.ring.borrow_mut();
+        let mut ops = self.ops.borrow_mut();
+        for cqe in ring.completion() {
+            let token = cqe.user_data();
+            if token == NOTIFY_TOKEN {
+                self.notify_armed.set(false);
+                continue;
+            }
+            let idx = token as usize;
+            let Some(Some(slot)) = ops.get_mut(idx) else {
+                continue;
+            };
+            self.in_flight.set(self.in_flight.get() - 1);
+            match std::mem::replace(&mut slot.state, OpState::Done(cqe.result())) {
+                OpState::Waiting(Some(w)) => w.wake(),
+                OpState::Waiting(None) => {}
+                OpState::Abandoned => {
+                    ops[idx] = None;
+                    self.free.borrow_mut().push(idx);
+                }
+                OpState::Done(_) => {}
+            }
+        }
+    }
+}
+
+/// The future of one submitted operation: resolves to the kernel's result
+/// (bytes transferred or `-errno`) and the buffer, returned to the caller.
+pub(crate) struct UringOp {
+    ring: Rc<Uring>,
+    idx: usize,
+    finished: bool,
+}
+
+impl Future for UringOp {
+    type Output = (i32, Option<IoBuf>);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let idx = self.idx;
+        let mut ops = self.ring.ops.borrow_mut();
+        let Some(slot) = ops[idx].as_mut() else {
+            unreachable!("op slot freed while its future lives");
+        };
+        match &mut slot.state {
+            OpState::Done(res) => {
+                let res = *res;
+                let buf = slot.buf.take();
+                ops[idx] = None;
+                drop(ops);
+                self.ring.free.borrow_mut().push(idx);
+                self.finished = true;
+                Poll::Ready((res, buf))
+            }
+            OpState::Waiting(w) => {
+                match w {
+                    Some(old) if old.will_wake(cx.waker()) => {}
+                    _ => *w = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            OpState::Abandoned => unreachable!("polled an abandoned op"),
+        }
+    }
+}
+
+impl Drop for UringOp {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut ops = self.ring.ops.borrow_mut();
+        if let Some(slot) = ops[self.idx].as_mut() {
+            if matches!(slot.state, OpState::Done(_)) {
+                ops[self.idx] = None;
+                drop(ops);
+                self.ring.free.borrow_mut().push(self.idx);
+            } else {
+                // The kernel still owns the buffer: keep it until reaped.
+                slot.state = OpState::Abandoned;
+            }
+        }
+    }
+}
+
+/// Converts a CQE result into an `io::Result`.
+pub(crate) fn cqe_result(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}

@@ -1,0 +1,237 @@
+//! Owned, aligned I/O buffers.
+//!
+//! The io_uring reactor and the thread-pool engine both need a buffer that
+//! stays valid until the kernel (or a worker thread) is done with it, even if
+//! the request that started the I/O is dropped. So every data-path buffer is
+//! an owned [`IoBuf`] that moves into the operation and comes back with the
+//! result; nothing on the data path lends a borrowed slice to the kernel.
+//!
+//! An `IoBuf` is a window onto a shared aligned allocation. [`IoBuf::split_to`]
+//! cuts a buffer in two disjoint windows (so a request that maps to several
+//! host extents reads each extent straight into its part, with no copy) and
+//! [`IoBuf::unsplit`] joins neighbours again. Windows of one allocation never
+//! overlap, which is what makes handing out `&mut [u8]` to each of them sound.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment of every buffer: enough for O_DIRECT on 4 KiB-sector devices.
+pub const BUF_ALIGN: usize = 4096;
+
+/// One aligned heap allocation shared by the windows cut from it.
+struct Alloc {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: `Alloc` owns its memory exclusively; access to bytes goes through
+// `IoBuf` windows, which are disjoint, so sharing the allocation handle across
+// threads cannot create aliasing mutable access.
+unsafe impl Send for Alloc {}
+// SAFETY: as above: `&Alloc` exposes no access to the bytes.
+unsafe impl Sync for Alloc {}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        if self.layout.size() != 0 {
+            // SAFETY: `ptr` came from `alloc::alloc_zeroed(self.layout)` with
+            // this same layout and is freed exactly once, here.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        }
+    }
+}
+
+/// An owned window of aligned memory used for all data I/O.
+pub struct IoBuf {
+    alloc: Arc<Alloc>,
+    off: usize,
+    len: usize,
+}
+
+impl IoBuf {
+    /// A zero-filled buffer of `len` bytes aligned to [`BUF_ALIGN`].
+    pub fn zeroed(len: usize) -> Self {
+        // Round the allocation up so that the tail of an O_DIRECT transfer
+        // never reaches outside it.
+        let cap = len.div_ceil(BUF_ALIGN) * BUF_ALIGN;
+        let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("buffer layout");
+        let ptr = if cap == 0 {
+            NonNull::<u8>::dangling()
+        } else {
+            // SAFETY: the layout has a non-zero size.
+            let p = unsafe { alloc::alloc_zeroed(layout) };
+            NonNull::new(p).unwrap_or_else(|| alloc::handle_alloc_error(layout))
+        };
+        IoBuf {
+            alloc: Arc::new(Alloc { ptr, layout }),
+            off: 0,
+            len,
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    /// A buffer of `len` bytes, each set to `byte`.
+    pub fn filled(len: usize, byte: u8) -> Self {
+        let mut b = Self::zeroed(len);
+        if byte != 0 {
+            b.fill(byte);
+        }
+        b
+    }
+
+    /// Length of this window.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw pointer to the first byte, for handing to the kernel. The pointer
+    /// is valid for `len()` bytes for as long as this `IoBuf` lives.
+    pub fn as_ptr(&self) -> *const u8 {
+        // SAFETY: `off <= layout.size()`, so the result stays inside (or one
+        // past) the allocation.
+        unsafe { self.alloc.ptr.as_ptr().add(self.off) }
+    }
+
+    /// Mutable raw pointer to the first byte (see [`IoBuf::as_ptr`]).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: as in `as_ptr`.
+        unsafe { self.alloc.ptr.as_ptr().add(self.off) }
+    }
+
+    /// Whether the window start is aligned to `align` bytes (a power of two).
+    pub fn is_aligned(&self, align: usize) -> bool {
+        (self.as_ptr() as usize).is_multiple_of(align)
+    }
+
+    /// Cuts off the first `at` bytes into a new buffer; `self` keeps the rest.
+    ///
+    /// # Panics
+    /// If `at > self.len()` (a caller bug, never input-driven).
+    pub fn split_to(&mut self, at: usize) -> IoBuf {
+        assert!(at <= self.len, "split_to out of bounds");
+        let head = IoBuf {
+            alloc: Arc::clone(&self.alloc),
+            off: self.off,
+            len: at,
+        };
+        self.off += at;
+        self.len -= at;
+        head
+    }
+
+    /// Appends `tail` to `self`. When `tail` is the neighbouring window of the
+    /// same allocation this is O(1); otherwise the bytes are copied into a
+    /// fresh allocation.
+    pub fn unsplit(&mut self, tail: IoBuf) {
+        if Arc::ptr_eq(&self.alloc, &tail.alloc) && self.off + self.len == tail.off {
+            self.len += tail.len;
+            return;
+        }
+        let mut joined = IoBuf::zeroed(self.len + tail.len);
+        joined[..self.len].copy_from_slice(self);
+        joined[self.len..].copy_from_slice(&tail);
+        *self = joined;
+    }
+
+    /// Shortens the window to `len` bytes (no-op when already shorter).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+impl std::ops::Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the window [off, off+len) lies inside the allocation, which
+        // lives as long as `self.alloc`; no other `IoBuf` covers these bytes
+        // (windows are only created by splitting), so no `&mut` aliases them.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        // SAFETY: as in `deref`, and `&mut self` makes this the only access to
+        // the window.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), len) }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuf").field("len", &self.len).finish()
+    }
+}
+
+/// Whether every byte of `data` is zero; used by `detect-zeroes` and sparse
+/// reads, so it works a word at a time.
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: reinterpreting initialised bytes as u64 words is valid for
+        // any bit pattern; `align_to` handles the alignment split.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && body.chunks(8).all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        let b = IoBuf::zeroed(5000);
+        assert!(b.is_aligned(BUF_ALIGN));
+        assert_eq!(b.len(), 5000);
+        assert!(is_zero(&b));
+    }
+
+    #[test]
+    fn split_and_unsplit_share_memory() {
+        let mut b = IoBuf::filled(8192, 1);
+        let mut head = b.split_to(4096);
+        head.fill(2);
+        assert_eq!(b.len(), 4096);
+        assert!(b.is_aligned(4096));
+        let p = head.as_ptr();
+        head.unsplit(b);
+        assert_eq!(head.as_ptr(), p);
+        assert_eq!(head.len(), 8192);
+        assert_eq!(head[0], 2);
+        assert_eq!(head[4096], 1);
+    }
+
+    #[test]
+    fn unsplit_foreign_copies() {
+        let mut a = IoBuf::filled(3, 7);
+        a.unsplit(IoBuf::filled(2, 9));
+        assert_eq!(&a[..], &[7, 7, 7, 9, 9]);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v));
+        v[4098] = 1;
+        assert!(!is_zero(&v));
+        v[4098] = 0;
+        v[1] = 1;
+        assert!(!is_zero(&v[1..]));
+        assert!(is_zero(&[]));
+    }
+}
