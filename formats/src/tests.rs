@@ -362,10 +362,7 @@ fn loop_handle_from_another_thread() {
             })
             .wait()
             .and_then(|r| r)
-            .map(|v| {
-                handle.stop();
-                v
-            })
+            .inspect(|_| handle.stop())
     })
     .join()
     .unwrap()
