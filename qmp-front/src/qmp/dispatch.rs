@@ -31,7 +31,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use super::protocol::{Mode, QmpError, QmpErrorClass, Request, Session};
-use super::schema::{coerce, CommandMeta, Empty, InputMode, Introspector, SchemaType, TypeDesc};
+use super::schema::{
+    coerce, CommandMeta, DescFn, Empty, InputMode, Introspector, SchemaType, TypeDesc,
+};
 
 /// A handler's result: the return value as JSON.
 pub type HandlerResult = Result<Value, QmpError>;
@@ -78,7 +80,7 @@ impl std::fmt::Debug for Execution {
 /// The commands and events of a daemon, generic over its context `C`.
 pub struct Registry<C> {
     commands: Vec<Entry<C>>,
-    events: Vec<(&'static str, fn() -> TypeDesc)>,
+    events: Vec<(&'static str, DescFn)>,
 }
 
 crate::qmp_enum! {
@@ -135,9 +137,21 @@ impl SchemaType for SchemaInfo {
         TypeDesc::Object {
             name: "SchemaInfo",
             members: vec![
-                super::schema::Member { name: "name", ty: String::describe, optional: false },
-                super::schema::Member { name: "meta-type", ty: String::describe, optional: false },
-                super::schema::Member { name: "features", ty: Vec::<String>::describe, optional: true },
+                super::schema::Member {
+                    name: "name",
+                    ty: String::describe,
+                    optional: false,
+                },
+                super::schema::Member {
+                    name: "meta-type",
+                    ty: String::describe,
+                    optional: false,
+                },
+                super::schema::Member {
+                    name: "features",
+                    ty: Vec::<String>::describe,
+                    optional: true,
+                },
             ],
             union: None,
         }
@@ -153,16 +167,51 @@ impl<C: 'static> Default for Registry<C> {
 impl<C: 'static> Registry<C> {
     /// A registry holding the built-in commands.
     pub fn new() -> Self {
-        let mut r = Registry { commands: Vec::new(), events: Vec::new() };
-        r.builtin("qmp_capabilities", QmpCapabilitiesArgs::describe, Empty::describe, Kind::Capabilities);
-        r.builtin("query-version", Empty::describe, VersionInfo::describe, Kind::QueryVersion);
-        r.builtin("query-commands", Empty::describe, Vec::<CommandInfo>::describe, Kind::QueryCommands);
-        r.builtin("query-qmp-schema", Empty::describe, Vec::<SchemaInfo>::describe, Kind::QuerySchema);
+        let mut r = Registry {
+            commands: Vec::new(),
+            events: Vec::new(),
+        };
+        r.builtin(
+            "qmp_capabilities",
+            QmpCapabilitiesArgs::describe,
+            Empty::describe,
+            Kind::Capabilities,
+        );
+        r.builtin(
+            "query-version",
+            Empty::describe,
+            VersionInfo::describe,
+            Kind::QueryVersion,
+        );
+        r.builtin(
+            "query-commands",
+            Empty::describe,
+            Vec::<CommandInfo>::describe,
+            Kind::QueryCommands,
+        );
+        r.builtin(
+            "query-qmp-schema",
+            Empty::describe,
+            Vec::<SchemaInfo>::describe,
+            Kind::QuerySchema,
+        );
         r
     }
 
-    fn builtin(&mut self, name: &'static str, args: fn() -> TypeDesc, ret: fn() -> TypeDesc, kind: Kind<C>) {
-        self.commands.push(Entry { name, args, ret, meta: CommandMeta::default(), kind });
+    fn builtin(
+        &mut self,
+        name: &'static str,
+        args: fn() -> TypeDesc,
+        ret: fn() -> TypeDesc,
+        kind: Kind<C>,
+    ) {
+        self.commands.push(Entry {
+            name,
+            args,
+            ret,
+            meta: CommandMeta::default(),
+            kind,
+        });
     }
 
     /// Register a command with typed arguments `A` and return `R`.
@@ -178,7 +227,12 @@ impl<C: 'static> Registry<C> {
 
     /// Like [`Registry::command`], with introspection flags. Re-registering
     /// a name replaces the earlier command.
-    pub fn command_with<A, R, F, Fut>(&mut self, name: &'static str, meta: CommandMeta, handler: F) -> &mut Self
+    pub fn command_with<A, R, F, Fut>(
+        &mut self,
+        name: &'static str,
+        meta: CommandMeta,
+        handler: F,
+    ) -> &mut Self
     where
         A: SchemaType + DeserializeOwned + 'static,
         R: SchemaType + Serialize + 'static,
@@ -186,7 +240,8 @@ impl<C: 'static> Registry<C> {
         Fut: Future<Output = Result<R, QmpError>> + 'static,
     {
         let h: Handler<C> = Rc::new(move |ctx, v| {
-            let args: A = serde_json::from_value(v).map_err(|e| QmpError::generic(e.to_string()))?;
+            let args: A =
+                serde_json::from_value(v).map_err(|e| QmpError::generic(e.to_string()))?;
             let fut = handler(ctx, args);
             Ok(Box::pin(async move {
                 let r = fut.await?;
@@ -194,7 +249,13 @@ impl<C: 'static> Registry<C> {
             }) as HandlerFuture)
         });
         self.commands.retain(|e| e.name != name);
-        self.commands.push(Entry { name, args: A::describe, ret: R::describe, meta, kind: Kind::User(h) });
+        self.commands.push(Entry {
+            name,
+            args: A::describe,
+            ret: R::describe,
+            meta,
+            kind: Kind::User(h),
+        });
         self
     }
 
@@ -211,7 +272,13 @@ impl<C: 'static> Registry<C> {
 
     /// `query-commands`' return value (QEMU lists the newest first).
     pub fn query_commands(&self) -> Value {
-        Value::Array(self.commands.iter().rev().map(|e| json!({"name": e.name})).collect())
+        Value::Array(
+            self.commands
+                .iter()
+                .rev()
+                .map(|e| json!({"name": e.name}))
+                .collect(),
+        )
     }
 
     /// `query-qmp-schema`'s return value.
@@ -256,9 +323,16 @@ impl<C: 'static> Registry<C> {
             }
         };
         if req.oob && !entry.meta.allow_oob {
-            return err(session, QmpError::generic(format!("The command {} does not support OOB", entry.name)));
+            return err(
+                session,
+                QmpError::generic(format!("The command {} does not support OOB", entry.name)),
+            );
         }
-        let args = match coerce(Value::Object(req.arguments), &(entry.args)(), InputMode::Json) {
+        let args = match coerce(
+            Value::Object(req.arguments),
+            &(entry.args)(),
+            InputMode::Json,
+        ) {
             Ok(a) => a,
             Err(d) => return err(session, QmpError::generic(d)),
         };
@@ -279,7 +353,10 @@ impl<C: 'static> Registry<C> {
                     .and_then(Value::as_array)
                     .is_some_and(|a| a.iter().any(|c| c == "oob"));
                 if want_oob && !session.config().oob {
-                    return err(session, QmpError::generic("This monitor does not support Out-Of-Band (OOB)"));
+                    return err(
+                        session,
+                        QmpError::generic("This monitor does not support Out-Of-Band (OOB)"),
+                    );
                 }
                 session.enter_command_mode(want_oob);
                 ok(session, json!({}))
@@ -344,13 +421,21 @@ mod tests {
 
     fn registry() -> Registry<Ctx> {
         let mut r = Registry::<Ctx>::new();
-        r.command("block-set-write-threshold", |ctx: Rc<Ctx>, a: ThresholdArgs| async move {
-            if a.node_name == "missing" {
-                return Err(QmpError::generic(format!("Device '{}' not found", a.node_name)));
-            }
-            ctx.thresholds.borrow_mut().push((a.node_name, a.write_threshold));
-            Ok(Empty {})
-        });
+        r.command(
+            "block-set-write-threshold",
+            |ctx: Rc<Ctx>, a: ThresholdArgs| async move {
+                if a.node_name == "missing" {
+                    return Err(QmpError::generic(format!(
+                        "Device '{}' not found",
+                        a.node_name
+                    )));
+                }
+                ctx.thresholds
+                    .borrow_mut()
+                    .push((a.node_name, a.write_threshold));
+                Ok(Empty {})
+            },
+        );
         r.event::<ThresholdArgs>("BLOCK_WRITE_THRESHOLD");
         r
     }
@@ -379,7 +464,12 @@ mod tests {
             ["{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"Expecting capabilities negotiation with 'qmp_capabilities'\"}}\r\n"]
         );
         assert_eq!(
-            run(&r, &mut s, &ctx, "{\"execute\":\"qmp_capabilities\",\"id\":[1,{\"a\":2}]}"),
+            run(
+                &r,
+                &mut s,
+                &ctx,
+                "{\"execute\":\"qmp_capabilities\",\"id\":[1,{\"a\":2}]}"
+            ),
             ["{\"return\": {}, \"id\": [1, {\"a\": 2}]}\r\n"]
         );
         assert_eq!(
@@ -406,7 +496,10 @@ mod tests {
             run(&r, &mut s, &ctx, "{\"execute\":\"block-set-write-threshold\",\"id\":7,\"arguments\":{\"node-name\":\"n\",\"write-threshold\":-1}}"),
             ["{\"return\": {}, \"id\": 7}\r\n"]
         );
-        assert_eq!(ctx.thresholds.borrow().as_slice(), [("n".to_string(), u64::MAX)]);
+        assert_eq!(
+            ctx.thresholds.borrow().as_slice(),
+            [("n".to_string(), u64::MAX)]
+        );
     }
 
     #[test]
@@ -414,9 +507,18 @@ mod tests {
         let r = registry();
         let schema = r.query_qmp_schema();
         let list = schema.as_array().unwrap();
-        assert_eq!(list[0], json!({"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "0"}));
-        assert_eq!(list[1], json!({"name": "qmp_capabilities", "meta-type": "command", "arg-type": "1", "ret-type": "2"}));
-        let cmd = list.iter().find(|e| e["name"] == "block-set-write-threshold").unwrap();
+        assert_eq!(
+            list[0],
+            json!({"name": "BLOCK_WRITE_THRESHOLD", "meta-type": "event", "arg-type": "0"})
+        );
+        assert_eq!(
+            list[1],
+            json!({"name": "qmp_capabilities", "meta-type": "command", "arg-type": "1", "ret-type": "2"})
+        );
+        let cmd = list
+            .iter()
+            .find(|e| e["name"] == "block-set-write-threshold")
+            .unwrap();
         assert_eq!(cmd["arg-type"], "0");
         let enum_ = list.iter().find(|e| e["meta-type"] == "enum").unwrap();
         assert_eq!(enum_["values"], json!(["oob"]));

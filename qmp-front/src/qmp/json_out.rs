@@ -130,14 +130,23 @@ pub fn format_g17(v: f64) -> String {
         return if v < 0.0 { "-inf".into() } else { "inf".into() };
     }
     if v == 0.0 {
-        return if v.is_sign_negative() { "-0".into() } else { "0".into() };
+        return if v.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
     }
     let sci = format!("{:.16e}", v);
     let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     if !(-4..17).contains(&exp) {
         let mant = trim_zeros(mant);
-        format!("{}e{}{:02}", mant, if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{}e{}{:02}",
+            mant,
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     } else {
         let prec = (16 - exp) as usize;
         trim_zeros(&format!("{:.*}", prec, v)).to_string()
@@ -175,7 +184,10 @@ mod tests {
             to_json(&json!("\u{e9}\u{1f600}/\u{1}\u{7f}'\""), false),
             r#""\u00E9\uD83D\uDE00/\u0001\u007F'\"""#
         );
-        assert_eq!(to_json(&json!({"x": [], "y": {}}), false), r#"{"x": [], "y": {}}"#);
+        assert_eq!(
+            to_json(&json!({"x": [], "y": {}}), false),
+            r#"{"x": [], "y": {}}"#
+        );
     }
 
     #[test]
@@ -189,7 +201,7 @@ mod tests {
             (1000.0, "1000"),
             (123456789.125, "123456789.125"),
             (1e-7, "9.9999999999999995e-08"),
-            (-9.223372036854775808e18, "-9.2233720368547758e+18"),
+            (-9.223_372_036_854_776e18, "-9.2233720368547758e+18"),
             (1.8446744073709552e19, "1.8446744073709552e+19"),
             (0.30000000000000004, "0.30000000000000004"),
             (5e-324, "4.9406564584124654e-324"),

@@ -563,7 +563,11 @@ fn parse_string(tok: &[u8]) -> Result<String, JsonError> {
                             cp = -1;
                         }
                     }
-                    match u32::try_from(cp).ok().filter(|&c| valid_codepoint(c)).and_then(char::from_u32) {
+                    match u32::try_from(cp)
+                        .ok()
+                        .filter(|&c| valid_codepoint(c))
+                        .and_then(char::from_u32)
+                    {
                         Some(ch) => out.push(ch),
                         None => {
                             // QEMU prints the escape from the token, which
@@ -663,9 +667,18 @@ mod tests {
     #[test]
     fn qemu_error_texts() {
         let cases: &[(&[u8], &[&str])] = &[
-            (b"{\"a\" 1}", &["JSON parse error, missing : in object pair"]),
-            (b"{1:2}", &["JSON parse error, key is not a string in object"]),
-            (b"{\"a\":1 \"b\":2}", &["JSON parse error, expected separator in dict"]),
+            (
+                b"{\"a\" 1}",
+                &["JSON parse error, missing : in object pair"],
+            ),
+            (
+                b"{1:2}",
+                &["JSON parse error, key is not a string in object"],
+            ),
+            (
+                b"{\"a\":1 \"b\":2}",
+                &["JSON parse error, expected separator in dict"],
+            ),
             (b"[1 2]", &["JSON parse error, expected separator in list"]),
             (b"[1,]", &["JSON parse error, expecting value"]),
             (b"{\"a\":1,}", &["JSON parse error, expecting value"]),
@@ -673,21 +686,54 @@ mod tests {
             (b"@", &["JSON parse error, stray '@'"]),
             (
                 b"{\"a\": @ 1}\n",
-                &["JSON parse error, stray '@'", "JSON parse error, expecting value"],
+                &[
+                    "JSON parse error, stray '@'",
+                    "JSON parse error, expecting value",
+                ],
             ),
             (
                 b"{\"x\":\"\x01\"}",
-                &["JSON parse error, stray '\"\u{1}'", "JSON parse error, expecting value"],
+                &[
+                    "JSON parse error, stray '\"\u{1}'",
+                    "JSON parse error, expecting value",
+                ],
             ),
-            (b"\"\\q\"", &["JSON parse error, invalid escape sequence in string"]),
-            (b"\"\\u12\"", &["JSON parse error, \\u12\" is not a valid Unicode character"]),
-            (b"\"\\ud800\"", &["JSON parse error, \\ud800 is not a valid Unicode character"]),
-            (b"\"\\uffff\"", &["JSON parse error, \\uffff is not a valid Unicode character"]),
-            (b"\"\\ufdd0\"", &["JSON parse error, \\ufdd0 is not a valid Unicode character"]),
-            (b"\"\xc3\"", &["JSON parse error, invalid UTF-8 sequence in string"]),
-            (b"\"\xed\xa0\x80\"", &["JSON parse error, invalid UTF-8 sequence in string"]),
-            (b"\"\xef\xbf\xbf\"", &["JSON parse error, invalid UTF-8 sequence in string"]),
-            (b"\"\xf4\x90\x80\x80\"", &["JSON parse error, invalid UTF-8 sequence in string"]),
+            (
+                b"\"\\q\"",
+                &["JSON parse error, invalid escape sequence in string"],
+            ),
+            (
+                b"\"\\u12\"",
+                &["JSON parse error, \\u12\" is not a valid Unicode character"],
+            ),
+            (
+                b"\"\\ud800\"",
+                &["JSON parse error, \\ud800 is not a valid Unicode character"],
+            ),
+            (
+                b"\"\\uffff\"",
+                &["JSON parse error, \\uffff is not a valid Unicode character"],
+            ),
+            (
+                b"\"\\ufdd0\"",
+                &["JSON parse error, \\ufdd0 is not a valid Unicode character"],
+            ),
+            (
+                b"\"\xc3\"",
+                &["JSON parse error, invalid UTF-8 sequence in string"],
+            ),
+            (
+                b"\"\xed\xa0\x80\"",
+                &["JSON parse error, invalid UTF-8 sequence in string"],
+            ),
+            (
+                b"\"\xef\xbf\xbf\"",
+                &["JSON parse error, invalid UTF-8 sequence in string"],
+            ),
+            (
+                b"\"\xf4\x90\x80\x80\"",
+                &["JSON parse error, invalid UTF-8 sequence in string"],
+            ),
             (b"01", &["JSON parse error, stray '01'"]),
             (b"1.\n", &["JSON parse error, stray '1.\n'"]),
             (b"-\n", &["JSON parse error, stray '-\n'"]),
@@ -697,7 +743,10 @@ mod tests {
             (b"truex\n", &["JSON parse error, invalid keyword 'truex'"]),
             (b"\xff", &["JSON parse error, stray '\u{fffd}'"]),
             (b"\x00", &["JSON parse error, stray ''"]),
-            (b"garbage\n", &["JSON parse error, invalid keyword 'garbage'"]),
+            (
+                b"garbage\n",
+                &["JSON parse error, invalid keyword 'garbage'"],
+            ),
             (b"]", &["JSON parse error, expecting value"]),
             (b"[1}", &["JSON parse error, expected separator in list"]),
             (
@@ -724,7 +773,10 @@ mod tests {
             ]
         );
         // Recovery skips up to the next structural character.
-        assert_eq!(items(b"@ junk {}"), vec![err("JSON parse error, stray '@'"), Ok(json!({}))]);
+        assert_eq!(
+            items(b"@ junk {}"),
+            vec![err("JSON parse error, stray '@'"), Ok(json!({}))]
+        );
     }
 
     #[test]

@@ -51,23 +51,37 @@ fn is_index(k: &str) -> bool {
     !k.is_empty() && k.bytes().all(|c| c.is_ascii_digit())
 }
 
-fn put(cur: &mut Map<String, Value>, key: &str, val: Option<String>, shown: &str) -> Result<(), KeyvalError> {
+fn put(
+    cur: &mut Map<String, Value>,
+    key: &str,
+    val: Option<String>,
+    shown: &str,
+) -> Result<(), KeyvalError> {
     match (cur.get(key), &val) {
         (Some(Value::String(_)), Some(_)) | (None, _) | (Some(Value::Object(_)), None) => {}
-        _ => return Err(KeyvalError(format!("Parameters '{shown}.*' used inconsistently"))),
+        _ => {
+            return Err(KeyvalError(format!(
+                "Parameters '{shown}.*' used inconsistently"
+            )))
+        }
     }
     match val {
         Some(v) => {
             cur.insert(key.to_string(), Value::String(v));
         }
         None => {
-            cur.entry(key.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            cur.entry(key.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
         }
     }
     Ok(())
 }
 
-fn parse_one<'a>(root: &mut Map<String, Value>, params: &'a str, implied: Option<&str>) -> Result<&'a str, KeyvalError> {
+fn parse_one<'a>(
+    root: &mut Map<String, Value>,
+    params: &'a str,
+    implied: Option<&str>,
+) -> Result<&'a str, KeyvalError> {
     let len = params.find(['=', ',']).unwrap_or(params.len());
     let implied = implied.filter(|_| len > 0 && params.as_bytes().get(len) != Some(&b'='));
     let key: &str = implied.unwrap_or(&params[..len]);
@@ -84,8 +98,15 @@ fn parse_one<'a>(root: &mut Map<String, Value>, params: &'a str, implied: Option
             return Err(KeyvalError(format!("Invalid parameter '{key}'")));
         }
         if n >= 128 {
-            let frag = if s != 0 || s + n != kb.len() { " fragment" } else { "" };
-            return Err(KeyvalError(format!("Parameter{frag} '{}' is too long", &key[s..s + n])));
+            let frag = if s != 0 || s + n != kb.len() {
+                " fragment"
+            } else {
+                ""
+            };
+            return Err(KeyvalError(format!(
+                "Parameter{frag} '{}' is too long",
+                &key[s..s + n]
+            )));
         }
         frags.push(&key[s..s + n]);
         s += n;
@@ -128,7 +149,12 @@ fn parse_one<'a>(root: &mut Map<String, Value>, params: &'a str, implied: Option
         shown_len += 1;
         cur = match cur.get_mut(*f) {
             Some(Value::Object(m)) => m,
-            _ => return Err(KeyvalError(format!("Parameters '{}.*' used inconsistently", &key[..shown_len - 1]))),
+            _ => {
+                return Err(KeyvalError(format!(
+                    "Parameters '{}.*' used inconsistently",
+                    &key[..shown_len - 1]
+                )))
+            }
         };
     }
     let last = frags[frags.len() - 1];
@@ -156,7 +182,9 @@ fn listify(cur: Map<String, Value>, path: &str) -> Result<Value, KeyvalError> {
         out.insert(k, v);
     }
     if has_index && has_member {
-        return Err(KeyvalError(format!("Parameters '{path}*' used inconsistently")));
+        return Err(KeyvalError(format!(
+            "Parameters '{path}*' used inconsistently"
+        )));
     }
     if !has_index {
         return Ok(Value::Object(out));
@@ -204,7 +232,10 @@ pub fn parse(params: &str, implied_key: Option<&str>) -> Result<Map<String, Valu
 /// with `{`, key=value otherwise; then check and convert it against `T`'s
 /// schema. The error text is what qemu-storage-daemon prints after
 /// "--option ARG: ".
-pub fn parse_option<T: SchemaType + DeserializeOwned>(arg: &str, implied_key: Option<&str>) -> Result<T, KeyvalError> {
+pub fn parse_option<T: SchemaType + DeserializeOwned>(
+    arg: &str,
+    implied_key: Option<&str>,
+) -> Result<T, KeyvalError> {
     if arg.starts_with('{') {
         let v = parse_str(arg).map_err(|e| KeyvalError(e.to_string()))?;
         return parse_as(v, InputMode::Json).map_err(KeyvalError);
@@ -226,11 +257,21 @@ mod tests {
     #[test]
     fn syntax() {
         assert_eq!(
-            p("driver=raw,file.driver=file,file.filename=/a,,b", Some("driver")).unwrap(),
+            p(
+                "driver=raw,file.driver=file,file.filename=/a,,b",
+                Some("driver")
+            )
+            .unwrap(),
             json!({"driver": "raw", "file": {"driver": "file", "filename": "/a,b"}})
         );
-        assert_eq!(p("socket,id=m,path=/x", Some("backend")).unwrap(), json!({"backend": "socket", "id": "m", "path": "/x"}));
-        assert_eq!(p("x.0=a,x.1=b,y.0.z=1", None).unwrap(), json!({"x": ["a", "b"], "y": [{"z": "1"}]}));
+        assert_eq!(
+            p("socket,id=m,path=/x", Some("backend")).unwrap(),
+            json!({"backend": "socket", "id": "m", "path": "/x"})
+        );
+        assert_eq!(
+            p("x.0=a,x.1=b,y.0.z=1", None).unwrap(),
+            json!({"x": ["a", "b"], "y": [{"z": "1"}]})
+        );
         assert_eq!(p("a=1,a=2", None).unwrap(), json!({"a": "2"}));
         assert_eq!(p("a=", None).unwrap(), json!({"a": ""}));
         assert_eq!(p("a=1,", None).unwrap(), json!({"a": "1"}));
@@ -245,19 +286,40 @@ mod tests {
         assert_eq!(p("a..b=1", b).unwrap_err(), "Invalid parameter 'a..b'");
         assert_eq!(p(".a=1", b).unwrap_err(), "Invalid parameter '.a'");
         assert_eq!(p("a.=1", b).unwrap_err(), "Invalid parameter 'a.'");
-        assert_eq!(p("driver=null-co,x.0=1,x.2=2", b).unwrap_err(), "Parameter 'x.1' missing");
-        assert_eq!(p("driver=null-co,x.0=1,x.a=2", b).unwrap_err(), "Parameters 'x.*' used inconsistently");
-        assert_eq!(p("driver=qcow2,file.x=1,file=y", b).unwrap_err(), "Parameters 'file.*' used inconsistently");
-        assert_eq!(p("file=x,file.driver=null-co", b).unwrap_err(), "Parameters 'file.*' used inconsistently");
-        assert_eq!(p("x=2,x.y=1", b).unwrap_err(), "Parameters 'x.*' used inconsistently");
-        assert_eq!(p("a,b", None).unwrap_err(), "Expected '=' after parameter 'a'");
+        assert_eq!(
+            p("driver=null-co,x.0=1,x.2=2", b).unwrap_err(),
+            "Parameter 'x.1' missing"
+        );
+        assert_eq!(
+            p("driver=null-co,x.0=1,x.a=2", b).unwrap_err(),
+            "Parameters 'x.*' used inconsistently"
+        );
+        assert_eq!(
+            p("driver=qcow2,file.x=1,file=y", b).unwrap_err(),
+            "Parameters 'file.*' used inconsistently"
+        );
+        assert_eq!(
+            p("file=x,file.driver=null-co", b).unwrap_err(),
+            "Parameters 'file.*' used inconsistently"
+        );
+        assert_eq!(
+            p("x=2,x.y=1", b).unwrap_err(),
+            "Parameters 'x.*' used inconsistently"
+        );
+        assert_eq!(
+            p("a,b", None).unwrap_err(),
+            "Expected '=' after parameter 'a'"
+        );
         let long = "b".repeat(130);
         assert_eq!(
             p(&format!("driver=null-co,{long}=1"), b).unwrap_err(),
             format!("Parameter '{long}' is too long")
         );
         assert_eq!(p("driver", b).unwrap(), json!({"driver": "driver"}));
-        assert_eq!(p("driver=null-co,,x=1", b).unwrap(), json!({"driver": "null-co,x=1"}));
+        assert_eq!(
+            p("driver=null-co,,x=1", b).unwrap(),
+            json!({"driver": "null-co,x=1"})
+        );
     }
 
     crate::qmp_struct! {
@@ -276,17 +338,33 @@ mod tests {
 
     #[test]
     fn typed_options() {
-        let o: NullOpts = parse_option("null-co,node-name=a,size=0x10,read-zeroes=yes", Some("driver")).unwrap();
+        let o: NullOpts = parse_option(
+            "null-co,node-name=a,size=0x10,read-zeroes=yes",
+            Some("driver"),
+        )
+        .unwrap();
         assert_eq!(o.size, Some(16));
         assert_eq!(o.read_zeroes, Some(true));
         let j: NullOpts = parse_option(r#"{"driver":"null-co","size":5}"#, Some("driver")).unwrap();
         assert_eq!(j.size, Some(5));
         // Texts taken from qemu-storage-daemon 10.0.
         let e = |s: &str| parse_option::<NullOpts>(s, Some("driver")).unwrap_err().0;
-        assert_eq!(e("driver=null-co,size=1k"), "Parameter 'size' expects integer");
-        assert_eq!(e("driver=null-co,size=99999999999999999999"), "Parameter 'size' expects integer");
-        assert_eq!(e("driver=null-co,read-zeroes=1"), "Parameter 'read-zeroes' expects 'on' or 'off'");
-        assert_eq!(e("driver=null-co,bogus=1"), "Parameter 'bogus' is unexpected");
+        assert_eq!(
+            e("driver=null-co,size=1k"),
+            "Parameter 'size' expects integer"
+        );
+        assert_eq!(
+            e("driver=null-co,size=99999999999999999999"),
+            "Parameter 'size' expects integer"
+        );
+        assert_eq!(
+            e("driver=null-co,read-zeroes=1"),
+            "Parameter 'read-zeroes' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            e("driver=null-co,bogus=1"),
+            "Parameter 'bogus' is unexpected"
+        );
         assert_eq!(e("{bad"), "JSON parse error, invalid keyword 'bad'");
         assert_eq!(e("node-name=a"), "Parameter 'driver' is missing");
         let _ = NullOpts::describe();

@@ -136,7 +136,9 @@ pub struct Timestamp {
 impl Timestamp {
     /// The current wall-clock time.
     pub fn now() -> Self {
-        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         Timestamp {
             seconds: d.as_secs() as i64,
             microseconds: i64::from(d.subsec_micros()),
@@ -258,7 +260,9 @@ impl Session {
 
     fn classify(&self, item: StreamItem) -> Incoming {
         match item {
-            StreamItem::Error(e) => Incoming::Reply(self.error(&QmpError::generic(e.to_string()), None)),
+            StreamItem::Error(e) => {
+                Incoming::Reply(self.error(&QmpError::generic(e.to_string()), None))
+            }
             StreamItem::Value(v) => match self.check_request(v) {
                 Ok(r) => Incoming::Request(r),
                 Err((e, id)) => Incoming::Reply(self.error(&e, id.as_ref())),
@@ -353,16 +357,27 @@ mod tests {
     #[test]
     fn request_errors_match_qemu() {
         let mut s = qsd();
-        let g = |d: &str| format!("{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"{d}\"}}}}\r\n");
+        let g = |d: &str| {
+            format!("{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"{d}\"}}}}\r\n")
+        };
         assert_eq!(reply(&mut s, "[1]"), g("QMP input must be a JSON object"));
         assert_eq!(reply(&mut s, "{}"), g("QMP input lacks member 'execute'"));
-        assert_eq!(reply(&mut s, "{\"foo\":1}"), g("QMP input member 'foo' is unexpected"));
-        assert_eq!(reply(&mut s, "{\"execute\":1}"), g("QMP input member 'execute' must be a string"));
+        assert_eq!(
+            reply(&mut s, "{\"foo\":1}"),
+            g("QMP input member 'foo' is unexpected")
+        );
+        assert_eq!(
+            reply(&mut s, "{\"execute\":1}"),
+            g("QMP input member 'execute' must be a string")
+        );
         assert_eq!(
             reply(&mut s, "{\"execute\":\"q\",\"arguments\":[]}"),
             g("QMP input member 'arguments' must be an object")
         );
-        assert_eq!(reply(&mut s, "{\"exec-oob\":\"q\"}"), g("QMP input member 'exec-oob' is unexpected"));
+        assert_eq!(
+            reply(&mut s, "{\"exec-oob\":\"q\"}"),
+            g("QMP input member 'exec-oob' is unexpected")
+        );
         assert_eq!(
             reply(&mut s, "{\"execute\":\"q\",\"id\":1,\"arguments\":{\"a\":1},\"b\":2}"),
             "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input member 'b' is unexpected\"}}\r\n"
@@ -371,7 +386,10 @@ mod tests {
             reply(&mut s, "{\"arguments\":{},\"id\":1}"),
             "{\"id\": 1, \"error\": {\"class\": \"GenericError\", \"desc\": \"QMP input lacks member 'execute'\"}}\r\n"
         );
-        assert_eq!(reply(&mut s, "garbage\n"), g("JSON parse error, invalid keyword 'garbage'"));
+        assert_eq!(
+            reply(&mut s, "garbage\n"),
+            g("JSON parse error, invalid keyword 'garbage'")
+        );
     }
 
     #[test]
@@ -387,7 +405,10 @@ mod tests {
                 oob: false,
             })]
         );
-        let ts = Timestamp { seconds: 1, microseconds: 2 };
+        let ts = Timestamp {
+            seconds: 1,
+            microseconds: 2,
+        };
         assert_eq!(s.event("E", None, ts), None);
         s.enter_command_mode(false);
         assert_eq!(

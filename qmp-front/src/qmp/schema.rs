@@ -58,6 +58,9 @@ pub enum Builtin {
     Null,
 }
 
+/// Lazily built description of a type (lets recursive types refer to each other).
+pub type DescFn = fn() -> TypeDesc;
+
 /// A member of an object type.
 #[derive(Debug, Clone)]
 pub struct Member {
@@ -75,7 +78,7 @@ pub struct Union {
     /// Name of the (enum-typed) base member selecting the variant.
     pub tag: &'static str,
     /// `(tag value, object type with the variant's extra members)`.
-    pub variants: Vec<(&'static str, fn() -> TypeDesc)>,
+    pub variants: Vec<(&'static str, DescFn)>,
 }
 
 /// Description of a QAPI type.
@@ -314,7 +317,11 @@ impl Path {
 }
 
 fn bad_type(p: &Path, expected: &str) -> String {
-    format!("Invalid parameter type for '{}', expected: {}", p.full(), expected)
+    format!(
+        "Invalid parameter type for '{}', expected: {}",
+        p.full(),
+        expected
+    )
 }
 
 fn bad_value(name: &str, expected: &str) -> String {
@@ -392,7 +399,10 @@ fn int_range(k: IntKind) -> (i128, i128, &'static str) {
 }
 
 fn coerce_int(v: Value, k: IntKind, mode: InputMode, p: &Path) -> Result<Value, String> {
-    let unsigned = matches!(k, IntKind::U8 | IntKind::U16 | IntKind::U32 | IntKind::U64 | IntKind::Size);
+    let unsigned = matches!(
+        k,
+        IntKind::U8 | IntKind::U16 | IntKind::U32 | IntKind::U64 | IntKind::Size
+    );
     let n: i128 = match (mode, &v) {
         (InputMode::Json, Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
             match (n.as_i64(), n.as_u64()) {
@@ -462,7 +472,9 @@ fn coerce_at(v: Value, desc: &TypeDesc, mode: InputMode, p: &Path) -> Result<Val
             (Builtin::Number, _, _) => Err(bad_type(p, "number")),
             (Builtin::Null, InputMode::Json, Value::Null) => Ok(Value::Null),
             (Builtin::Null, InputMode::Keyval, Value::String(s)) if s.is_empty() => Ok(Value::Null),
-            (Builtin::Null, InputMode::Keyval, Value::String(_)) => Err(bad_value(&p.full(), "null")),
+            (Builtin::Null, InputMode::Keyval, Value::String(_)) => {
+                Err(bad_value(&p.full(), "null"))
+            }
             (Builtin::Null, _, _) => Err(bad_type(p, "null")),
         },
         TypeDesc::Enum { values, .. } => match v {
@@ -518,7 +530,11 @@ fn coerce_at(v: Value, desc: &TypeDesc, mode: InputMode, p: &Path) -> Result<Val
             let mut out = Map::new();
             coerce_members(&mut map, &mut out, members, mode, p)?;
             if let Some(u) = union {
-                let tag = out.get(u.tag).and_then(Value::as_str).unwrap_or_default().to_string();
+                let tag = out
+                    .get(u.tag)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 if let Some((_, vt)) = u.variants.iter().find(|(c, _)| *c == tag) {
                     if let TypeDesc::Object { members, .. } = vt() {
                         coerce_members(&mut map, &mut out, &members, mode, p)?;
@@ -591,9 +607,9 @@ fn builtin_name(b: Builtin) -> (&'static str, &'static str) {
 fn type_key(d: &TypeDesc) -> String {
     match d {
         TypeDesc::Builtin(b) => builtin_name(*b).0.to_string(),
-        TypeDesc::Enum { name, .. } | TypeDesc::Object { name, .. } | TypeDesc::Alternate { name, .. } => {
-            name.to_string()
-        }
+        TypeDesc::Enum { name, .. }
+        | TypeDesc::Object { name, .. }
+        | TypeDesc::Alternate { name, .. } => name.to_string(),
         TypeDesc::Array(el) => format!("{}List", type_key(&el())),
     }
 }
@@ -615,7 +631,10 @@ impl Introspector {
             TypeDesc::Array(el) => format!("[{}]", self.use_type(el())),
             _ => {
                 let n = self.names.len();
-                self.names.entry(key).or_insert_with(|| n.to_string()).clone()
+                self.names
+                    .entry(key)
+                    .or_insert_with(|| n.to_string())
+                    .clone()
             }
         }
     }
@@ -656,7 +675,10 @@ impl Introspector {
                     serde_json::json!({"name": format!("[{et}]"), "meta-type": "array", "element-type": et})
                 }
                 TypeDesc::Enum { values, .. } => {
-                    let members: Vec<Value> = values.iter().map(|v| serde_json::json!({"name": v})).collect();
+                    let members: Vec<Value> = values
+                        .iter()
+                        .map(|v| serde_json::json!({"name": v}))
+                        .collect();
                     serde_json::json!({"name": self.names[&key], "meta-type": "enum",
                         "members": members, "values": values})
                 }
@@ -683,7 +705,9 @@ impl Introspector {
                         let vs: Vec<Value> = u
                             .variants
                             .iter()
-                            .map(|(c, t)| serde_json::json!({"case": c, "type": self.use_type(t())}))
+                            .map(
+                                |(c, t)| serde_json::json!({"case": c, "type": self.use_type(t())}),
+                            )
                             .collect();
                         o["tag"] = u.tag.into();
                         o["variants"] = vs.into();
@@ -757,32 +781,93 @@ mod tests {
 
     #[test]
     fn parses_and_serialises() {
-        let a: BitmapAdd = parse_as(json!({"node": "n", "name": "b", "granularity": 65536}), InputMode::Json).unwrap();
+        let a: BitmapAdd = parse_as(
+            json!({"node": "n", "name": "b", "granularity": 65536}),
+            InputMode::Json,
+        )
+        .unwrap();
         assert_eq!(a.granularity, Some(65536));
-        assert_eq!(serde_json::to_value(&a).unwrap(), json!({"node": "n", "name": "b", "granularity": 65536}));
+        assert_eq!(
+            serde_json::to_value(&a).unwrap(),
+            json!({"node": "n", "name": "b", "granularity": 65536})
+        );
     }
 
     /// Expected texts taken from qemu-storage-daemon 10.0.
     #[test]
     fn qemu_argument_errors() {
-        assert_eq!(e::<BitmapAdd>(json!({"node": 1, "name": "b"})), "Invalid parameter type for 'node', expected: string");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n"})), "Parameter 'name' is missing");
-        assert_eq!(e::<BitmapAdd>(json!({"name": "b", "bad": 1})), "Parameter 'node' is missing");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "bad": 1, "bad2": 2})), "Parameter 'bad' is unexpected");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": "x"})), "Parameter 'granularity' expects uint64");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": 1.5})), "Parameter 'granularity' expects uint64");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": -1})), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": 4294967296u64})), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(e::<BitmapAdd>(json!({"node": "n", "name": "b", "persistent": null})), "Invalid parameter type for 'persistent', expected: boolean");
-        assert_eq!(e::<Outer>(json!({"speed": "a"})), "Invalid parameter type for 'speed', expected: integer");
-        assert_eq!(e::<Outer>(json!({"speed": u64::MAX})), "Invalid parameter type for 'speed', expected: integer");
-        assert_eq!(e::<Outer>(json!({"cache": 1})), "Invalid parameter type for 'cache', expected: object");
-        assert_eq!(e::<Outer>(json!({"cache": {"direct": "x"}})), "Invalid parameter type for 'cache.direct', expected: boolean");
-        assert_eq!(e::<Outer>(json!({"cache": {"direct": true, "zz": 1}})), "Parameter 'cache.zz' is unexpected");
-        assert_eq!(e::<Outer>(json!({"bitmaps": "x"})), "Invalid parameter type for 'bitmaps', expected: array");
-        assert_eq!(e::<Outer>(json!({"bitmaps": [{}]})), "Parameter 'bitmaps[0].direct' is missing");
-        assert_eq!(e::<Outer>(json!({"aio": "bad"})), "Parameter 'aio' does not accept value 'bad'");
-        assert_eq!(e::<Outer>(json!({"aio": 1})), "Invalid parameter type for 'aio', expected: string");
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": 1, "name": "b"})),
+            "Invalid parameter type for 'node', expected: string"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n"})),
+            "Parameter 'name' is missing"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"name": "b", "bad": 1})),
+            "Parameter 'node' is missing"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "bad": 1, "bad2": 2})),
+            "Parameter 'bad' is unexpected"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": "x"})),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": 1.5})),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": -1})),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "granularity": 4294967296u64})),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            e::<BitmapAdd>(json!({"node": "n", "name": "b", "persistent": null})),
+            "Invalid parameter type for 'persistent', expected: boolean"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"speed": "a"})),
+            "Invalid parameter type for 'speed', expected: integer"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"speed": u64::MAX})),
+            "Invalid parameter type for 'speed', expected: integer"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"cache": 1})),
+            "Invalid parameter type for 'cache', expected: object"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"cache": {"direct": "x"}})),
+            "Invalid parameter type for 'cache.direct', expected: boolean"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"cache": {"direct": true, "zz": 1}})),
+            "Parameter 'cache.zz' is unexpected"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"bitmaps": "x"})),
+            "Invalid parameter type for 'bitmaps', expected: array"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"bitmaps": [{}]})),
+            "Parameter 'bitmaps[0].direct' is missing"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"aio": "bad"})),
+            "Parameter 'aio' does not accept value 'bad'"
+        );
+        assert_eq!(
+            e::<Outer>(json!({"aio": 1})),
+            "Invalid parameter type for 'aio', expected: string"
+        );
         // uint64/size accept negative numbers for backward compatibility.
         let o: Outer = parse_as(json!({"size": -1}), InputMode::Json).unwrap();
         assert_eq!(o.size, Some(Size(u64::MAX)));
@@ -809,10 +894,21 @@ mod tests {
     fn introspection_shape() {
         let mut i = Introspector::new();
         i.event("JOB_STATUS_CHANGE", BitmapAdd::describe());
-        i.command("x", Empty::describe(), Vec::<Inner>::describe(), &CommandMeta::default());
+        i.command(
+            "x",
+            Empty::describe(),
+            Vec::<Inner>::describe(),
+            &CommandMeta::default(),
+        );
         let out = i.finish();
-        assert_eq!(out[0], json!({"name": "JOB_STATUS_CHANGE", "meta-type": "event", "arg-type": "0"}));
-        assert_eq!(out[1], json!({"name": "x", "meta-type": "command", "arg-type": "1", "ret-type": "[2]"}));
+        assert_eq!(
+            out[0],
+            json!({"name": "JOB_STATUS_CHANGE", "meta-type": "event", "arg-type": "0"})
+        );
+        assert_eq!(
+            out[1],
+            json!({"name": "x", "meta-type": "command", "arg-type": "1", "ret-type": "[2]"})
+        );
         assert_eq!(
             out[2],
             json!({"name": "0", "meta-type": "object", "members": [
@@ -820,10 +916,19 @@ mod tests {
                 {"name": "granularity", "type": "int", "default": null},
                 {"name": "persistent", "type": "bool", "default": null}]})
         );
-        assert_eq!(out[3], json!({"name": "1", "meta-type": "object", "members": []}));
-        assert_eq!(out[4], json!({"name": "[2]", "meta-type": "array", "element-type": "2"}));
+        assert_eq!(
+            out[3],
+            json!({"name": "1", "meta-type": "object", "members": []})
+        );
+        assert_eq!(
+            out[4],
+            json!({"name": "[2]", "meta-type": "array", "element-type": "2"})
+        );
         assert_eq!(out[5]["name"], "2");
-        let names: Vec<_> = out.iter().map(|e| e["name"].as_str().unwrap_or("").to_string()).collect();
+        let names: Vec<_> = out
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or("").to_string())
+            .collect();
         assert!(names.contains(&"str".to_string()) && names.contains(&"bool".to_string()));
     }
 }
