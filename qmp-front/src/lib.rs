@@ -1,1 +1,3 @@
 //! Strata's front-end (work in progress).
+
+pub mod qmp;
