@@ -1,3 +1,4 @@
 //! Strata's front-end (work in progress).
 
+pub mod nbd;
 pub mod qmp;

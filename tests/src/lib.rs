@@ -20,9 +20,15 @@ pub fn qemu_tool(name: &str) -> PathBuf {
     panic!("{name} is required by the interop tests: install Debian's qemu-utils / qemu-system-common (the test command does)");
 }
 
-/// Runs a QEMU tool and returns its output.
+/// Seconds a QEMU tool may run in a test before it is killed: a hang in
+/// the server under test must fail the test, never stall CI.
+pub const TOOL_TIMEOUT_SECS: &str = "120";
+
+/// Runs a QEMU tool under `timeout` and returns its output.
 pub fn run_tool(name: &str, args: &[&str]) -> Output {
-    Command::new(qemu_tool(name))
+    Command::new("timeout")
+        .args(["-k", "5", TOOL_TIMEOUT_SECS])
+        .arg(qemu_tool(name))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {name}: {e}"))
@@ -112,5 +118,98 @@ where
         ));
         el.block_on(f(Rc::clone(&g), mode));
         el.block_on(async { g.close_all().await.expect("close all") });
+    }
+}
+
+/// An NBD server on its own loop thread, serving nodes opened from
+/// options; stopped (and every node closed) on drop.
+pub struct NbdFixture {
+    /// The unix socket path.
+    pub socket: String,
+    /// The TCP port, when started with TCP.
+    pub port: Option<u16>,
+    handle: block_core::LoopHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NbdFixture {
+    /// Starts a server on `socket` (unix) or, with `tcp`, also on
+    /// 127.0.0.1 (any free port), exporting each `(node options, export)`.
+    pub fn start(
+        mode: AioMode,
+        socket: &str,
+        tcp: bool,
+        exports: Vec<(Options, qmp_front::nbd::ExportConfig)>,
+    ) -> Self {
+        use qmp_front::nbd::{NbdAddr, NbdServer};
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sock = socket.to_owned();
+        let thread = std::thread::spawn(move || {
+            let el = EventLoop::new(mode).expect("event loop");
+            let g = Rc::new(Graph::new(
+                Rc::clone(el.context()),
+                formats::registry(),
+                EventBus::new(),
+            ));
+            let ctx = Rc::clone(el.context());
+            let started = el.block_on(async {
+                for (opts, _) in &exports {
+                    g.open(opts.clone()).await?;
+                }
+                let addr = if tcp {
+                    NbdAddr::Inet {
+                        host: "127.0.0.1".into(),
+                        port: "0".into(),
+                    }
+                } else {
+                    NbdAddr::Unix(sock.clone())
+                };
+                let server = NbdServer::start(&ctx, &addr, 0)?;
+                for (_, cfg) in exports {
+                    server.add_export(&g, cfg)?;
+                }
+                Ok::<_, block_core::Error>(server)
+            });
+            let server = match started {
+                Ok(s) => s,
+                Err(e) => {
+                    tx.send(Err(e.to_string())).unwrap();
+                    return;
+                }
+            };
+            tx.send(Ok((ctx.handle(), server.local_port()))).unwrap();
+            el.run();
+            server.stop();
+            el.block_on(async { g.close_all().await.expect("close nodes") });
+        });
+        let (handle, port) = rx.recv().expect("server thread").expect("server start");
+        NbdFixture {
+            socket: socket.to_owned(),
+            port,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    /// `nbd+unix:///NAME?socket=PATH`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket)
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME`.
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!(
+            "nbd://127.0.0.1:{}/{export}",
+            self.port.expect("tcp fixture")
+        )
+    }
+}
+
+impl Drop for NbdFixture {
+    fn drop(&mut self) {
+        self.handle.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

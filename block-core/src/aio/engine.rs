@@ -254,15 +254,16 @@ impl Engine {
         }
     }
 
-    /// Waits until `fd` is readable.
-    pub(crate) async fn readable(&self, fd: RawFd) -> io::Result<()> {
+    /// Waits until `fd` has one of `events` (POLLIN, POLLOUT); POLLERR and
+    /// POLLHUP also end the wait, so the caller's next syscall sees them.
+    pub(crate) async fn poll_fd(&self, fd: RawFd, events: i16) -> io::Result<()> {
         match self {
-            Engine::Uring(ring) => cqe_result(ring.poll_readable(fd).await.0).map(|_| ()),
+            Engine::Uring(ring) => cqe_result(ring.poll(fd, events).await.0).map(|_| ()),
             Engine::Threads(pool) => {
                 pool.run(move || {
                     let mut pfd = libc::pollfd {
                         fd,
-                        events: libc::POLLIN,
+                        events,
                         revents: 0,
                     };
                     // SAFETY: one valid pollfd on the stack.

@@ -111,7 +111,12 @@ impl AioContext {
 
     /// Waits until `fd` is readable (sockets, pipes).
     pub async fn readable(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
-        self.engine.readable(fd).await
+        self.engine.poll_fd(fd, libc::POLLIN).await
+    }
+
+    /// Waits until `fd` is writable (sockets, pipes).
+    pub async fn writable(&self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        self.engine.poll_fd(fd, libc::POLLOUT).await
     }
 
     /// Completes after `dur` without blocking the loop.

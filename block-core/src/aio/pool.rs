@@ -78,7 +78,10 @@ impl WorkerPool {
     fn submit(&self, job: Job) {
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.jobs.push_back(job);
-        if st.idle == 0 && st.threads < self.shared.max_threads {
+        // Jobs may block for long (a poll on a quiet socket), so every queued
+        // job needs a thread of its own: counting only "is anyone idle" lets
+        // a second job wait behind a first that never ends.
+        if st.jobs.len() > st.idle && st.threads < self.shared.max_threads {
             st.threads += 1;
             let shared = Arc::clone(&self.shared);
             let spawned = std::thread::Builder::new()
@@ -157,6 +160,37 @@ impl<T> Future for PoolFuture<T> {
                 c.waker = Some(cx.waker().clone());
                 Poll::Pending
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// Regression: a job queued while the only worker was idle but about to
+    /// take a blocking job must still get a thread of its own.
+    #[test]
+    fn a_blocking_job_never_starves_the_next() {
+        let pool = WorkerPool::new(8);
+        let (warm_tx, warm_rx) = mpsc::channel();
+        pool.submit(Box::new(move || warm_tx.send(()).unwrap()));
+        warm_rx.recv().unwrap();
+        // Let the worker go idle.
+        std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..20 {
+            let (tx, rx) = mpsc::channel::<()>();
+            let (done_tx, done_rx) = mpsc::channel();
+            // The first job blocks until the second one runs.
+            pool.submit(Box::new(move || {
+                let _ = rx.recv_timeout(Duration::from_secs(5));
+                done_tx.send(()).unwrap();
+            }));
+            pool.submit(Box::new(move || tx.send(()).unwrap()));
+            let t0 = std::time::Instant::now();
+            done_rx.recv().unwrap();
+            assert!(t0.elapsed() < Duration::from_secs(4), "second job starved");
         }
     }
 }

@@ -272,9 +272,9 @@ impl Uring {
         self.push(e, None)
     }
 
-    /// Waits (one-shot) until `fd` is readable.
-    pub(crate) fn poll_readable(self: &Rc<Self>, fd: RawFd) -> UringOp {
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+    /// Waits (one-shot) until `fd` has one of `events` (POLLIN, POLLOUT).
+    pub(crate) fn poll(self: &Rc<Self>, fd: RawFd, events: i16) -> UringOp {
+        let e = opcode::PollAdd::new(types::Fd(fd), events as u16 as u32).build();
         self.push(e, None)
     }
 
