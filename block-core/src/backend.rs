@@ -48,6 +48,9 @@ pub struct BlockBackend {
     perm: Cell<(Perm, Perm)>,
     acct: BlockAcct,
     iostatus: Cell<IoStatus>,
+    /// Whether the device has a volatile write cache; without one every
+    /// write is issued with FUA (QEMU's `cache=writethrough`).
+    write_cache: Cell<bool>,
     /// Read error policy.
     pub rerror: Cell<ErrorAction>,
     /// Write error policy.
@@ -70,6 +73,7 @@ impl BlockBackend {
             perm: Cell::new((perm, shared)),
             acct: BlockAcct::default(),
             iostatus: Cell::new(IoStatus::Ok),
+            write_cache: Cell::new(true),
             rerror: Cell::new(ErrorAction::Report),
             werror: Cell::new(ErrorAction::Enospc),
         }))
@@ -106,6 +110,18 @@ impl BlockBackend {
         }
         self.perm.set((perm, shared));
         Ok(())
+    }
+
+    /// Enables or disables the write cache (QEMU's
+    /// `blk_set_enable_write_cache`). Disabled, every write completes only
+    /// once stable (it is sent with FUA).
+    pub fn set_enable_write_cache(&self, on: bool) {
+        self.write_cache.set(on);
+    }
+
+    /// Whether the write cache is enabled (the default).
+    pub fn enable_write_cache(&self) -> bool {
+        self.write_cache.get()
     }
 
     /// The accounting.
@@ -182,6 +198,10 @@ impl BlockBackend {
         let node = self.root_or_err()?;
         let len = buf.len() as u64;
         self.check(IoKind::Write, &node, offset, len)?;
+        let flags = WriteFlags {
+            fua: flags.fua || !self.write_cache.get(),
+            ..flags
+        };
         let c = self.acct.start(IoKind::Write, len);
         let r = node.pwrite(offset, buf, flags).await;
         self.record(c, r)
@@ -191,6 +211,10 @@ impl BlockBackend {
     pub async fn pwrite_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         let node = self.root_or_err()?;
         self.check(IoKind::Write, &node, offset, len)?;
+        let flags = WriteFlags {
+            fua: flags.fua || !self.write_cache.get(),
+            ..flags
+        };
         let c = self.acct.start(IoKind::Write, len);
         let r = node.pwrite_zeroes(offset, len, flags).await;
         self.record(c, r)

@@ -101,6 +101,12 @@ pub fn open(args: OpenArgs<'_>) -> IoFuture<'_, Opened> {
                     "Parameter 'aio' does not accept value '{aio}'"
                 )));
             }
+            // As QEMU's file-posix: native AIO needs O_DIRECT.
+            if aio == "native" && !flags.cache_direct {
+                return Err(Error::invalid(
+                    "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+                ));
+            }
         }
         let locking = match opts.take_str("locking")?.as_deref() {
             None | Some("auto") | Some("on") => true,
@@ -166,12 +172,10 @@ impl FileDriver {
         let st = fstat(fd).map_err(open_err)?;
         let kind = st.st_mode & libc::S_IFMT;
         let block_device = kind == libc::S_IFBLK;
-        if kind == libc::S_IFDIR {
-            return Err(open_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
-        }
         if kind != libc::S_IFREG && !block_device {
+            // QEMU's file-posix message.
             return Err(Error::invalid(format!(
-                "'{path}' is not a regular file or block device"
+                "'file' driver requires '{path}' to be a regular file"
             )));
         }
         let size = if block_device {

@@ -1,4 +1,6 @@
-//! Strata's front-end (work in progress).
+//! Strata's user-facing front-end: the QMP protocol layer ([`qmp`]), the
+//! NBD server ([`nbd`]) and the `strata-img` tool ([`img`]).
 
+pub mod img;
 pub mod nbd;
 pub mod qmp;
