@@ -12,6 +12,7 @@
 //! borrow is ever held across an `.await`.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -20,7 +21,6 @@ use std::task::{Poll, Waker};
 pub(crate) type Table = Rc<RefCell<Vec<u8>>>;
 
 struct Slot {
-    offset: u64,
     data: Table,
     dirty: bool,
     used: u64,
@@ -28,7 +28,7 @@ struct Slot {
 
 /// A bounded cache of cluster-sized metadata tables keyed by host offset.
 pub(crate) struct TableCache {
-    slots: RefCell<Vec<Slot>>,
+    slots: RefCell<HashMap<u64, Slot>>,
     capacity: usize,
     tick: Cell<u64>,
 }
@@ -37,7 +37,7 @@ impl TableCache {
     /// A cache holding at most `capacity` tables (at least 2).
     pub(crate) fn new(capacity: usize) -> Self {
         TableCache {
-            slots: RefCell::new(Vec::new()),
+            slots: RefCell::new(HashMap::new()),
             capacity: capacity.max(2),
             tick: Cell::new(0),
         }
@@ -53,56 +53,52 @@ impl TableCache {
     pub(crate) fn lookup(&self, offset: u64) -> Option<Table> {
         let t = self.bump();
         let mut s = self.slots.borrow_mut();
-        let slot = s.iter_mut().find(|x| x.offset == offset)?;
+        let slot = s.get_mut(&offset)?;
         slot.used = t;
         Some(Rc::clone(&slot.data))
     }
 
-    /// Whether inserting needs an eviction first; returns the least recently
-    /// used slot's (offset, data, dirty).
+    /// When the cache is full, the least recently used slot's
+    /// (offset, data, dirty), to be written back (if dirty) and removed.
     pub(crate) fn victim(&self) -> Option<(u64, Table, bool)> {
         let s = self.slots.borrow();
         if s.len() < self.capacity {
             return None;
         }
         s.iter()
-            .min_by_key(|x| x.used)
-            .map(|x| (x.offset, Rc::clone(&x.data), x.dirty))
+            .min_by_key(|(_, x)| x.used)
+            .map(|(o, x)| (*o, Rc::clone(&x.data), x.dirty))
     }
 
     /// Inserts (or replaces) a table.
     pub(crate) fn insert(&self, offset: u64, data: Table, dirty: bool) {
         let t = self.bump();
         let mut s = self.slots.borrow_mut();
-        if let Some(x) = s.iter_mut().find(|x| x.offset == offset) {
-            x.data = data;
-            x.dirty |= dirty;
-            x.used = t;
-            return;
-        }
-        s.push(Slot {
-            offset,
-            data,
-            dirty,
+        let e = s.entry(offset).or_insert(Slot {
+            data: Rc::clone(&data),
+            dirty: false,
             used: t,
         });
+        e.data = data;
+        e.dirty |= dirty;
+        e.used = t;
     }
 
     /// Drops a table (after it was written back, or when its cluster is freed).
     pub(crate) fn remove(&self, offset: u64) {
-        self.slots.borrow_mut().retain(|x| x.offset != offset);
+        self.slots.borrow_mut().remove(&offset);
     }
 
     /// Marks a cached table dirty.
     pub(crate) fn mark_dirty(&self, offset: u64) {
-        if let Some(x) = self.slots.borrow_mut().iter_mut().find(|x| x.offset == offset) {
+        if let Some(x) = self.slots.borrow_mut().get_mut(&offset) {
             x.dirty = true;
         }
     }
 
     /// Marks a cached table clean (after writing it).
     pub(crate) fn mark_clean(&self, offset: u64) {
-        if let Some(x) = self.slots.borrow_mut().iter_mut().find(|x| x.offset == offset) {
+        if let Some(x) = self.slots.borrow_mut().get_mut(&offset) {
             x.dirty = false;
         }
     }
@@ -113,16 +109,11 @@ impl TableCache {
             .slots
             .borrow()
             .iter()
-            .filter(|x| x.dirty)
-            .map(|x| (x.offset, Rc::clone(&x.data)))
+            .filter(|(_, x)| x.dirty)
+            .map(|(o, x)| (*o, Rc::clone(&x.data)))
             .collect();
         v.sort_by_key(|x| x.0);
         v
-    }
-
-    /// Forgets every table (after a failed write-back, or on close).
-    pub(crate) fn clear(&self) {
-        self.slots.borrow_mut().clear();
     }
 }
 

@@ -10,7 +10,11 @@ use super::Qcow2;
 
 /// Decompresses one cluster of `cluster_size` bytes. Trailing bytes after
 /// the compressed stream (sector padding) are ignored, as in QEMU.
-pub(crate) fn decompress(kind: CompressionType, src: &[u8], cluster_size: usize) -> Option<Vec<u8>> {
+pub(crate) fn decompress(
+    kind: CompressionType,
+    src: &[u8],
+    cluster_size: usize,
+) -> Option<Vec<u8>> {
     let mut out = vec![0u8; cluster_size];
     match kind {
         CompressionType::Deflate => {
@@ -22,7 +26,9 @@ pub(crate) fn decompress(kind: CompressionType, src: &[u8], cluster_size: usize)
         }
         CompressionType::Zstd => {
             use std::io::Read;
-            let mut dec = zstd::stream::read::Decoder::with_buffer(src).ok()?.single_frame();
+            let mut dec = zstd::stream::read::Decoder::with_buffer(src)
+                .ok()?
+                .single_frame();
             dec.read_exact(&mut out).ok()?;
             Some(out)
         }
@@ -34,11 +40,8 @@ pub(crate) fn decompress(kind: CompressionType, src: &[u8], cluster_size: usize)
 pub(crate) fn compress(kind: CompressionType, src: &[u8], max_len: usize) -> Option<Vec<u8>> {
     match kind {
         CompressionType::Deflate => {
-            let mut c = flate2::Compress::new_with_window_bits(
-                flate2::Compression::default(),
-                false,
-                12,
-            );
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
             let mut out = vec![0u8; max_len];
             match c.compress(src, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => {

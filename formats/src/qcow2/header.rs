@@ -355,7 +355,10 @@ impl Header {
         if h.backing_file_offset != 0 {
             let off = h.backing_file_offset;
             let len = h.backing_file_size as u64;
-            if off.checked_add(len).is_none_or(|e| e > cs || e as usize > buf.len()) {
+            if off
+                .checked_add(len)
+                .is_none_or(|e| e > cs || e as usize > buf.len())
+            {
                 return Err(Error::invalid(format!(
                     "Image '{node}': backing file name lies outside the header cluster"
                 )));
@@ -373,7 +376,10 @@ impl Header {
                 )));
             }
             if off % cs != 0 {
-                return Err(corrupt(node, format!("{what} offset {off:#x} not cluster aligned")));
+                return Err(corrupt(
+                    node,
+                    format!("{what} offset {off:#x} not cluster aligned"),
+                ));
             }
             if entries > 0 && off.checked_add(bytes).is_none_or(|e| e > i64::MAX as u64) {
                 return Err(corrupt(node, format!("{what} offset {off:#x} invalid")));
@@ -389,7 +395,10 @@ impl Header {
             MAX_REFTABLE_BYTES,
         )?;
         if h.refcount_table_clusters == 0 || h.refcount_table_offset == 0 {
-            return Err(corrupt(node, "Image does not contain a reference count table"));
+            return Err(corrupt(
+                node,
+                "Image does not contain a reference count table",
+            ));
         }
         check_table(
             "Active L1 table",
@@ -544,7 +553,9 @@ impl Header {
         let push = |b: &mut Vec<u8>, off: &mut usize, kind: u32, data: &[u8]| -> Result<()> {
             let padded = data.len().div_ceil(8) * 8;
             if *off + 8 + padded > cs {
-                return Err(Error::invalid("qcow2 header extensions exceed the cluster size"));
+                return Err(Error::invalid(
+                    "qcow2 header extensions exceed the cluster size",
+                ));
             }
             put32(b, *off, kind);
             put32(b, *off + 4, data.len() as u32);
@@ -572,7 +583,9 @@ impl Header {
         if let Some(name) = &self.backing_file {
             let n = name.as_bytes();
             if off + n.len() > cs {
-                return Err(Error::invalid("backing file name does not fit in the header"));
+                return Err(Error::invalid(
+                    "backing file name does not fit in the header",
+                ));
             }
             b[off..off + n.len()].copy_from_slice(n);
             put64(&mut b, 8, off as u64);

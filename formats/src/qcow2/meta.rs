@@ -35,9 +35,7 @@ impl Qcow2 {
 
     pub(crate) fn check_writable_meta(&self) -> Result<()> {
         if self.broken.get() {
-            return Err(self.corrupt(
-                "an earlier metadata write failed; refusing further writes",
-            ));
+            return Err(self.corrupt("an earlier metadata write failed; refusing further writes"));
         }
         Ok(())
     }
@@ -159,7 +157,13 @@ impl Qcow2 {
     }
 
     /// Inserts a freshly created table (already on disk unless `dirty`).
-    pub(crate) async fn insert_table(&self, w: Which, offset: u64, data: Vec<u8>, dirty: bool) -> Result<Table> {
+    pub(crate) async fn insert_table(
+        &self,
+        w: Which,
+        offset: u64,
+        data: Vec<u8>,
+        dirty: bool,
+    ) -> Result<Table> {
         self.make_room(w).await?;
         let t: Table = Rc::new(RefCell::new(data));
         self.cache(w).insert(offset, Rc::clone(&t), dirty);
@@ -254,7 +258,11 @@ impl Qcow2 {
         let off = self.hdr.borrow().l1_table_offset + i as u64 * 8;
         if let Err(e) = self
             .file
-            .pwrite(off, IoBuf::from_slice(&v.to_be_bytes()), WriteFlags::default())
+            .pwrite(
+                off,
+                IoBuf::from_slice(&v.to_be_bytes()),
+                WriteFlags::default(),
+            )
             .await
         {
             self.broken.set(true);
@@ -268,9 +276,10 @@ impl Qcow2 {
     /// offset and contents.
     pub(crate) async fn l2_table_for_write(&self, guest: u64) -> Result<(u64, Table)> {
         let i = self.l1_index(guest);
-        let e = *self.l1.borrow().get(i).ok_or_else(|| {
-            self.corrupt(format!("guest offset {guest:#x} beyond the L1 table"))
-        })?;
+        let e =
+            *self.l1.borrow().get(i).ok_or_else(|| {
+                self.corrupt(format!("guest offset {guest:#x} beyond the L1 table"))
+            })?;
         let old = e & L1E_OFFSET_MASK;
         if old != 0 && e & OFLAG_COPIED != 0 {
             let t = self

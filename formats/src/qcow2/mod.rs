@@ -36,9 +36,11 @@ use block_core::{
 };
 
 mod cache;
+pub mod check;
 mod compress;
 pub mod create;
 pub mod header;
+pub mod image;
 pub mod l2;
 mod meta;
 mod refcount;
@@ -131,10 +133,32 @@ pub fn resolve_backing_path(image: &str, backing: &str) -> String {
 
 /// Opens the `qcow2` driver.
 pub fn open(args: OpenArgs<'_>) -> IoFuture<'_, Opened> {
-    Box::pin(open_impl(args))
+    Box::pin(async move {
+        let (drv, children) = open_impl(args).await?;
+        Ok(Opened {
+            driver: Box::new(drv),
+            children,
+        })
+    })
 }
 
-async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
+/// Checks (and with `repair`, repairs) the image described by qcow2
+/// driver options `opts` (`file`, ...), like `qemu-img check [-r]`. The
+/// image is opened read-write only when something may be repaired.
+pub async fn check_image(
+    graph: &block_core::Graph,
+    opts: Options,
+    repair: check::Repair,
+) -> Result<check::CheckReport> {
+    let img = image::Image::open(graph, opts, repair.leaks || repair.errors).await?;
+    let r = img.check(repair).await;
+    let c = img.close().await;
+    let r = r?;
+    c?;
+    Ok(r)
+}
+
+async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole, Rc<Node>)>)> {
     let OpenArgs {
         graph,
         mut opts,
@@ -194,12 +218,6 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
         return Err(Error::invalid(format!(
             "qcow2: Image '{node_name}' is corrupt; cannot be opened read/write"
         )));
-    }
-    if !read_only && hdr.incompatible_features & header::INCOMPAT_DIRTY != 0 {
-        return Err(Error::unsupported(
-            "qcow2",
-            "repairing a dirty image (lazy refcounts) on read-write open",
-        ));
     }
     if lazy_opt == Some(true) && hdr.version < 3 {
         return Err(Error::invalid(
@@ -267,7 +285,9 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
             Some(v) => copts.insert("data-file", v),
             None => {
                 let name = hdr.data_file.clone().ok_or_else(|| {
-                    Error::invalid("Missing data-file option and no external data file name in the image")
+                    Error::invalid(
+                        "Missing data-file option and no external data file name in the image",
+                    )
                 })?;
                 let path = resolve_backing_path(&file.filename(), &name);
                 copts.insert(
@@ -315,9 +335,10 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
                     Some(f) => f.clone(),
                     None => probe_format(graph, &path, bflags).await?,
                 };
-                let mut bo = Options::new()
-                    .with("driver", fmt.as_str())
-                    .with("file", Options::new().with("driver", "file").with("filename", path));
+                let mut bo = Options::new().with("driver", fmt.as_str()).with(
+                    "file",
+                    Options::new().with("driver", "file").with("filename", path),
+                );
                 if fmt == "qcow2" {
                     bo.insert(DEPTH_OPT, depth + 1);
                 }
@@ -345,7 +366,11 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
     let cluster_bits = hdr.cluster_bits;
     let l2_bits = cluster_bits - if hdr.extended_l2() { 4 } else { 3 };
     let extended = hdr.extended_l2();
-    let sc_bits = if extended { cluster_bits - 5 } else { cluster_bits };
+    let sc_bits = if extended {
+        cluster_bits - 5
+    } else {
+        cluster_bits
+    };
     let mut hdr = hdr;
     let mut clear_autoclear = false;
     if !read_only && hdr.version >= 3 && hdr.autoclear_features & !header::AUTOCLEAR_KNOWN != 0 {
@@ -383,14 +408,40 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<Opened> {
     if clear_autoclear {
         // Only the autoclear field changes: one 8-byte write at offset 88.
         let v = drv.hdr.borrow().autoclear_features;
-        file.pwrite(88, IoBuf::from_slice(&v.to_be_bytes()), WriteFlags::default())
-            .await?;
+        file.pwrite(
+            88,
+            IoBuf::from_slice(&v.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
         file.flush().await?;
     }
-    Ok(Opened {
-        driver: Box::new(drv),
-        children,
-    })
+    if !read_only && drv.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
+        // Not closed cleanly with lazy refcounts: rebuild the refcounts
+        // from the metadata, then clear the dirty bit (QEMU does the same).
+        let r = drv
+            .check(check::Repair {
+                leaks: true,
+                errors: true,
+            })
+            .await?;
+        if r.corruptions > r.corruptions_fixed {
+            return Err(drv.corrupt("could not repair the dirty image"));
+        }
+        let v = {
+            let mut h = drv.hdr.borrow_mut();
+            h.incompatible_features &= !header::INCOMPAT_DIRTY;
+            h.incompatible_features
+        };
+        file.pwrite(
+            72,
+            IoBuf::from_slice(&v.to_be_bytes()),
+            WriteFlags::default(),
+        )
+        .await?;
+        file.flush().await?;
+    }
+    Ok((drv, children))
 }
 
 /// Probes the format of a backing file without a format name: qcow2 if it

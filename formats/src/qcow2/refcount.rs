@@ -81,10 +81,7 @@ impl Qcow2 {
     }
 
     fn is_reserved(&self, c: u64) -> bool {
-        self.reserved
-            .borrow()
-            .iter()
-            .any(|&(s, e)| c >= s && c < e)
+        self.reserved.borrow().iter().any(|&(s, e)| c >= s && c < e)
     }
 
     fn reserve(&self, s: u64, e: u64) {
@@ -144,7 +141,12 @@ impl Qcow2 {
     /// Adds `delta` to the refcount of cluster `c`, creating refcount
     /// blocks (and growing the table) as needed. A count that drops to zero
     /// frees the cluster (and discards it on the file when configured).
-    pub(crate) async fn update_refcount(&self, c: u64, delta: i64, why: DiscardKind) -> Result<u64> {
+    pub(crate) async fn update_refcount(
+        &self,
+        c: u64,
+        delta: i64,
+        why: DiscardKind,
+    ) -> Result<u64> {
         self.check_writable_meta()?;
         let r = (c >> self.rb_bits()) as usize;
         let mut off = self.reftable.borrow().get(r).copied().unwrap_or(0);
@@ -256,7 +258,8 @@ impl Qcow2 {
             return Err(e);
         }
         self.reftable.borrow_mut()[r as usize] = off;
-        self.insert_table(Which::Refcount, off, block, false).await?;
+        self.insert_table(Which::Refcount, off, block, false)
+            .await?;
         Ok(())
     }
 
@@ -295,7 +298,9 @@ impl Qcow2 {
             b = nb;
         }
         if t * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::invalid("refcount table would exceed its maximum size"));
+            return Err(Error::invalid(
+                "refcount table would exceed its maximum size",
+            ));
         }
         let entries = t * cs / 8;
         let area_end = s + t + b;
@@ -378,7 +383,11 @@ impl Qcow2 {
 
     /// Frees a cluster referenced by an L2 entry that was just replaced
     /// (the L2 change must already be in the cache).
-    pub(crate) async fn free_l2_cluster(&self, e: super::l2::L2Entry, why: DiscardKind) -> Result<()> {
+    pub(crate) async fn free_l2_cluster(
+        &self,
+        e: super::l2::L2Entry,
+        why: DiscardKind,
+    ) -> Result<()> {
         if !std::rc::Rc::ptr_eq(&self.data, &self.file) {
             // External data file: data clusters carry no refcounts.
             return Ok(());
@@ -413,12 +422,20 @@ mod tests {
             let bits = 1u32 << order;
             let mut b = vec![0u8; 512];
             let n = 512 * 8 / bits as usize;
-            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             for i in 0..n {
                 rc_set(&mut b, order, i, (i as u64 * 7) & max);
             }
             for i in 0..n {
-                assert_eq!(rc_get(&b, order, i), (i as u64 * 7) & max, "order {order} i {i}");
+                assert_eq!(
+                    rc_get(&b, order, i),
+                    (i as u64 * 7) & max,
+                    "order {order} i {i}"
+                );
             }
         }
         // Sub-byte widths fill from the least significant bit.

@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::rc::Rc;
 
-use block_core::{AioMode, ErrorKind, EventBus, EventLoop, Graph, IoBuf, Node, Options, WriteFlags};
+use block_core::{
+    AioMode, ErrorKind, EventBus, EventLoop, Graph, IoBuf, Node, Options, WriteFlags,
+};
 
 struct Dir(std::path::PathBuf);
 impl Dir {
@@ -33,12 +35,11 @@ impl Drop for Dir {
 }
 
 fn tool(name: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{name} is required for the qcow2 tests and could not be run: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(name).args(args).output().unwrap_or_else(|e| {
+        panic!("{name} is required for the qcow2 tests and could not be run: {e}")
+    });
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -56,13 +57,19 @@ fn qemu_io(img: &str, cmds: &[String]) -> String {
     }
     args.push(img);
     let (ok, text) = tool("qemu-io", &args);
-    assert!(ok && !text.contains("failed") && !text.contains("Pattern verification"), "qemu-io {cmds:?}: {text}");
+    assert!(
+        ok && !text.contains("failed") && !text.contains("Pattern verification"),
+        "qemu-io {cmds:?}: {text}"
+    );
     text
 }
 
 fn check_clean(img: &str) {
     let (ok, text) = tool("qemu-img", &["check", img]);
-    assert!(ok && text.contains("No errors were found"), "qemu-img check {img}: {text}");
+    assert!(
+        ok && text.contains("No errors were found"),
+        "qemu-img check {img}: {text}"
+    );
     assert!(!text.contains("leaked"), "qemu-img check {img}: {text}");
 }
 
@@ -170,7 +177,11 @@ fn reads_images_written_by_qemu() {
                 assert!(got == want, "{cfg} {mode:?}: content differs");
                 // Unaligned reads across cluster boundaries.
                 let b = n.pread(cs - 700, IoBuf::zeroed(2000)).await.unwrap();
-                assert_eq!(&b[..], &want[(cs - 700) as usize..(cs + 1300) as usize], "{cfg}");
+                assert_eq!(
+                    &b[..],
+                    &want[(cs - 700) as usize..(cs + 1300) as usize],
+                    "{cfg}"
+                );
                 close(g, n).await;
             });
         });
@@ -262,7 +273,16 @@ fn strata_writes_pass_qemu_check_and_read_back() {
         on_engines(|g, mode| {
             let img = d.file("w.qcow2");
             let size = 8u64 << 20;
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, &img, &size.to_string()]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                &img,
+                &size.to_string(),
+            ]);
             let ops = random_ops(0x1234 + i as u64, size, *cs, 150, false);
             let mut model = vec![0u8; size as usize];
             run(g, async {
@@ -272,13 +292,19 @@ fn strata_writes_pass_qemu_check_and_read_back() {
                     model_apply(&mut model, op);
                 }
                 let got = read_all(&n).await;
-                assert!(got == model, "{cfg} {mode:?}: Strata reads back something else");
+                assert!(
+                    got == model,
+                    "{cfg} {mode:?}: Strata reads back something else"
+                );
                 close(g, n).await;
             });
             check_clean(&img);
             let raw = d.file("model.raw");
             std::fs::write(&raw, &model).unwrap();
-            let (ok, text) = tool("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
+            let (ok, text) = tool(
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", "qcow2", &raw, &img],
+            );
             assert!(ok, "{cfg} {mode:?}: qemu-img compare: {text}");
             std::fs::remove_file(&img).unwrap();
         });
@@ -298,7 +324,16 @@ fn differential_random_ops_against_qemu_io() {
         let a = d.file("qemu.qcow2");
         let b = d.file("strata.qcow2");
         for p in [&a, &b] {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, p, &size.to_string()]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                p,
+                &size.to_string(),
+            ]);
         }
         let cmds: Vec<String> = ops.iter().map(qemu_cmd).collect();
         for chunk in cmds.chunks(40) {
@@ -306,12 +341,18 @@ fn differential_random_ops_against_qemu_io() {
         }
         on_engines(|g, _| {
             std::fs::remove_file(&b).unwrap();
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, &b, &size.to_string()]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                &b,
+                &size.to_string(),
+            ]);
             run(g, async {
-                let n = g
-                    .open(q2_opts(&b).with("discard", "unmap"))
-                    .await
-                    .unwrap();
+                let n = g.open(q2_opts(&b).with("discard", "unmap")).await.unwrap();
                 for op in &ops {
                     apply(&n, op).await;
                 }
@@ -330,14 +371,33 @@ fn backing_chain_cow_and_relative_names() {
     let d = Dir::new("backing");
     let base = d.file("base.qcow2");
     let top = d.file("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", &base, "2M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &base,
+        "2M",
+    ]);
     qemu_io(&base, &["write -P 0xaa 0 2M".into()]);
     on_engines(|g, mode| {
         // Relative backing name, resolved against the overlay's directory.
         let _ = std::fs::remove_file(&top);
         qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.qcow2", "-F",
-            "qcow2", &top, "3M",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+            "3M",
         ]);
         run(g, async {
             let n = open(g, &top, false).await;
@@ -346,7 +406,9 @@ fn backing_chain_cow_and_relative_names() {
             n.pwrite(70000, IoBuf::filled(100, 0x01), WriteFlags::default())
                 .await
                 .unwrap();
-            n.pwrite_zeroes(196608, 65536, WriteFlags::default()).await.unwrap();
+            n.pwrite_zeroes(196608, 65536, WriteFlags::default())
+                .await
+                .unwrap();
             let all = read_all(&n).await;
             assert!(all[..70000].iter().all(|&x| x == 0xaa), "{mode:?}");
             assert!(all[70000..70100].iter().all(|&x| x == 1));
@@ -370,7 +432,11 @@ fn backing_chain_cow_and_relative_names() {
         // backing=null disables the backing file.
         run(g, async {
             let n = g
-                .open(q2_opts(&top).with("read-only", true).with("backing", block_core::OptValue::Null))
+                .open(
+                    q2_opts(&top)
+                        .with("read-only", true)
+                        .with("backing", block_core::OptValue::Null),
+                )
                 .await
                 .unwrap();
             let b = n.pread(0, IoBuf::filled(4096, 9)).await.unwrap();
@@ -387,11 +453,23 @@ fn compressed_clusters_read() {
     qemu_img(&["create", "-q", "-f", "qcow2", &src, "4M"]);
     qemu_io(
         &src,
-        &["write -P 0x61 0 1M".into(), "write -P 0x62 1536k 700k".into()],
+        &[
+            "write -P 0x61 0 1M".into(),
+            "write -P 0x62 1536k 700k".into(),
+        ],
     );
     for ct in ["zlib", "zstd"] {
         let img = d.file(&format!("c-{ct}.qcow2"));
-        qemu_img(&["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct}"), &src, &img]);
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            &src,
+            &img,
+        ]);
         let want = raw_of(&img, &d);
         on_engines(|g, mode| {
             run(g, async {
@@ -429,13 +507,26 @@ fn refcount_table_grows_with_small_clusters() {
     on_engines(|g, mode| {
         let img = d.file("g.qcow2");
         let _ = std::fs::remove_file(&img);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", &img, "64M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            &img,
+            "64M",
+        ]);
         run(g, async {
             let n = open(g, &img, false).await;
             for i in 0..40u64 {
-                n.pwrite(i << 20, IoBuf::filled(256 << 10, i as u8 + 1), WriteFlags::default())
-                    .await
-                    .unwrap();
+                n.pwrite(
+                    i << 20,
+                    IoBuf::filled(256 << 10, i as u8 + 1),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
             }
             close(g, n).await;
         });
@@ -454,10 +545,21 @@ fn resize_grows_l1() {
     on_engines(|g, _| {
         let img = d.file("r.qcow2");
         let _ = std::fs::remove_file(&img);
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", &img, "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            &img,
+            "1M",
+        ]);
         run(g, async {
             let n = open(g, &img, false).await;
-            n.truncate(64 << 20, false, block_core::Prealloc::Off).await.unwrap();
+            n.truncate(64 << 20, false, block_core::Prealloc::Off)
+                .await
+                .unwrap();
             assert_eq!(n.size(), 64 << 20);
             n.pwrite(60 << 20, IoBuf::filled(4096, 5), WriteFlags::default())
                 .await
@@ -496,7 +598,10 @@ fn concurrent_allocating_writes_to_one_cluster() {
             let all = read_all(&n).await;
             for i in 0..64u64 {
                 let off = ((i % 4) * 65536 + (i / 4) * 4096) as usize;
-                assert!(all[off..off + 4096].iter().all(|&x| x == i as u8 + 1), "{mode:?} {i}");
+                assert!(
+                    all[off..off + 4096].iter().all(|&x| x == i as u8 + 1),
+                    "{mode:?} {i}"
+                );
             }
             close(g, n).await;
         });
@@ -516,31 +621,85 @@ fn hostile_headers_give_clear_errors() {
     let good = d.file("good.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &good, "64M"]);
     let cases: Vec<(&str, Box<dyn Fn(&str)>, ErrorKind, &str)> = vec![
-        ("truncated", Box::new(|p: &str| {
-            std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(50).unwrap()
-        }), ErrorKind::InvalidArgument, "not in qcow2 format"),
-        ("bad cluster_bits", Box::new(|p: &str| patch(p, 20, &40u32.to_be_bytes())),
-            ErrorKind::InvalidArgument, "cluster size"),
-        ("huge l1_size", Box::new(|p: &str| patch(p, 36, &0x1000_0000u32.to_be_bytes())),
-            ErrorKind::InvalidArgument, "L1 table too large"),
-        ("l1 beyond eof", Box::new(|p: &str| patch(p, 40, &(1u64 << 40).to_be_bytes())),
-            ErrorKind::Corrupt, "beyond the end"),
-        ("huge reftable", Box::new(|p: &str| patch(p, 56, &0xffff_ffffu32.to_be_bytes())),
-            ErrorKind::InvalidArgument, "Reference count table too large"),
-        ("unknown incompat", Box::new(|p: &str| patch(p, 72, &(1u64 << 40).to_be_bytes())),
-            ErrorKind::Unsupported, "Unknown incompatible feature: 10000000000"),
-        ("encrypted", Box::new(|p: &str| patch(p, 32, &1u32.to_be_bytes())),
-            ErrorKind::Unsupported, "encrypted"),
-        ("bad version", Box::new(|p: &str| patch(p, 4, &9u32.to_be_bytes())),
-            ErrorKind::Unsupported, "version 9"),
-        ("too many snapshots", Box::new(|p: &str| patch(p, 60, &100000u32.to_be_bytes())),
-            ErrorKind::InvalidArgument, "too many snapshots"),
-        ("refcount order", Box::new(|p: &str| patch(p, 96, &7u32.to_be_bytes())),
-            ErrorKind::InvalidArgument, "refcount width"),
-        ("l1 too small", Box::new(|p: &str| patch(p, 24, &(1u64 << 40).to_be_bytes())),
-            ErrorKind::Corrupt, "L1 table is too small"),
-        ("unaligned L2", Box::new(|p: &str| patch(p, 0x30000, &0x8000_0000_0001_2200u64.to_be_bytes())),
-            ErrorKind::Corrupt, "unaligned"),
+        (
+            "truncated",
+            Box::new(|p: &str| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(50)
+                    .unwrap()
+            }),
+            ErrorKind::InvalidArgument,
+            "not in qcow2 format",
+        ),
+        (
+            "bad cluster_bits",
+            Box::new(|p: &str| patch(p, 20, &40u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "cluster size",
+        ),
+        (
+            "huge l1_size",
+            Box::new(|p: &str| patch(p, 36, &0x1000_0000u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "L1 table too large",
+        ),
+        (
+            "l1 beyond eof",
+            Box::new(|p: &str| patch(p, 40, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Corrupt,
+            "beyond the end",
+        ),
+        (
+            "huge reftable",
+            Box::new(|p: &str| patch(p, 56, &0xffff_ffffu32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "Reference count table too large",
+        ),
+        (
+            "unknown incompat",
+            Box::new(|p: &str| patch(p, 72, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Unsupported,
+            "Unknown incompatible feature: 10000000000",
+        ),
+        (
+            "encrypted",
+            Box::new(|p: &str| patch(p, 32, &1u32.to_be_bytes())),
+            ErrorKind::Unsupported,
+            "encrypted",
+        ),
+        (
+            "bad version",
+            Box::new(|p: &str| patch(p, 4, &9u32.to_be_bytes())),
+            ErrorKind::Unsupported,
+            "version 9",
+        ),
+        (
+            "too many snapshots",
+            Box::new(|p: &str| patch(p, 60, &100000u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "too many snapshots",
+        ),
+        (
+            "refcount order",
+            Box::new(|p: &str| patch(p, 96, &7u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "refcount width",
+        ),
+        (
+            "l1 too small",
+            Box::new(|p: &str| patch(p, 24, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Corrupt,
+            "L1 table is too small",
+        ),
+        (
+            "unaligned L2",
+            Box::new(|p: &str| patch(p, 0x30000, &0x8000_0000_0001_2200u64.to_be_bytes())),
+            ErrorKind::Corrupt,
+            "unaligned",
+        ),
     ];
     on_engines(|g, _| {
         for (what, f, kind, msg) in &cases {
@@ -548,7 +707,10 @@ fn hostile_headers_give_clear_errors() {
             std::fs::copy(&good, &p).unwrap();
             f(&p);
             run(g, async {
-                let e = g.open(q2_opts(&p).with("read-only", true)).await.unwrap_err();
+                let e = g
+                    .open(q2_opts(&p).with("read-only", true))
+                    .await
+                    .unwrap_err();
                 assert_eq!(e.kind(), *kind, "{what}: {e}");
                 assert!(e.to_string().contains(msg), "{what}: {e}");
             });
@@ -558,12 +720,363 @@ fn hostile_headers_give_clear_errors() {
     let a = d.file("loop-a.qcow2");
     let b = d.file("loop-b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &a, "1M"]);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b, "1M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b, "1M",
+    ]);
     qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", &b, "-F", "qcow2", &a]);
     on_engines(|g, _| {
         run(g, async {
-            let e = g.open(q2_opts(&b).with("read-only", true)).await.unwrap_err();
+            let e = g
+                .open(q2_opts(&b).with("read-only", true))
+                .await
+                .unwrap_err();
             assert!(e.to_string().contains("too deep"), "{e}");
         });
     });
+}
+
+#[test]
+fn create_matches_qemu_img_byte_for_byte() {
+    use super::create::{create_file, CreateOptions};
+    use super::header::CompressionType;
+    let d = Dir::new("create");
+    let cases: Vec<(&str, &str, CreateOptions)> = vec![
+        (
+            "64M",
+            "",
+            CreateOptions {
+                size: 64 << 20,
+                ..Default::default()
+            },
+        ),
+        (
+            "1M",
+            "cluster_size=512",
+            CreateOptions {
+                size: 1 << 20,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ),
+        (
+            "10G",
+            "cluster_size=2M,refcount_bits=1",
+            CreateOptions {
+                size: 10 << 30,
+                cluster_size: 2 << 20,
+                refcount_bits: 1,
+                ..Default::default()
+            },
+        ),
+        (
+            "100G",
+            "cluster_size=4096,refcount_bits=64",
+            CreateOptions {
+                size: 100 << 30,
+                cluster_size: 4096,
+                refcount_bits: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "1G",
+            "compat=0.10",
+            CreateOptions {
+                size: 1 << 30,
+                compat_v2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "1G",
+            "lazy_refcounts=on,extended_l2=on,compression_type=zstd",
+            CreateOptions {
+                size: 1 << 30,
+                lazy_refcounts: true,
+                extended_l2: true,
+                compression_type: CompressionType::Zstd,
+                ..Default::default()
+            },
+        ),
+        (
+            "0",
+            "",
+            CreateOptions {
+                size: 0,
+                ..Default::default()
+            },
+        ),
+    ];
+    let backing = d.file("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &backing, "1G"]);
+    let mut cases = cases;
+    cases.push((
+        "1G",
+        "BACKING",
+        CreateOptions {
+            size: 1 << 30,
+            backing_file: Some(backing.clone()),
+            backing_fmt: Some("qcow2".into()),
+            ..Default::default()
+        },
+    ));
+    on_engines(|g, mode| {
+        for (size, o, opts) in &cases {
+            let q = d.file("q.qcow2");
+            let s = d.file("s.qcow2");
+            let _ = std::fs::remove_file(&q);
+            if *o == "BACKING" {
+                qemu_img(&[
+                    "create", "-q", "-f", "qcow2", "-b", &backing, "-F", "qcow2", &q, size,
+                ]);
+            } else if o.is_empty() {
+                qemu_img(&["create", "-q", "-f", "qcow2", &q, size]);
+            } else {
+                qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, &q, size]);
+            }
+            run(g, async { create_file(g, &s, opts).await.unwrap() });
+            let a = std::fs::read(&q).unwrap();
+            let b = std::fs::read(&s).unwrap();
+            assert_eq!(a.len(), b.len(), "{o} {mode:?}: file sizes differ");
+            if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+                panic!("{o} {mode:?}: first difference at byte {i:#x}");
+            }
+            check_clean(&s);
+        }
+        // Invalid options are refused.
+        let s = d.file("bad.qcow2");
+        run(g, async {
+            let e = create_file(
+                g,
+                &s,
+                &CreateOptions {
+                    size: 1 << 20,
+                    cluster_size: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            let e = create_file(
+                g,
+                &s,
+                &CreateOptions {
+                    size: 1 << 20,
+                    compat_v2: true,
+                    refcount_bits: 8,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(e.to_string().contains("compatibility level 1.1"), "{e}");
+        });
+    });
+}
+
+fn qemu_check_json(img: &str) -> String {
+    let (_, text) = tool("qemu-img", &["check", "--output=json", img]);
+    text
+}
+
+fn json_field(json: &str, key: &str) -> u64 {
+    let k = format!("\"{key}\": ");
+    json.find(&k)
+        .map(|i| {
+            json[i + k.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn check_reports_like_qemu_and_repairs_leaks() {
+    use super::check::Repair;
+    let d = Dir::new("check");
+    let img = d.file("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &img,
+        "16M",
+    ]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 1 0 64k".into(),
+            "write -P 2 1M 12k".into(),
+            "write -P 3 8M 4k".into(),
+        ],
+    );
+    // Leak three clusters past the end: raise their refcounts in the
+    // refcount block (cluster 2, 16-bit entries).
+    let fsize = std::fs::metadata(&img).unwrap().len();
+    let c = fsize.div_ceil(4096);
+    for i in 0..3 {
+        patch(&img, 2 * 4096 + (c + i) * 2, &1u16.to_be_bytes());
+    }
+    let json = qemu_check_json(&img);
+    on_engines(|g, mode| {
+        run(g, async {
+            let r = super::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!(
+                r.leaks,
+                json_field(&json, "leaks"),
+                "{mode:?} {r:?} vs {json}"
+            );
+            assert_eq!(r.leaks, 3);
+            assert_eq!(r.corruptions, 0);
+            assert_eq!(
+                r.allocated_clusters,
+                json_field(&json, "allocated-clusters"),
+                "{r:?} {json}"
+            );
+            assert_eq!(r.total_clusters, json_field(&json, "total-clusters"));
+            assert_eq!(
+                r.fragmented_clusters,
+                json_field(&json, "fragmented-clusters"),
+                "{r:?} {json}"
+            );
+        });
+    });
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    run(&g, async {
+        let r = super::check_image(
+            &g,
+            q2_opts(&img),
+            Repair {
+                leaks: true,
+                errors: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.leaks_fixed, 3, "{r:?}");
+    });
+    check_clean(&img);
+}
+
+#[test]
+fn dirty_lazy_refcount_image_is_repaired_on_open() {
+    let d = Dir::new("dirty");
+    on_engines(|g, mode| {
+        let img = d.file("l.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        // qemu-io's abort leaves the dirty bit set and refcounts stale.
+        let _ = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 9 0 128k",
+                "-c",
+                "write -P 8 4M 64k",
+                "-c",
+                "abort",
+                &img,
+            ])
+            .output()
+            .expect("qemu-io is required");
+        let (ok, text) = tool("qemu-img", &["check", &img]);
+        assert!(
+            !ok || text.contains("ERROR") || text.contains("leaked") || text.contains("dirty"),
+            "{mode:?}: expected a dirty image: {text}"
+        );
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let b = n.pread(0, IoBuf::zeroed(128 << 10)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 9));
+            n.pwrite(6 << 20, IoBuf::filled(8192, 7), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        qemu_io(
+            &img,
+            &[
+                "read -P 9 0 128k".into(),
+                "read -P 8 4M 64k".into(),
+                "read -P 7 6M 8k".into(),
+            ],
+        );
+    });
+}
+
+#[test]
+fn compressed_writes_read_back_in_qemu() {
+    use super::image::Image;
+    let d = Dir::new("cwrite");
+    for ct in ["zlib", "zstd"] {
+        on_engines(|g, mode| {
+            let img = d.file("cw.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct}"),
+                &img,
+                "4M",
+            ]);
+            qemu_io(&img, &["write -P 0x33 0 192k".into()]);
+            run(g, async {
+                let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+                for i in 0..4u64 {
+                    im.write_compressed(i * 65536, &vec![0x40 + i as u8; 65536])
+                        .await
+                        .unwrap();
+                }
+                // Incompressible data is stored plainly.
+                let mut r = Rng(99);
+                let noise: Vec<u8> = (0..65536).map(|_| r.next() as u8).collect();
+                im.write_compressed(10 * 65536, &noise).await.unwrap();
+                im.close().await.unwrap();
+                let n = open(g, &img, true).await;
+                let b = n.pread(10 * 65536, IoBuf::zeroed(65536)).await.unwrap();
+                assert!(b[..] == noise[..], "{ct} {mode:?}");
+                close(g, n).await;
+            });
+            check_clean(&img);
+            let json = qemu_check_json(&img);
+            assert_eq!(json_field(&json, "compressed-clusters"), 4, "{json}");
+            qemu_io(
+                &img,
+                &[
+                    "read -P 0x40 0 64k".into(),
+                    "read -P 0x41 64k 64k".into(),
+                    "read -P 0x42 128k 64k".into(),
+                    "read -P 0x43 192k 64k".into(),
+                ],
+            );
+        });
+    }
 }

@@ -117,24 +117,19 @@ impl Qcow2 {
             let dst = &mut buf[pos..pos + n];
             match e.subtype(self.extended, sc) {
                 SubType::Normal => {
-                    let b = self
-                        .data
-                        .pread(e.host() + in_c, IoBuf::zeroed(n))
-                        .await?;
+                    let b = self.data.pread(e.host() + in_c, IoBuf::zeroed(n)).await?;
                     dst.copy_from_slice(&b);
                 }
                 SubType::ZeroAlloc | SubType::ZeroPlain => dst.fill(0),
-                SubType::UnallocatedAlloc | SubType::UnallocatedPlain => {
-                    match node.backing() {
-                        Some(b) if g < b.size() => {
-                            let avail = ((b.size() - g) as usize).min(n);
-                            let r = b.pread(g, IoBuf::zeroed(avail)).await?;
-                            dst[..avail].copy_from_slice(&r);
-                            dst[avail..].fill(0);
-                        }
-                        _ => dst.fill(0),
+                SubType::UnallocatedAlloc | SubType::UnallocatedPlain => match node.backing() {
+                    Some(b) if g < b.size() => {
+                        let avail = ((b.size() - g) as usize).min(n);
+                        let r = b.pread(g, IoBuf::zeroed(avail)).await?;
+                        dst[..avail].copy_from_slice(&r);
+                        dst[avail..].fill(0);
                     }
-                }
+                    _ => dst.fill(0),
+                },
                 SubType::Compressed | SubType::Invalid => {
                     return Err(self.corrupt(format!(
                         "invalid L2 entry {:#x} for guest offset {g:#x}",
@@ -198,7 +193,8 @@ impl Qcow2 {
         }
         if rb > b {
             let s = (b - ra) as usize;
-            self.read_old(node, old, guest_c + b, &mut region[s..]).await?;
+            self.read_old(node, old, guest_c + b, &mut region[s..])
+                .await?;
         }
         region[(a - ra) as usize..(b - ra) as usize].copy_from_slice(&part);
         self.data.pwrite(host + ra, region, flags).await?;
@@ -228,7 +224,8 @@ impl Qcow2 {
         }
         let _ = cb;
         self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
-        self.mark_dirty(Which::L2, l2_off);
+        // The table may have left the cache while we awaited: re-insert.
+        self.l2_cache.insert(l2_off, table, true);
         if new_cluster && (old_host != 0 || old.is_compressed()) {
             self.free_l2_cluster(old, DiscardKind::Other).await?;
         }
@@ -247,7 +244,10 @@ impl Qcow2 {
         self.check_write()?;
         let version = self.hdr.borrow().version;
         if version < 3 && !self.extended {
-            return Err(Error::unsupported("qcow2", "zero clusters in compat=0.10 images"));
+            return Err(Error::unsupported(
+                "qcow2",
+                "zero clusters in compat=0.10 images",
+            ));
         }
         let cs = self.cluster_size;
         let end = offset + len;
@@ -362,9 +362,7 @@ impl Qcow2 {
         self.check_write()?;
         let cs = self.cluster_size;
         if size % 512 != 0 {
-            return Err(Error::invalid(
-                "Image size must be a multiple of 512 bytes",
-            ));
+            return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
         }
         if prealloc != Prealloc::Off {
             return Err(Error::unsupported("qcow2", "preallocation on resize"));
@@ -376,7 +374,9 @@ impl Qcow2 {
         let _g = self.meta.lock().await;
         let need = self.hdr.borrow().l1_entries_for(size);
         if need > super::header::MAX_L1_BYTES / 8 {
-            return Err(Error::invalid("The image size is too large for file format 'qcow2'"));
+            return Err(Error::invalid(
+                "The image size is too large for file format 'qcow2'",
+            ));
         }
         let cur = self.l1.borrow().len() as u64;
         if need > cur {
@@ -418,7 +418,11 @@ impl Qcow2 {
             }
         }
         self.file
-            .pwrite(24, IoBuf::from_slice(&size.to_be_bytes()), WriteFlags::default())
+            .pwrite(
+                24,
+                IoBuf::from_slice(&size.to_be_bytes()),
+                WriteFlags::default(),
+            )
             .await?;
         self.sync_now().await?;
         self.hdr.borrow_mut().size = size;
