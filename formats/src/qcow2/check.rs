@@ -14,8 +14,7 @@ use std::rc::Rc;
 use block_core::{Error, IoBuf, Result};
 
 use super::header::{be16, be32, be64};
-use super::l2::{L1E_OFFSET_MASK, OFLAG_COPIED};
-use super::meta::Which;
+use super::l2::L1E_OFFSET_MASK;
 use super::{DiscardKind, Qcow2};
 
 /// Largest number of host clusters `check` tracks (1 GiB of counters).
@@ -208,7 +207,6 @@ impl Qcow2 {
                 }
             };
             let t = t.borrow().clone();
-            let _ = e & OFLAG_COPIED;
             for i in 0..(1usize << self.l2_bits) {
                 let le = self.l2_entry_at(&t, i);
                 if le.is_compressed() {
@@ -244,7 +242,6 @@ impl Qcow2 {
     }
 
     fn l2_cache_peek(&self, off: u64) -> Option<super::cache::Table> {
-        let _ = Which::L2;
         self.l2_cache.lookup(off)
     }
 }

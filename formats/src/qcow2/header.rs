@@ -300,12 +300,10 @@ impl Header {
                 h.refcount_order
             )));
         }
-        if h.backing_file_offset > cs || h.backing_file_size > MAX_BACKING_NAME {
-            if h.backing_file_size > MAX_BACKING_NAME {
-                return Err(Error::invalid(format!(
-                    "Image '{node}': backing file name too long"
-                )));
-            }
+        if h.backing_file_size > MAX_BACKING_NAME {
+            return Err(Error::invalid(format!(
+                "Image '{node}': backing file name too long"
+            )));
         }
 
         // Extensions, before the feature check so that its names are known.
@@ -346,9 +344,6 @@ impl Header {
         }
         if h.has_data_file() && h.version < 3 {
             return Err(corrupt(node, "external data file in a v2 image"));
-        }
-        if h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0 && !h.has_data_file() {
-            // QEMU clears the bit; tolerated here as well.
         }
 
         // Backing file name.

@@ -28,7 +28,12 @@ pub struct Image<'g> {
 
 impl<'g> Image<'g> {
     /// Opens the image described by qcow2 driver options (`file`, ...).
-    pub async fn open(graph: &'g Graph, opts: Options, writable: bool) -> Result<Image<'g>> {
+    pub async fn open(graph: &'g Graph, mut opts: Options, writable: bool) -> Result<Image<'g>> {
+        if let Some(d) = opts.take_str("driver")? {
+            if d != "qcow2" {
+                return Err(Error::invalid(format!("'{d}' is not a qcow2 image driver")));
+            }
+        }
         let flags = NodeFlags {
             read_only: !writable,
             ..NodeFlags::default()

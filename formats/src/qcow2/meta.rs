@@ -16,6 +16,11 @@ use super::header::{be64, put64};
 use super::l2::{L2Entry, L1E_OFFSET_MASK, OFLAG_COPIED};
 use super::Qcow2;
 
+/// A copy of a table's bytes.
+fn copy_table(t: &Table) -> Vec<u8> {
+    t.borrow().clone()
+}
+
 /// Which metadata cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Which {
@@ -58,29 +63,39 @@ impl Qcow2 {
         self.file.flush().await
     }
 
-    /// Writes every dirty table of one cache, honouring its dependency.
-    pub(crate) async fn flush_cache(&self, w: Which) -> Result<()> {
-        let dep = match w {
+    fn dep_flag(&self, w: Which) -> &std::cell::Cell<bool> {
+        match w {
             Which::L2 => &self.l2_dep_rc,
             Which::Refcount => &self.rc_dep_l2,
+        }
+    }
+
+    /// Writes every dirty table of one cache and flushes the file, first
+    /// flushing the other cache if this one depends on it. Afterwards the
+    /// other cache no longer depends on this one.
+    pub(crate) async fn flush_cache(&self, w: Which) -> Result<()> {
+        let other = match w {
+            Which::L2 => Which::Refcount,
+            Which::Refcount => Which::L2,
         };
-        if dep.get() {
-            let other = match w {
-                Which::L2 => Which::Refcount,
-                Which::Refcount => Which::L2,
-            };
+        if self.dep_flag(w).get() {
+            // Never both set (see l2_needs_rc / rc_needs_l2), so this
+            // recursion is one level deep.
+            debug_assert!(!self.dep_flag(other).get());
             Box::pin(self.flush_cache(other)).await?;
-            dep.set(false);
+            self.dep_flag(w).set(false);
         }
         let dirty = self.cache(w).dirty();
-        if dirty.is_empty() {
+        if dirty.is_empty() && !self.dep_flag(other).get() {
             return Ok(());
         }
         for (off, t) in dirty {
             self.write_table(off, &t).await?;
             self.cache(w).mark_clean(off);
         }
-        self.sync_file().await
+        self.sync_file().await?;
+        self.dep_flag(other).set(false);
+        Ok(())
     }
 
     /// Flushes both caches (refcounts first unless a dependency says
@@ -119,20 +134,13 @@ impl Qcow2 {
     async fn make_room(&self, w: Which) -> Result<()> {
         while let Some((off, t, dirty)) = self.cache(w).victim() {
             if dirty {
-                let dep = match w {
-                    Which::L2 => self.l2_dep_rc.get(),
-                    Which::Refcount => self.rc_dep_l2.get(),
-                };
-                if dep {
+                if self.dep_flag(w).get() {
                     let other = match w {
                         Which::L2 => Which::Refcount,
                         Which::Refcount => Which::L2,
                     };
                     self.flush_cache(other).await?;
-                    match w {
-                        Which::L2 => self.l2_dep_rc.set(false),
-                        Which::Refcount => self.rc_dep_l2.set(false),
-                    }
+                    self.dep_flag(w).set(false);
                 }
                 self.write_table(off, &t).await?;
             }
@@ -294,22 +302,19 @@ impl Qcow2 {
                 .l2_table_for_read(guest)
                 .await?
                 .ok_or_else(|| self.corrupt("L2 table vanished"))?;
-            let v = t.borrow().clone();
-            v
+            copy_table(&t)
         } else {
             vec![0u8; self.cluster_size as usize]
         };
         let new = self.alloc_cluster().await?;
         // Refcount first, then the table, then the L1 entry.
         self.flush_cache(Which::Refcount).await?;
-        self.l2_dep_rc.set(false);
         let t: Table = Rc::new(RefCell::new(data));
         self.write_table(new, &t).await?;
         self.sync_file().await?;
         self.write_l1_entry(i, new | OFLAG_COPIED).await?;
-        let t = self
-            .insert_table(Which::L2, new, t.borrow().clone(), false)
-            .await?;
+        let data = t.borrow().clone();
+        let t = self.insert_table(Which::L2, new, data, false).await?;
         if old != 0 {
             self.forget_table(Which::L2, old);
             self.sync_file().await?;

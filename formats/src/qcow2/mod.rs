@@ -67,8 +67,6 @@ const DEPTH_OPT: &str = "x-strata-backing-depth";
 pub(crate) enum DiscardKind {
     /// A guest discard request.
     Request,
-    /// Snapshot deletion.
-    Snapshot,
     /// Anything else (COW, metadata moves).
     Other,
 }
@@ -108,6 +106,7 @@ pub struct Qcow2 {
     end_cluster: Cell<u64>,
     /// Clusters picked for an allocation whose refcount is not set yet.
     reserved: RefCell<Vec<(u64, u64)>>,
+    /// pass-discard-request, -snapshot (kept for snapshot deletion), -other.
     pass_discard: [bool; 3],
     no_flush: bool,
     /// Set after a metadata write failed: no more writes (QEMU marks the
@@ -480,10 +479,6 @@ impl Qcow2 {
 
     fn offset_in_cluster(&self, off: u64) -> u64 {
         off & (self.cluster_size - 1)
-    }
-
-    fn subclusters(&self) -> u32 {
-        1 << (self.cluster_bits - self.sc_bits)
     }
 
     /// Classifies `[offset, offset+len)` (within one L2 table) and returns the

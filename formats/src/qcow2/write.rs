@@ -37,7 +37,6 @@ impl Qcow2 {
             return Ok(None);
         }
         // COPIED is per cluster: check each cluster of the run.
-        let cs = self.cluster_size;
         let mut pos = off;
         let end = off + n;
         let mut ok_end = off;
@@ -49,7 +48,6 @@ impl Qcow2 {
             let next = ((pos >> self.cluster_bits) + 1) << self.cluster_bits;
             ok_end = next.min(end);
             pos = next;
-            let _ = cs;
         }
         if ok_end == off {
             return Ok(None);
@@ -151,7 +149,6 @@ impl Qcow2 {
         flags: WriteFlags,
     ) -> Result<IoBuf> {
         let cs = self.cluster_size;
-        let cb = self.cluster_bits;
         let scs = 1u64 << self.sc_bits;
         let guest_c = off & !(cs - 1);
         let a = off - guest_c;
@@ -210,10 +207,8 @@ impl Qcow2 {
             let first = (ra >> self.sc_bits) as u32;
             let n = ((rb - ra) >> self.sc_bits) as u32;
             let m = sc_mask(first, n);
-            let mut bm = if new_cluster && old_host != 0 {
-                // Everything was copied into the new cluster.
-                m
-            } else if old.is_compressed() {
+            // A copied shared or compressed cluster was copied entirely.
+            let mut bm = if (new_cluster && old_host != 0) || old.is_compressed() {
                 m
             } else {
                 old.bitmap
@@ -222,7 +217,6 @@ impl Qcow2 {
             bm &= !(m << 32);
             ne.bitmap = bm;
         }
-        let _ = cb;
         self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
         // The table may have left the cache while we awaited: re-insert.
         self.l2_cache.insert(l2_off, table, true);
