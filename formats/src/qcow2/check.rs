@@ -85,6 +85,7 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
         let fsize = self.file.size();
+        // Like QEMU, compare refcounts of the clusters inside the file.
         let nclusters = fsize.div_ceil(cs).max(self.end_cluster.get());
         if nclusters > MAX_CHECK_CLUSTERS {
             return Err(Error::unsupported("qcow2", "checking images this large"));
@@ -188,8 +189,9 @@ impl Qcow2 {
     async fn check_l1(&self, l1: &[u64], cnt: &mut Counts, active: bool) -> Result<()> {
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
-        let mut last_host = 0u64;
         for &e in l1 {
+            // Fragmentation is counted within each L2 table, as QEMU does.
+            let mut last_host = 0u64;
             let l2_off = e & L1E_OFFSET_MASK;
             if l2_off == 0 {
                 continue;

@@ -564,7 +564,8 @@ impl Header {
         if let Some(f) = &self.data_file {
             push(&mut b, &mut off, EXT_DATA_FILE, f.as_bytes())?;
         }
-        if self.version >= 3 {
+        // QEMU leaves the feature table out of images with small clusters.
+        if self.version >= 3 && cs > 4096 {
             push(&mut b, &mut off, EXT_FEATURE_TABLE, &feature_table())?;
         }
         if let Some(d) = &self.bitmaps_ext {
