@@ -113,7 +113,7 @@ impl Qcow2 {
                 let id_len = be16(&h, 12) as u64;
                 let name_len = be16(&h, 14) as u64;
                 let extra = be32(&h, 36) as u64;
-                if l1_size * 8 > super::header::MAX_L1_BYTES || l1_off % cs != 0 {
+                if l1_size * 8 > super::header::MAX_L1_BYTES || !l1_off.is_multiple_of(cs) {
                     cnt.report.corruptions += 1;
                     cnt.report.check_errors += 1;
                     break;
@@ -196,7 +196,7 @@ impl Qcow2 {
             if l2_off == 0 {
                 continue;
             }
-            if l2_off % cs != 0 {
+            if !l2_off.is_multiple_of(cs) {
                 cnt.report.corruptions += 1;
                 continue;
             }
@@ -224,7 +224,7 @@ impl Qcow2 {
                 if h == 0 {
                     continue;
                 }
-                if h % cs != 0 {
+                if !h.is_multiple_of(cs) {
                     cnt.report.corruptions += 1;
                     continue;
                 }

@@ -370,7 +370,7 @@ impl Header {
                     "Image '{node}': {what} too large ({bytes} bytes)"
                 )));
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 return Err(corrupt(
                     node,
                     format!("{what} offset {off:#x} not cluster aligned"),

@@ -111,7 +111,7 @@ impl Qcow2 {
                 node: self.node_name.clone(),
             });
         }
-        if offset % cs != 0
+        if !offset.is_multiple_of(cs)
             || (data.len() as u64 != cs && offset + data.len() as u64 != self.size.get())
         {
             return Err(Error::invalid(

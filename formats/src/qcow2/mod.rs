@@ -246,7 +246,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
     };
     for (i, &e) in l1.iter().enumerate() {
         let off = e & l2::L1E_OFFSET_MASK;
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             return Err(Error::Corrupt {
                 node: node_name.clone(),
                 detail: format!("L2 table offset {off:#x} unaligned (L1 index: {i:#x})"),

@@ -617,7 +617,8 @@ fn hostile_headers_give_clear_errors() {
     let d = Dir::new("hostile");
     let good = d.file("good.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &good, "64M"]);
-    let cases: Vec<(&str, Box<dyn Fn(&str)>, ErrorKind, &str)> = vec![
+    type Case = (&'static str, Box<dyn Fn(&str)>, ErrorKind, &'static str);
+    let cases: Vec<Case> = vec![
         (
             "truncated",
             Box::new(|p: &str| {

@@ -249,7 +249,7 @@ impl Qcow2 {
         while off < end {
             let next = ((off / cs) + 1) * cs;
             let n = next.min(end) - off;
-            let full = off % cs == 0 && (n == cs || off + n == self.size.get());
+            let full = off.is_multiple_of(cs) && (n == cs || off + n == self.size.get());
             if !full {
                 self.write_impl(node, off, IoBuf::zeroed(n as usize), flags)
                     .await?;
@@ -355,7 +355,7 @@ impl Qcow2 {
     pub(crate) async fn truncate_impl(&self, size: u64, prealloc: Prealloc) -> Result<()> {
         self.check_write()?;
         let cs = self.cluster_size;
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
         }
         if prealloc != Prealloc::Off {
