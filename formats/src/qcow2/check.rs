@@ -136,11 +136,15 @@ impl Qcow2 {
         for &b in reftable.iter().filter(|&&b| b != 0) {
             cnt.add(b, cs);
         }
-        if let Some(ext) = &hdr.bitmaps_ext {
-            // Bitmap directory and tables are kept but not interpreted here;
-            // count the directory so that it is not reported as leaked.
-            if ext.len() >= 24 {
-                cnt.add(be64(ext, 16), be64(ext, 8));
+        match self.bitmap_extents().await {
+            Ok(v) => {
+                for (off, len) in v {
+                    cnt.add(off, len);
+                }
+            }
+            Err(_) => {
+                cnt.report.corruptions += 1;
+                cnt.report.check_errors += 1;
             }
         }
         // Compare.

@@ -35,6 +35,7 @@ use block_core::{
     NodeFlags, OpenArgs, Opened, Options, Prealloc, Result, WriteFlags,
 };
 
+mod bitmaps;
 mod cache;
 pub mod check;
 mod compress;
@@ -414,6 +415,9 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         )
         .await?;
         file.flush().await?;
+    }
+    if !read_only {
+        drv.mark_bitmaps_in_use().await?;
     }
     if !read_only && drv.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
         // Not closed cleanly with lazy refcounts: rebuild the refcounts

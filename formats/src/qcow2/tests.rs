@@ -1084,3 +1084,32 @@ fn compressed_writes_read_back_in_qemu() {
         });
     }
 }
+
+#[test]
+fn persistent_bitmaps_are_kept_and_marked_in_use_on_write() {
+    use super::check::Repair;
+    let d = Dir::new("bitmaps");
+    on_engines(|g, mode| {
+        let img = d.file("bm.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "16M"]);
+        qemu_img(&["bitmap", "--add", &img, "b0"]);
+        qemu_img(&["bitmap", "--add", "-g", "128k", &img, "b1"]);
+        qemu_io(&img, &["write -P 3 0 1M".into()]);
+        run(g, async {
+            let r = super::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!((r.leaks, r.corruptions), (0, 0), "{mode:?} {r:?}");
+            let n = open(g, &img, false).await;
+            n.pwrite(4 << 20, IoBuf::filled(4096, 4), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let info = qemu_img(&["info", &img]);
+        assert_eq!(info.matches("in-use").count(), 2, "{info}");
+        qemu_io(&img, &["read -P 3 0 1M".into(), "read -P 4 4M 4k".into()]);
+    });
+}
