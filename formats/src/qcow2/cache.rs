@@ -183,3 +183,57 @@ impl Drop for CoGuard<'_> {
         self.m.wake_next();
     }
 }
+
+/// Host clusters that in-place data writes are using right now, so that a
+/// discard or zeroing that frees a cluster waits for them (the write would
+/// otherwise land in a cluster that was freed and perhaps reused).
+#[derive(Default)]
+pub(crate) struct InFlight {
+    ranges: RefCell<Vec<(u64, u64, u64)>>,
+    waiters: RefCell<Vec<Waker>>,
+    next: Cell<u64>,
+}
+
+/// Unpins its range when dropped.
+pub(crate) struct Pin<'a> {
+    set: &'a InFlight,
+    id: u64,
+}
+
+impl InFlight {
+    /// Marks host clusters `[first, last]` as written to.
+    pub(crate) fn pin(&self, first: u64, last: u64) -> Pin<'_> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        self.ranges.borrow_mut().push((id, first, last));
+        Pin { set: self, id }
+    }
+
+    /// Waits until no in-place write uses host cluster `c`.
+    pub(crate) async fn wait_idle(&self, c: u64) {
+        poll_fn(|cx| {
+            let busy = self
+                .ranges
+                .borrow()
+                .iter()
+                .any(|&(_, a, b)| c >= a && c <= b);
+            if busy {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        self.set.ranges.borrow_mut().retain(|x| x.0 != self.id);
+        let w = std::mem::take(&mut *self.set.waiters.borrow_mut());
+        for w in w {
+            w.wake();
+        }
+    }
+}

@@ -110,6 +110,8 @@ pub struct Qcow2 {
     /// pass-discard-request, -snapshot (kept for snapshot deletion), -other.
     pass_discard: [bool; 3],
     no_flush: bool,
+    /// Host clusters with in-place data writes in flight.
+    inflight: cache::InFlight,
     /// Set after a metadata write failed: no more writes (QEMU marks the
     /// image corrupt or fails requests the same way).
     broken: Cell<bool>,
@@ -404,6 +406,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         pass_discard,
         no_flush: flags.cache_no_flush,
         broken: Cell::new(false),
+        inflight: cache::InFlight::default(),
     };
     if clear_autoclear {
         // Only the autoclear field changes: one 8-byte write at offset 88.

@@ -391,6 +391,10 @@ impl Qcow2 {
             // External data file: data clusters carry no refcounts.
             return Ok(());
         }
+        if e.host() != 0 {
+            // In-place writes into this cluster finish before it is freed.
+            self.inflight.wait_idle(e.host() >> self.cluster_bits).await;
+        }
         let cb = self.cluster_bits;
         if e.is_compressed() {
             let (off, len) = e.compressed_extent(cb);

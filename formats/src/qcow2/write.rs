@@ -73,6 +73,12 @@ impl Qcow2 {
             let run = self.inplace_run(off, len - done).await?;
             let (part, n) = match run {
                 Some((host, n)) => {
+                    // Keep the clusters from being freed while the data
+                    // write runs without `meta`.
+                    let _pin = self.inflight.pin(
+                        host >> self.cluster_bits,
+                        (host + n - 1) >> self.cluster_bits,
+                    );
                     drop(g);
                     let part = take(&mut rest, n);
                     let part = self.data.pwrite(host, part, flags).await?;
