@@ -1113,3 +1113,48 @@ fn persistent_bitmaps_are_kept_and_marked_in_use_on_write() {
         qemu_io(&img, &["read -P 3 0 1M".into(), "read -P 4 4M 4k".into()]);
     });
 }
+
+#[test]
+fn resize_shrinks_and_frees_clusters() {
+    let d = Dir::new("shrink");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "32M",
+        ]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 1 0 1M".into(),
+                "write -P 2 20M 2M".into(),
+                "write -z 30M 1M".into(),
+            ],
+        );
+        run(g, async {
+            let n = open(g, &img, false).await;
+            n.truncate(10 << 20, true, block_core::Prealloc::Off)
+                .await
+                .unwrap();
+            assert_eq!(n.size(), 10 << 20);
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let json = qemu_check_json(&img);
+        assert_eq!(
+            json_field(&json, "allocated-clusters"),
+            256,
+            "{mode:?} {json}"
+        );
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+        let info = qemu_img(&["info", &img]);
+        assert!(info.contains("virtual size: 10 MiB"), "{info}");
+    });
+}

@@ -368,10 +368,10 @@ impl Qcow2 {
             return Err(Error::unsupported("qcow2", "preallocation on resize"));
         }
         let old = self.size.get();
-        if size < old {
-            return Err(Error::unsupported("qcow2", "shrinking images"));
-        }
         let _g = self.meta.lock().await;
+        if size < old {
+            return self.shrink(size).await;
+        }
         let need = self.hdr.borrow().l1_entries_for(size);
         if need > super::header::MAX_L1_BYTES / 8 {
             return Err(Error::invalid(
@@ -417,6 +417,72 @@ impl Qcow2 {
                 }
             }
         }
+        self.file
+            .pwrite(
+                24,
+                IoBuf::from_slice(&size.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.sync_now().await?;
+        self.hdr.borrow_mut().size = size;
+        self.size.set(size);
+        Ok(())
+    }
+}
+
+impl Qcow2 {
+    /// Shrinks the image: clusters past the new end are freed (L2 entries
+    /// first, then refcounts), L2 tables wholly past it too, then the header
+    /// takes the new size. The file itself is not shortened.
+    async fn shrink(&self, size: u64) -> Result<()> {
+        if self.hdr.borrow().nb_snapshots > 0 {
+            return Err(Error::invalid("Can't resize an image which has snapshots"));
+        }
+        let cs = self.cluster_size;
+        let start = size.div_ceil(cs) * cs;
+        let old = self.size.get();
+        let mut off = start;
+        while off < old {
+            let e = self.l2_entry(off).await?;
+            if e.entry != 0 || e.bitmap != 0 {
+                let (l2_off, table) = self.l2_table_for_write(off).await?;
+                let idx = self.l2_index(off);
+                self.set_l2_entry_at(
+                    &mut table.borrow_mut(),
+                    idx,
+                    L2Entry {
+                        entry: 0,
+                        bitmap: 0,
+                    },
+                );
+                self.mark_dirty(Which::L2, l2_off);
+                if e.host() != 0 || e.is_compressed() {
+                    self.free_l2_cluster(e, DiscardKind::Other).await?;
+                }
+            }
+            off += cs;
+        }
+        // L2 tables that only map clusters past the end.
+        let span = cs << self.l2_bits;
+        let first_l1 = size.div_ceil(span) as usize;
+        let n = self.l1.borrow().len();
+        for i in first_l1..n {
+            let e = self.l1.borrow()[i];
+            let l2 = e & super::l2::L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            // The table is all zeros now; it leaves the L1 table before its
+            // refcount drops.
+            self.flush_caches().await?;
+            self.write_l1_entry(i, 0).await?;
+            self.sync_now().await?;
+            self.forget_table(Which::L2, l2);
+            self.update_refcount(l2 >> self.cluster_bits, -1, DiscardKind::Other)
+                .await?;
+        }
+        self.flush_caches().await?;
         self.file
             .pwrite(
                 24,
