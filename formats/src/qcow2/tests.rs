@@ -1158,3 +1158,56 @@ fn resize_shrinks_and_frees_clusters() {
         assert!(info.contains("virtual size: 10 MiB"), "{info}");
     });
 }
+
+#[test]
+fn writes_to_images_with_internal_snapshots_copy_shared_clusters() {
+    let d = Dir::new("snap");
+    on_engines(|g, mode| {
+        for cfg in ["cluster_size=65536", "cluster_size=65536,extended_l2=on"] {
+            let img = d.file("s.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, &img, "8M"]);
+            qemu_io(
+                &img,
+                &["write -P 1 0 2M".into(), "write -P 2 4M 64k".into()],
+            );
+            qemu_img(&["snapshot", "-c", "s1", &img]);
+            run(g, async {
+                let n = open(g, &img, false).await;
+                // Partial-cluster writes, a zeroing and a discard, all in
+                // clusters (and an L2 table) shared with the snapshot.
+                n.pwrite(1000, IoBuf::filled(3000, 7), WriteFlags::default())
+                    .await
+                    .unwrap();
+                n.pwrite(
+                    65536 * 3 + 5,
+                    IoBuf::filled(70000, 8),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+                n.pwrite_zeroes(1 << 20, 65536, WriteFlags::default())
+                    .await
+                    .unwrap();
+                close(g, n).await;
+            });
+            check_clean(&img);
+            qemu_io(
+                &img,
+                &[
+                    "read -P 1 0 1000".into(),
+                    "read -P 7 1000 3000".into(),
+                    "read -P 1 4000 192613".into(),
+                    "read -P 8 196613 70000".into(),
+                    "read -P 0 1M 64k".into(),
+                    "read -P 2 4M 64k".into(),
+                ],
+            );
+            // The snapshot still holds the old data.
+            qemu_img(&["snapshot", "-a", "s1", &img]);
+            qemu_io(&img, &["read -P 1 0 2M".into(), "read -P 2 4M 64k".into()]);
+            check_clean(&img);
+            let _ = mode;
+        }
+    });
+}
