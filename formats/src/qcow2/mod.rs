@@ -291,10 +291,11 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
                         "Missing data-file option and no external data file name in the image",
                     )
                 })?;
-                let path = resolve_backing_path(&file.filename(), &name);
+                // QEMU opens the data file name as given (relative to the
+                // working directory, unlike backing file names).
                 copts.insert(
                     "data-file",
-                    Options::new().with("driver", "file").with("filename", path),
+                    Options::new().with("driver", "file").with("filename", name),
                 );
             }
         }

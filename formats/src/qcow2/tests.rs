@@ -1211,3 +1211,54 @@ fn writes_to_images_with_internal_snapshots_copy_shared_clusters() {
         }
     });
 }
+
+#[test]
+fn external_data_file_reads_and_writes() {
+    let d = Dir::new("datafile");
+    on_engines(|g, mode| {
+        for raw in ["off", "on"] {
+            let img = d.file("x.qcow2");
+            let data = d.file("x.data");
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(&data);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file={data},data_file_raw={raw}"),
+                &img,
+                "4M",
+            ]);
+            qemu_io(&img, &["write -P 5 64k 128k".into()]);
+            run(g, async {
+                let n = open(g, &img, false).await;
+                let b = n.pread(64 << 10, IoBuf::zeroed(128 << 10)).await.unwrap();
+                assert!(b.iter().all(|&x| x == 5), "{mode:?} raw={raw}");
+                n.pwrite(1000, IoBuf::filled(5000, 6), WriteFlags::default())
+                    .await
+                    .unwrap();
+                n.pwrite(3 << 20, IoBuf::filled(65536, 7), WriteFlags::default())
+                    .await
+                    .unwrap();
+                close(g, n).await;
+            });
+            check_clean(&img);
+            qemu_io(
+                &img,
+                &[
+                    "read -P 0 0 1000".into(),
+                    "read -P 6 1000 5000".into(),
+                    "read -P 5 64k 128k".into(),
+                    "read -P 7 3M 64k".into(),
+                ],
+            );
+            if raw == "on" {
+                // The data file is a raw image of the guest disk.
+                let f = std::fs::read(&data).unwrap();
+                assert!(f[3 << 20..(3 << 20) + 65536].iter().all(|&x| x == 7));
+            }
+        }
+    });
+}
