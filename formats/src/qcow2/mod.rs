@@ -45,6 +45,7 @@ pub mod image;
 pub mod l2;
 mod meta;
 mod refcount;
+pub mod snapshot;
 mod write;
 
 #[cfg(test)]

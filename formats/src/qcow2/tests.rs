@@ -1262,3 +1262,52 @@ fn external_data_file_reads_and_writes() {
         }
     });
 }
+
+#[test]
+fn internal_snapshot_create_is_understood_by_qemu() {
+    use super::image::Image;
+    let d = Dir::new("snapcreate");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        qemu_io(&img, &["write -P 1 0 1M".into()]);
+        qemu_img(&["snapshot", "-c", "first", &img]);
+        qemu_io(&img, &["write -P 2 0 64k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            let s = im.driver().create_snapshot("second").await.unwrap();
+            assert_eq!(s.id, "2");
+            let list = im.driver().snapshots().await.unwrap();
+            assert_eq!(list.len(), 2);
+            assert_eq!(list[0].name, "first");
+            im.close().await.unwrap();
+            let n = open(g, &img, false).await;
+            n.pwrite(0, IoBuf::filled(8192, 3), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let l = qemu_img(&["snapshot", "-l", &img]);
+        assert!(l.contains("first") && l.contains("second"), "{mode:?} {l}");
+        qemu_io(&img, &["read -P 3 0 8k".into(), "read -P 2 8k 56k".into()]);
+        qemu_img(&["snapshot", "-a", "second", &img]);
+        qemu_io(
+            &img,
+            &["read -P 2 0 64k".into(), "read -P 1 64k 960k".into()],
+        );
+        qemu_img(&["snapshot", "-a", "first", &img]);
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+        check_clean(&img);
+    });
+}
