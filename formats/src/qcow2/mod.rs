@@ -69,6 +69,8 @@ const DEPTH_OPT: &str = "x-strata-backing-depth";
 pub(crate) enum DiscardKind {
     /// A guest discard request.
     Request,
+    /// Snapshot deletion.
+    Snapshot,
     /// Anything else (COW, metadata moves).
     Other,
 }

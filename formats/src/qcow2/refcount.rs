@@ -193,6 +193,7 @@ impl Qcow2 {
             self.forget_table(Which::L2, host);
             let pass = match why {
                 DiscardKind::Request => self.pass_discard[0],
+                DiscardKind::Snapshot => self.pass_discard[1],
                 DiscardKind::Other => self.pass_discard[2],
             };
             if pass && self.file.flags().discard_unmap {

@@ -1,5 +1,12 @@
-//! Internal snapshots: reading the snapshot table and creating snapshots
-//! (QEMU's `qcow2_snapshot_create`). Runs on the loop thread under `meta`.
+//! Internal snapshots: reading the snapshot table, creating, deleting and
+//! reverting to snapshots (QEMU's `qcow2_snapshot_*`). Runs on the loop
+//! thread under `meta`.
+//!
+//! Deleting removes the table entry first (header last-written as for
+//! creation), then drops the refcounts of the snapshot's tree: a crash
+//! leaks clusters. Reverting raises the refcounts of the snapshot's tree,
+//! writes the active L1 table (flushed), then drops the old tree's
+//! refcounts and recomputes COPIED flags.
 //!
 //! Write order for a new snapshot: caches flushed; the copy of the active
 //! L1 table is written and flushed; refcounts of every L2 table and data
@@ -274,5 +281,215 @@ impl Qcow2 {
         }
         self.flush_caches().await?;
         Ok(info)
+    }
+
+    /// Adds `delta` to the refcount of every L2 table and data cluster
+    /// reachable from `l1`.
+    async fn tree_refcount(&self, l1: &[u64], delta: i64, why: DiscardKind) -> Result<()> {
+        let cb = self.cluster_bits;
+        for &e in l1 {
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let t = self.load_table(Which::L2, l2).await?;
+            let bytes = t.borrow().clone();
+            for j in 0..(1usize << self.l2_bits) {
+                let le = self.l2_entry_at(&bytes, j);
+                if le.is_compressed() {
+                    let (off, len) = le.compressed_extent(cb);
+                    for c in (off >> cb)..=((off + len.max(1) - 1) >> cb) {
+                        self.update_refcount(c, delta, why).await?;
+                    }
+                } else if le.host() != 0 && std::rc::Rc::ptr_eq(&self.data, &self.file) {
+                    self.update_refcount(le.host() >> cb, delta, why).await?;
+                }
+            }
+            self.update_refcount(l2 >> cb, delta, why).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED on active L1/L2 entries exactly where the refcount is 1.
+    async fn fix_copied_flags(&self) -> Result<()> {
+        let cb = self.cluster_bits;
+        let n = self.l1.borrow().len();
+        for i in 0..n {
+            let e = self.l1.borrow()[i];
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let t = self.load_table(Which::L2, l2).await?;
+            let mut changed = false;
+            for j in 0..(1usize << self.l2_bits) {
+                let le = self.l2_entry_at(&t.borrow(), j);
+                if le.is_compressed() || le.host() == 0 {
+                    continue;
+                }
+                let one = !std::rc::Rc::ptr_eq(&self.data, &self.file)
+                    || self.get_refcount(le.host() >> cb).await? == 1;
+                let mut ne = le;
+                if one {
+                    ne.entry |= OFLAG_COPIED;
+                } else {
+                    ne.entry &= !OFLAG_COPIED;
+                }
+                if ne != le {
+                    self.set_l2_entry_at(&mut t.borrow_mut(), j, ne);
+                    changed = true;
+                }
+            }
+            if changed {
+                self.l2_cache.insert(l2, t, true);
+            }
+            let ne = if self.get_refcount(l2 >> cb).await? == 1 {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            };
+            if ne != e {
+                self.flush_caches().await?;
+                self.write_l1_entry(i, ne).await?;
+            }
+        }
+        self.flush_caches().await
+    }
+
+    /// Writes a new snapshot table and points the header to it.
+    async fn write_snapshot_table(&self, snaps: &[SnapshotInfo]) -> Result<()> {
+        let cs = self.cluster_size;
+        let cb = self.cluster_bits;
+        let (old_n, old_off) = {
+            let h = self.hdr.borrow();
+            (h.nb_snapshots, h.snapshots_offset)
+        };
+        let old_len: u64 = if old_n > 0 {
+            let mut b = Vec::new();
+            for s in self.read_snapshots().await? {
+                s.encode(&mut b);
+            }
+            b.len() as u64
+        } else {
+            0
+        };
+        let mut table = Vec::new();
+        for s in snaps {
+            s.encode(&mut table);
+        }
+        let t_off = if table.is_empty() {
+            0
+        } else {
+            let o = self
+                .alloc_contiguous((table.len() as u64).div_ceil(cs))
+                .await?;
+            self.flush_caches().await?;
+            self.file
+                .pwrite(o, IoBuf::from_slice(&table), WriteFlags::default())
+                .await?;
+            self.sync_now().await?;
+            o
+        };
+        let mut hb = [0u8; 12];
+        put32(&mut hb, 0, snaps.len() as u32);
+        put64(&mut hb, 4, t_off);
+        self.file
+            .pwrite(60, IoBuf::from_slice(&hb), WriteFlags::default())
+            .await?;
+        self.sync_now().await?;
+        {
+            let mut h = self.hdr.borrow_mut();
+            h.nb_snapshots = snaps.len() as u32;
+            h.snapshots_offset = t_off;
+        }
+        if old_len > 0 {
+            for c in (old_off >> cb)..=((old_off + old_len - 1) >> cb) {
+                self.update_refcount(c, -1, DiscardKind::Other).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_l1(&self, s: &SnapshotInfo) -> Result<Vec<u64>> {
+        if !s.l1_table_offset.is_multiple_of(self.cluster_size) {
+            return Err(self.corrupt(format!(
+                "snapshot '{}' L1 table offset {:#x} unaligned",
+                s.name, s.l1_table_offset
+            )));
+        }
+        let b = self
+            .file
+            .pread(s.l1_table_offset, IoBuf::zeroed(s.l1_size as usize * 8))
+            .await?;
+        Ok(b.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    }
+
+    fn find_snapshot(snaps: &[SnapshotInfo], name_or_id: &str) -> Result<usize> {
+        snaps
+            .iter()
+            .position(|s| s.id == name_or_id)
+            .or_else(|| snaps.iter().position(|s| s.name == name_or_id))
+            .ok_or_else(|| Error::NotFound {
+                what: "Snapshot",
+                name: name_or_id.to_owned(),
+            })
+    }
+
+    /// Deletes the snapshot with this id or name.
+    pub async fn delete_snapshot(&self, name_or_id: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                node: self.node_name.clone(),
+            });
+        }
+        let _g = self.meta.lock().await;
+        let mut snaps = self.read_snapshots().await?;
+        let i = Self::find_snapshot(&snaps, name_or_id)?;
+        let s = snaps.remove(i);
+        let l1 = self.read_l1(&s).await?;
+        self.flush_caches().await?;
+        self.write_snapshot_table(&snaps).await?;
+        self.tree_refcount(&l1, -1, DiscardKind::Snapshot).await?;
+        let cs = self.cluster_size;
+        let bytes = s.l1_size as u64 * 8;
+        if bytes > 0 {
+            let first = s.l1_table_offset / cs;
+            for c in first..first + bytes.div_ceil(cs) {
+                self.update_refcount(c, -1, DiscardKind::Snapshot).await?;
+            }
+        }
+        self.fix_copied_flags().await
+    }
+
+    /// Makes the active disk state that of the snapshot with this id or name.
+    pub async fn revert_to_snapshot(&self, name_or_id: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                node: self.node_name.clone(),
+            });
+        }
+        let _g = self.meta.lock().await;
+        let snaps = self.read_snapshots().await?;
+        let i = Self::find_snapshot(&snaps, name_or_id)?;
+        let s = &snaps[i];
+        let mut sl1 = self.read_l1(s).await?;
+        let cur = self.l1.borrow().len();
+        if sl1.len() > cur {
+            return Err(Error::unsupported(
+                "qcow2",
+                "reverting to a snapshot with a larger L1 table",
+            ));
+        }
+        sl1.resize(cur, 0);
+        self.flush_caches().await?;
+        self.tree_refcount(&sl1, 1, DiscardKind::Other).await?;
+        self.flush_caches().await?;
+        let old: Vec<u64> = self.l1.borrow().clone();
+        for (i, &e) in sl1.iter().enumerate() {
+            self.write_l1_entry(i, e & !OFLAG_COPIED).await?;
+        }
+        self.sync_now().await?;
+        self.tree_refcount(&old, -1, DiscardKind::Other).await?;
+        self.fix_copied_flags().await
     }
 }

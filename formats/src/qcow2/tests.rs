@@ -1311,3 +1311,52 @@ fn internal_snapshot_create_is_understood_by_qemu() {
         check_clean(&img);
     });
 }
+
+#[test]
+fn internal_snapshot_revert_and_delete() {
+    use super::image::Image;
+    let d = Dir::new("snaprd");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        qemu_io(&img, &["write -P 1 0 1M".into()]);
+        qemu_img(&["snapshot", "-c", "a", &img]);
+        qemu_io(
+            &img,
+            &["write -P 2 0 64k".into(), "write -P 9 2M 64k".into()],
+        );
+        qemu_img(&["snapshot", "-c", "b", &img]);
+        qemu_io(&img, &["write -P 3 0 4k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            im.driver().revert_to_snapshot("a").await.unwrap();
+            im.driver().delete_snapshot("b").await.unwrap();
+            assert_eq!(im.driver().snapshots().await.unwrap().len(), 1);
+            im.close().await.unwrap();
+        });
+        check_clean(&img);
+        let l = qemu_img(&["snapshot", "-l", &img]);
+        assert!(l.contains(" a ") || l.contains("a  "), "{mode:?} {l}");
+        assert!(!l.contains(" b "), "{l}");
+        qemu_io(&img, &["read -P 1 0 1M".into(), "read -P 0 2M 64k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            im.driver().delete_snapshot("a").await.unwrap();
+            im.close().await.unwrap();
+        });
+        check_clean(&img);
+        let json = qemu_check_json(&img);
+        assert_eq!(json_field(&json, "allocated-clusters"), 256, "{json}");
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+    });
+}
