@@ -43,7 +43,9 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// `compat=0.10` (version 2) instead of `1.1` (version 3).
     pub compat_v2: bool,
-    /// Preallocation mode (only `off` so far).
+    /// Preallocation mode: `metadata` allocates every L2 table and data
+    /// cluster (QEMU's order: each L2 table followed by its data clusters).
+    /// `falloc` and `full` (QEMU lays those out differently) are refused.
     pub preallocation: Prealloc,
 }
 
@@ -117,8 +119,11 @@ impl CreateOptions {
                 "creating images with an external data file",
             ));
         }
-        if self.preallocation != Prealloc::Off {
-            return Err(Error::unsupported("qcow2", "preallocation on create"));
+        if matches!(self.preallocation, Prealloc::Falloc | Prealloc::Full) {
+            return Err(Error::unsupported(
+                "qcow2",
+                "preallocation=falloc/full on create",
+            ));
         }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid(
@@ -182,8 +187,46 @@ pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
     let cs = opts.cluster_size;
     let l1_bytes = h.l1_size as u64 * 8;
     let l1_clusters = l1_bytes.div_ceil(cs);
-    let used = 3 + l1_clusters;
+    let meta_end = 3 + l1_clusters;
+    // Preallocated L2 tables and data clusters follow the L1 table.
+    let mut l1 = vec![0u8; l1_bytes as usize];
+    let mut l2_tables: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut used = meta_end;
     let rb_entries = cs * 8 / opts.refcount_bits as u64;
+    if opts.preallocation != Prealloc::Off {
+        let esz = h.l2_entry_size();
+        let per_l2 = cs / esz;
+        let mut left = opts.size.div_ceil(cs);
+        for i in 0..h.l1_size as u64 {
+            if left == 0 || used + 1 + per_l2.min(left) > rb_entries {
+                break;
+            }
+            let l2 = used;
+            used += 1;
+            put64(
+                &mut l1,
+                (i * 8) as usize,
+                (l2 * cs) | super::l2::OFLAG_COPIED,
+            );
+            let mut t = vec![0u8; cs as usize];
+            for j in 0..per_l2.min(left) {
+                put64(
+                    &mut t,
+                    (j * esz) as usize,
+                    (used * cs) | super::l2::OFLAG_COPIED,
+                );
+                used += 1;
+            }
+            left -= per_l2.min(left);
+            l2_tables.push((l2 * cs, t));
+        }
+        if left > 0 {
+            return Err(Error::unsupported(
+                "qcow2",
+                "preallocating an image whose metadata needs more than one refcount block",
+            ));
+        }
+    }
     if used > rb_entries {
         return Err(Error::unsupported(
             "qcow2",
@@ -203,13 +246,16 @@ pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
     meta.extend_from_slice(&rb);
     file.pwrite(cs, IoBuf::from_slice(&meta), WriteFlags::default())
         .await?;
+    for (off, t) in &l2_tables {
+        file.pwrite(*off, IoBuf::from_slice(t), WriteFlags::default())
+            .await?;
+    }
     if l1_bytes > 0 {
-        file.pwrite(
-            3 * cs,
-            IoBuf::zeroed(l1_bytes as usize),
-            WriteFlags::default(),
-        )
-        .await?;
+        file.pwrite(3 * cs, IoBuf::from_slice(&l1), WriteFlags::default())
+            .await?;
+    }
+    if used > meta_end {
+        file.truncate(used * cs, false, opts.preallocation).await?;
     }
     file.flush().await?;
     file.pwrite(0, IoBuf::from_slice(&hdr_bytes), WriteFlags::default())

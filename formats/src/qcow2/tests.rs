@@ -797,6 +797,35 @@ fn create_matches_qemu_img_byte_for_byte() {
             },
         ),
         (
+            "1M",
+            "preallocation=metadata",
+            CreateOptions {
+                size: 1 << 20,
+                preallocation: block_core::Prealloc::Metadata,
+                ..Default::default()
+            },
+        ),
+        (
+            "3M",
+            "preallocation=metadata,extended_l2=on",
+            CreateOptions {
+                size: 3 << 20,
+                preallocation: block_core::Prealloc::Metadata,
+                extended_l2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "64M",
+            "preallocation=metadata,cluster_size=16384",
+            CreateOptions {
+                size: 64 << 20,
+                cluster_size: 16384,
+                preallocation: block_core::Prealloc::Metadata,
+                ..Default::default()
+            },
+        ),
+        (
             "0",
             "",
             CreateOptions {
