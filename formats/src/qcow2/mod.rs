@@ -1,9 +1,13 @@
 //! The qcow2 format driver.
 //!
-//! One node's qcow2 layer: the header ([`header`]), L1/L2 translation
-//! ([`l2`], `meta.rs`), refcounts and cluster allocation (`refcount.rs`),
-//! the write path (`write.rs`), compressed clusters (`compress.rs`),
-//! image creation ([`create`]) and `check`.
+//! One node's qcow2 layer: the header ([`header`]), L1/L2 entry formats
+//! ([`l2`]), the metadata caches and their write-back rules (`cache.rs`,
+//! `meta.rs`), refcounts and cluster allocation (`refcount.rs`), the write
+//! path (`write.rs`), compressed clusters (`compress.rs`), persistent
+//! bitmaps kept but not tracked (`bitmaps.rs`), internal snapshots
+//! ([`snapshot`]), `check` with repair ([`check`]), image creation
+//! ([`create`]) and whole-image operations outside the graph ([`image`]:
+//! check, compressed writes, snapshots, as `qemu-img` uses them).
 //!
 //! ## Threading
 //! Everything runs on the node's loop thread. Metadata (L1 table, the L2
@@ -12,9 +16,11 @@
 //! `s->lock`. Reads take it only to translate and release it before the
 //! data I/O (which the engine issues itself from [`Mapping`]s). Writes into
 //! clusters that are already allocated with refcount one release it before
-//! the data write too; allocating writes keep it until the new L2 entry is
-//! in the cache, which also orders concurrent allocating writes to one
-//! cluster (the second sees the first's allocation).
+//! the data write too (the host clusters stay pinned so that a concurrent
+//! discard cannot free them underneath); allocating writes keep it until
+//! the new L2 entry is in the cache, which also orders concurrent
+//! allocating writes to one cluster (the second sees the first's
+//! allocation). Decompression runs on the worker pool.
 //!
 //! ## On-disk write order (crash safety)
 //! A crash may leak clusters, never corrupt the image:
