@@ -1389,3 +1389,65 @@ fn internal_snapshot_revert_and_delete() {
         qemu_io(&img, &["read -P 1 0 1M".into()]);
     });
 }
+
+/// Rough throughput numbers (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn rough_throughput() {
+    let d = Dir::new("perf");
+    on_engines(|g, mode| {
+        let img = d.file("p.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let t = std::time::Instant::now();
+            let mut buf = IoBuf::filled(1 << 20, 1);
+            for i in 0..256u64 {
+                buf = n.pwrite(i << 20, buf, WriteFlags::default()).await.unwrap();
+            }
+            n.flush().await.unwrap();
+            let alloc = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..256u64 {
+                buf = n.pwrite(i << 20, buf, WriteFlags::default()).await.unwrap();
+            }
+            n.flush().await.unwrap();
+            let inplace = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..256u64 {
+                buf = n.pread(i << 20, buf).await.unwrap();
+            }
+            let read = t.elapsed();
+            let ctx = Rc::clone(g.context());
+            let t = std::time::Instant::now();
+            let mut hs = Vec::new();
+            for w in 0..16u64 {
+                let n = Rc::clone(&n);
+                hs.push(ctx.spawn(async move {
+                    let mut r = Rng(w + 1);
+                    for _ in 0..256 {
+                        let off = (256 << 20) + (r.below(1 << 16) << 12);
+                        n.pwrite(off, IoBuf::filled(4096, 2), WriteFlags::default())
+                            .await
+                            .unwrap();
+                    }
+                }));
+            }
+            for h in hs {
+                h.await;
+            }
+            n.flush().await.unwrap();
+            let rand = t.elapsed();
+            eprintln!(
+                "{mode:?}: 256 MiB allocating {:.0} MiB/s, in place {:.0} MiB/s, read {:.0} MiB/s; 4096 random 4k allocating writes (QD16) {:.0} IOPS",
+                256.0 / alloc.as_secs_f64(),
+                256.0 / inplace.as_secs_f64(),
+                256.0 / read.as_secs_f64(),
+                4096.0 / rand.as_secs_f64()
+            );
+            close(g, n).await;
+        });
+        check_clean(&img);
+    });
+}

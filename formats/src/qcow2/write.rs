@@ -85,11 +85,18 @@ impl Qcow2 {
                     (part, n)
                 }
                 None => {
-                    let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
-                    let part = take(&mut rest, n);
-                    let part = self.alloc_write(node, off, part, flags).await;
-                    drop(g);
-                    (part?, n)
+                    let fresh = self.fresh_run(off, len - done).await?;
+                    if fresh >= 2 {
+                        let r = self.alloc_write_run(off, fresh, &mut rest, flags).await;
+                        drop(g);
+                        r?
+                    } else {
+                        let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
+                        let part = take(&mut rest, n);
+                        let part = self.alloc_write(node, off, part, flags).await;
+                        drop(g);
+                        (part?, n)
+                    }
                 }
             };
             done += n;
@@ -144,6 +151,78 @@ impl Qcow2 {
             pos += n;
         }
         Ok(())
+    }
+
+    /// How many whole clusters from `off` (cluster aligned) are entirely
+    /// overwritten and have no host cluster yet, within one L2 table: they
+    /// can be allocated together and need no copy-on-write.
+    async fn fresh_run(&self, off: u64, len: u64) -> Result<u64> {
+        let cs = self.cluster_size;
+        if !off.is_multiple_of(cs) || len < 2 * cs || !Rc::ptr_eq(&self.data, &self.file) {
+            return Ok(0);
+        }
+        let Some(table) = self.l2_table_for_read(off).await? else {
+            return Ok(0);
+        };
+        let l1e = self.l1.borrow()[self.l1_index(off)];
+        if l1e & OFLAG_COPIED == 0 {
+            return Ok(0);
+        }
+        let t = table.borrow();
+        let first = self.l2_index(off);
+        let per = 1usize << self.l2_bits;
+        let max = ((len / cs) as usize).min(per - first).min(1024);
+        let mut k = 0;
+        while k < max {
+            let e = self.l2_entry_at(&t, first + k);
+            if e.host() != 0 || e.is_compressed() {
+                break;
+            }
+            k += 1;
+        }
+        Ok(k as u64)
+    }
+
+    /// Allocates up to `k` contiguous clusters for fully overwritten, fresh
+    /// clusters at `off` and writes them in one request (caller holds
+    /// `meta`). Returns the part of `rest` written and its length.
+    async fn alloc_write_run(
+        &self,
+        off: u64,
+        k: u64,
+        rest: &mut IoBuf,
+        flags: WriteFlags,
+    ) -> Result<(IoBuf, u64)> {
+        let cs = self.cluster_size;
+        let (l2_off, table) = self.l2_table_for_write(off).await?;
+        let first = self.alloc_cluster().await?;
+        let mut n = 1;
+        while n < k {
+            let h = self.alloc_cluster().await?;
+            if h != first + n * cs {
+                // Not contiguous: give it back (nothing references it yet).
+                self.update_refcount(h >> self.cluster_bits, -1, DiscardKind::Other)
+                    .await?;
+                break;
+            }
+            n += 1;
+        }
+        let part = take(rest, n * cs);
+        let part = self.data.pwrite(first, part, flags).await?;
+        self.l2_needs_rc().await?;
+        let idx = self.l2_index(off);
+        {
+            let mut t = table.borrow_mut();
+            for i in 0..n as usize {
+                let ne = L2Entry {
+                    entry: (first + i as u64 * cs) | OFLAG_COPIED,
+                    bitmap: if self.extended { 0xffff_ffff } else { 0 },
+                };
+                self.set_l2_entry_at(&mut t, idx + i, ne);
+            }
+        }
+        self.l2_cache.insert(l2_off, table, true);
+        Ok((part, n * cs))
     }
 
     /// An allocating write inside one cluster (caller holds `meta`).
