@@ -1451,3 +1451,78 @@ fn rough_throughput() {
         check_clean(&img);
     });
 }
+
+#[test]
+fn lost_caches_leave_only_leaks_and_flushed_data() {
+    let d = Dir::new("crash");
+    for (i, cfg) in [
+        "cluster_size=4096",
+        "cluster_size=512,refcount_bits=2",
+        "cluster_size=65536,extended_l2=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.file("c.qcow2");
+        let _ = std::fs::remove_file(&img);
+        let size = 8u64 << 20;
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            cfg,
+            &img,
+            &size.to_string(),
+        ]);
+        let cs = if cfg.contains("512,") {
+            512
+        } else if cfg.contains("4096") {
+            4096
+        } else {
+            65536
+        };
+        let half = size / 2;
+        let first = random_ops(0x77 + i as u64, half, cs, 60, false);
+        let second: Vec<Op> = random_ops(0x99 + i as u64, half, cs, 60, false)
+            .into_iter()
+            .map(|op| match op {
+                Op::Write(o, l, p) => Op::Write(o + half, l, p),
+                Op::Zero(o, l) => Op::Zero(o + half, l),
+                Op::Discard(o, l) => Op::Discard(o + half, l),
+            })
+            .collect();
+        let mut model = vec![0u8; size as usize];
+        {
+            let el = EventLoop::new(AioMode::Threads).unwrap();
+            let g = Rc::new(Graph::new(
+                Rc::clone(el.context()),
+                crate::registry(),
+                EventBus::new(),
+            ));
+            run(&g, async {
+                let n = open(&g, &img, false).await;
+                for op in &first {
+                    apply(&n, op).await;
+                    model_apply(&mut model, op);
+                }
+                n.flush().await.unwrap();
+                for op in &second {
+                    apply(&n, op).await;
+                }
+                // No flush, no close: the metadata caches are lost.
+            });
+            drop(g);
+            drop(el);
+        }
+        let json = qemu_check_json(&img);
+        assert_eq!(json_field(&json, "corruptions"), 0, "{cfg}: {json}");
+        assert_eq!(json_field(&json, "check-errors"), 0, "{cfg}: {json}");
+        let raw = raw_of(&img, &d);
+        assert!(
+            raw[..half as usize] == model[..half as usize],
+            "{cfg}: flushed data lost"
+        );
+    }
+}
