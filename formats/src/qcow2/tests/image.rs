@@ -711,3 +711,72 @@ fn internal_snapshot_revert_and_delete() {
         qemu_io(&img, &["read -P 1 0 1M".into()]);
     });
 }
+
+#[test]
+fn corrupted_metadata_never_panics() {
+    let d = Dir::new("fuzz");
+    let good = d.file("good.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &good,
+        "4M",
+    ]);
+    qemu_io(
+        &good,
+        &["write -P 1 0 256k".into(), "write -P 2 2M 64k".into()],
+    );
+    let ext = d.file("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16384,extended_l2=on",
+        &ext,
+        "4M",
+    ]);
+    qemu_io(
+        &ext,
+        &["write -P 1 0 100k".into(), "write -z 1M 64k".into()],
+    );
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    let mut r = Rng(0xfeed);
+    for i in 0..300 {
+        let src = if i % 2 == 0 { &good } else { &ext };
+        let p = d.file("f.qcow2");
+        std::fs::copy(src, &p).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        // Corrupt a few bytes of metadata (the first clusters hold the
+        // header, refcount table and block, L1 and L2 tables).
+        for _ in 0..1 + r.below(4) {
+            let off = r.below(len.min(6 * 16384));
+            let v = r.next() as u8;
+            patch(&p, off, &[v]);
+        }
+        run(&g, async {
+            if let Ok(n) = g.open(q2_opts(&p)).await {
+                let _ = n.pread(0, IoBuf::zeroed(1 << 20)).await;
+                let _ = n
+                    .pwrite(4096 * 3, IoBuf::filled(10000, 9), WriteFlags::default())
+                    .await;
+                let _ = n
+                    .pwrite_zeroes(1 << 20, 1 << 16, WriteFlags::default())
+                    .await;
+                let _ = n.flush().await;
+                drop(n);
+            }
+            let _ = g.close_all().await;
+        });
+    }
+}
