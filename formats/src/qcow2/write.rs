@@ -20,6 +20,42 @@ use super::meta::Which;
 use super::{DiscardKind, Qcow2};
 
 impl Qcow2 {
+    /// QEMU's "constant" overlap check: guest data must never be written
+    /// over the header, the active L1 table, the refcount table or the
+    /// snapshot table. A violation means corrupt metadata: the request
+    /// fails and the image takes no more writes.
+    fn check_overlap(&self, host: u64, len: u64) -> Result<()> {
+        if !Rc::ptr_eq(&self.data, &self.file) || len == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size;
+        let h = self.hdr.borrow();
+        let areas = [
+            (0, cs, "qcow2 header"),
+            (h.l1_table_offset, h.l1_size as u64 * 8, "active L1 table"),
+            (
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * cs,
+                "refcount table",
+            ),
+            (
+                h.snapshots_offset,
+                if h.nb_snapshots > 0 { cs } else { 0 },
+                "snapshot table",
+            ),
+        ];
+        for (start, alen, what) in areas {
+            if alen > 0 && host < start + alen && start < host + len {
+                drop(h);
+                self.broken.set(true);
+                return Err(self.corrupt(format!(
+                    "Preventing invalid write on metadata (overlaps with {what}): data write at host offset {host:#x} ({len} bytes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check_write(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly {
@@ -75,6 +111,7 @@ impl Qcow2 {
                 Some((host, n)) => {
                     // Keep the clusters from being freed while the data
                     // write runs without `meta`.
+                    self.check_overlap(host, n)?;
                     let _pin = self.inflight.pin(
                         host >> self.cluster_bits,
                         (host + n - 1) >> self.cluster_bits,
@@ -207,6 +244,7 @@ impl Qcow2 {
             }
             n += 1;
         }
+        self.check_overlap(first, n * cs)?;
         let part = take(rest, n * cs);
         let part = self.data.pwrite(first, part, flags).await?;
         self.l2_needs_rc().await?;
@@ -279,6 +317,7 @@ impl Qcow2 {
                 .await?;
         }
         region[(a - ra) as usize..(b - ra) as usize].copy_from_slice(&part);
+        self.check_overlap(host + ra, rb - ra)?;
         self.data.pwrite(host + ra, region, flags).await?;
         // Metadata: L2 entry after the data, refcount before the L2 entry.
         if new_cluster {

@@ -780,3 +780,36 @@ fn corrupted_metadata_never_panics() {
         });
     }
 }
+
+#[test]
+fn data_writes_never_land_on_metadata() {
+    let d = Dir::new("overlap");
+    on_engines(|g, mode| {
+        let img = d.file("o.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "4M"]);
+        qemu_io(&img, &["write -P 1 0 64k".into()]);
+        // L1 at cluster 3, the first L2 table at cluster 4: point guest
+        // cluster 0 at the refcount table (cluster 1), COPIED set.
+        patch(&img, 4 * 65536, &(0x8000_0000_0001_0000u64).to_be_bytes());
+        let before = std::fs::read(&img).unwrap()[65536..131072].to_vec();
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let e = n
+                .pwrite(0, IoBuf::filled(4096, 7), WriteFlags::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{mode:?} {e}");
+            assert!(e.to_string().contains("refcount table"), "{e}");
+            let e = n
+                .pwrite(1 << 20, IoBuf::filled(4096, 7), WriteFlags::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            drop(n);
+            let _ = g.close_all().await;
+        });
+        let after = std::fs::read(&img).unwrap()[65536..131072].to_vec();
+        assert!(before == after, "the refcount table was overwritten");
+    });
+}
