@@ -10,6 +10,7 @@
 pub mod file;
 pub mod lock;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use block_core::DriverRegistry;
@@ -20,6 +21,7 @@ pub fn registry() -> DriverRegistry {
     r.register("file", file::open);
     r.register("raw", raw::open);
     r.register("null-co", null::open);
+    r.register("qcow2", qcow2::open);
     r
 }
 

@@ -1,0 +1,141 @@
+//! The persistent dirty bitmaps extension: Strata keeps it (the extension
+//! data and autoclear bit 0) but does not track bitmaps yet. So that a
+//! bitmap is never trusted after Strata changed guest data, every bitmap is
+//! marked `in_use` on read-write open, as QEMU marks bitmaps it has loaded
+//! for writing; QEMU then treats them as inconsistent. `check` counts the
+//! bitmap directory, tables and data clusters so they are not leaks.
+//!
+//! Runs on the loop thread during open (before any guest write) and under
+//! `meta` in `check`. Write order: the directory is rewritten in place and
+//! flushed before the node accepts writes.
+
+use block_core::{IoBuf, Result, WriteFlags};
+
+use super::header::{be16, be32, be64, put32};
+use super::Qcow2;
+
+/// Largest bitmap directory QEMU accepts.
+const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
+/// Most bitmaps QEMU accepts in one image.
+const MAX_BITMAPS: u32 = 65535;
+/// Bitmap flag: in use (not saved consistently).
+const FLAG_IN_USE: u32 = 1;
+/// Bitmap table entry: data offset bits.
+const BME_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// One bitmap directory entry's location data.
+struct Entry {
+    /// Byte offset of the entry inside the directory.
+    pos: usize,
+    table_offset: u64,
+    table_size: u32,
+    flags: u32,
+}
+
+impl Qcow2 {
+    /// The bitmap directory (offset, bytes), if the extension is present
+    /// and valid.
+    fn bitmap_directory(&self) -> Result<Option<(u64, u64, u32)>> {
+        let hdr = self.hdr.borrow();
+        let Some(ext) = &hdr.bitmaps_ext else {
+            return Ok(None);
+        };
+        if ext.len() < 24 {
+            return Err(self.corrupt("bitmaps extension too short"));
+        }
+        let n = be32(ext, 0);
+        let size = be64(ext, 8);
+        let off = be64(ext, 16);
+        if n == 0
+            || n > MAX_BITMAPS
+            || size > MAX_DIRECTORY_BYTES
+            || !off.is_multiple_of(self.cluster_size)
+        {
+            return Err(self.corrupt(format!(
+                "invalid bitmaps extension ({n} bitmaps, directory {size} bytes at {off:#x})"
+            )));
+        }
+        Ok(Some((off, size, n)))
+    }
+
+    async fn read_bitmap_directory(&self) -> Result<Option<(u64, Vec<u8>, Vec<Entry>)>> {
+        let Some((off, size, n)) = self.bitmap_directory()? else {
+            return Ok(None);
+        };
+        let dir = self
+            .file
+            .pread(off, IoBuf::zeroed(size as usize))
+            .await?
+            .to_vec();
+        let mut entries = Vec::new();
+        let mut pos = 0usize;
+        for _ in 0..n {
+            if pos + 24 > dir.len() {
+                return Err(self.corrupt("bitmap directory entry beyond the directory"));
+            }
+            let name = be16(&dir, pos + 18) as usize;
+            let extra = be32(&dir, pos + 20) as usize;
+            entries.push(Entry {
+                pos,
+                table_offset: be64(&dir, pos),
+                table_size: be32(&dir, pos + 8),
+                flags: be32(&dir, pos + 12),
+            });
+            pos += (24 + extra + name).div_ceil(8) * 8;
+        }
+        Ok(Some((off, dir, entries)))
+    }
+
+    /// Marks every bitmap in use (read-write open).
+    pub(crate) async fn mark_bitmaps_in_use(&self) -> Result<()> {
+        if self.hdr.borrow().autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let Some((off, mut dir, entries)) = self.read_bitmap_directory().await? else {
+            return Ok(());
+        };
+        if entries.iter().all(|e| e.flags & FLAG_IN_USE != 0) {
+            return Ok(());
+        }
+        for e in &entries {
+            put32(&mut dir, e.pos + 12, e.flags | FLAG_IN_USE);
+        }
+        self.file
+            .pwrite(off, IoBuf::from_slice(&dir), WriteFlags::default())
+            .await?;
+        self.file.flush().await
+    }
+
+    /// Host extents used by the bitmaps: directory, tables, data clusters.
+    pub(crate) async fn bitmap_extents(&self) -> Result<Vec<(u64, u64)>> {
+        let Some((off, dir, entries)) = self.read_bitmap_directory().await? else {
+            return Ok(Vec::new());
+        };
+        let cs = self.cluster_size;
+        let mut v = vec![(off, dir.len() as u64)];
+        for e in entries {
+            let bytes = e.table_size as u64 * 8;
+            if bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
+                return Err(self.corrupt(format!(
+                    "invalid bitmap table at {:#x} ({} entries)",
+                    e.table_offset, e.table_size
+                )));
+            }
+            if bytes == 0 {
+                continue;
+            }
+            v.push((e.table_offset, bytes));
+            let t = self
+                .file
+                .pread(e.table_offset, IoBuf::zeroed(bytes as usize))
+                .await?;
+            for c in t.chunks_exact(8) {
+                let d = be64(c, 0) & BME_OFFSET_MASK;
+                if d != 0 {
+                    v.push((d, cs));
+                }
+            }
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,253 @@
+//! `check`: recomputes every cluster's refcount from the metadata (header,
+//! refcount table and blocks, active and snapshot L1 tables, their L2
+//! tables and data clusters, the snapshot table) and compares it with the
+//! stored refcounts, as `qemu-img check` does. With `repair`, leaked
+//! clusters (stored refcount too high) and, when asked, refcount errors
+//! (too low) are fixed by rewriting refcounts through the normal refcount
+//! path, then everything is flushed.
+//!
+//! Runs on the loop thread under `meta`. Memory is bounded by the image
+//! file's size in clusters (and refused beyond [`MAX_CHECK_CLUSTERS`]).
+
+use std::rc::Rc;
+
+use block_core::{Error, IoBuf, Result};
+
+use super::header::{be16, be32, be64};
+use super::l2::L1E_OFFSET_MASK;
+use super::{DiscardKind, Qcow2};
+
+/// Largest number of host clusters `check` tracks (1 GiB of counters).
+pub const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+
+/// What `check` found and fixed: the fields of `qemu-img check
+/// --output=json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Errors that prevented a complete check.
+    pub check_errors: u64,
+    /// Refcounts lower than their use (or invalid metadata).
+    pub corruptions: u64,
+    /// Clusters with a refcount higher than their use.
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in this layer.
+    pub allocated_clusters: u64,
+    /// Allocated guest clusters not contiguous with the previous one.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// One past the highest host offset in use.
+    pub image_end_offset: u64,
+}
+
+/// What `check` may repair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Repair {
+    /// Fix leaked clusters.
+    pub leaks: bool,
+    /// Fix refcounts that are too low.
+    pub errors: bool,
+}
+
+struct Counts {
+    cs: u64,
+    refs: Vec<u64>,
+    report: CheckReport,
+}
+
+impl Counts {
+    fn add(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off / self.cs;
+        let last = (off + len - 1) / self.cs;
+        for c in first..=last {
+            match self.refs.get_mut(c as usize) {
+                Some(r) => *r += 1,
+                None => self.report.corruptions += 1,
+            }
+        }
+    }
+}
+
+impl Qcow2 {
+    /// Checks the image; repairs what `repair` allows.
+    pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let _g = self.meta.lock().await;
+        self.flush_caches_if_writable().await?;
+        let cs = self.cluster_size;
+        let cb = self.cluster_bits;
+        let fsize = self.file.size();
+        // Like QEMU, compare refcounts of the clusters inside the file.
+        let nclusters = fsize.div_ceil(cs).max(self.end_cluster.get());
+        if nclusters > MAX_CHECK_CLUSTERS {
+            return Err(Error::unsupported("qcow2", "checking images this large"));
+        }
+        let mut cnt = Counts {
+            cs,
+            refs: vec![0; nclusters as usize],
+            report: CheckReport::default(),
+        };
+        let hdr = self.hdr.borrow().clone();
+        cnt.report.total_clusters = hdr.size.div_ceil(cs);
+        cnt.add(0, cs);
+        // Active L1 and everything below it.
+        let l1 = self.l1.borrow().clone();
+        cnt.add(hdr.l1_table_offset, l1.len() as u64 * 8);
+        self.check_l1(&l1, &mut cnt, true).await?;
+        // Snapshots.
+        if hdr.nb_snapshots > 0 {
+            let mut off = hdr.snapshots_offset;
+            let start = off;
+            for _ in 0..hdr.nb_snapshots {
+                let h = self.file.pread(off, IoBuf::zeroed(40)).await?;
+                let l1_off = be64(&h, 0);
+                let l1_size = be32(&h, 8) as u64;
+                let id_len = be16(&h, 12) as u64;
+                let name_len = be16(&h, 14) as u64;
+                let extra = be32(&h, 36) as u64;
+                if l1_size * 8 > super::header::MAX_L1_BYTES || !l1_off.is_multiple_of(cs) {
+                    cnt.report.corruptions += 1;
+                    cnt.report.check_errors += 1;
+                    break;
+                }
+                cnt.add(l1_off, l1_size * 8);
+                let b = self
+                    .file
+                    .pread(l1_off, IoBuf::zeroed((l1_size * 8) as usize))
+                    .await?;
+                let sl1: Vec<u64> = b.chunks_exact(8).map(|c| be64(c, 0)).collect();
+                self.check_l1(&sl1, &mut cnt, false).await?;
+                off += (40 + extra + id_len + name_len).div_ceil(8) * 8;
+            }
+            cnt.add(start, off - start);
+        }
+        // Refcount table and blocks.
+        let rt_off = hdr.refcount_table_offset;
+        cnt.add(rt_off, hdr.refcount_table_clusters as u64 * cs);
+        let reftable = self.reftable.borrow().clone();
+        for &b in reftable.iter().filter(|&&b| b != 0) {
+            cnt.add(b, cs);
+        }
+        match self.bitmap_extents().await {
+            Ok(v) => {
+                for (off, len) in v {
+                    cnt.add(off, len);
+                }
+            }
+            Err(_) => {
+                cnt.report.corruptions += 1;
+                cnt.report.check_errors += 1;
+            }
+        }
+        // Compare.
+        let mut end = 0;
+        for c in 0..nclusters {
+            let want = cnt.refs[c as usize];
+            let have = self.get_refcount(c).await?;
+            if have > 0 || want > 0 {
+                end = c + 1;
+            }
+            if have == want {
+                continue;
+            }
+            let fix = if have > want {
+                cnt.report.leaks += 1;
+                repair.leaks && !self.read_only
+            } else {
+                cnt.report.corruptions += 1;
+                repair.errors && !self.read_only
+            };
+            if fix {
+                let delta = want as i64 - have as i64;
+                self.update_refcount(c, delta, DiscardKind::Other).await?;
+                if have > want {
+                    cnt.report.leaks_fixed += 1;
+                } else {
+                    cnt.report.corruptions_fixed += 1;
+                }
+            }
+        }
+        // Refcounts past the file (the table may cover more).
+        cnt.report.image_end_offset = end << cb;
+        if repair.leaks || repair.errors {
+            self.flush_caches_if_writable().await?;
+        }
+        Ok(cnt.report)
+    }
+
+    async fn flush_caches_if_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_caches().await
+    }
+
+    async fn check_l1(&self, l1: &[u64], cnt: &mut Counts, active: bool) -> Result<()> {
+        let cs = self.cluster_size;
+        let cb = self.cluster_bits;
+        for &e in l1 {
+            // Fragmentation is counted within each L2 table, as QEMU does.
+            let mut last_host = 0u64;
+            let l2_off = e & L1E_OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if !l2_off.is_multiple_of(cs) {
+                cnt.report.corruptions += 1;
+                continue;
+            }
+            cnt.add(l2_off, cs);
+            let t = match self.l2_cache_peek(l2_off) {
+                Some(t) => t,
+                None => {
+                    let b = self.file.pread(l2_off, IoBuf::zeroed(cs as usize)).await?;
+                    Rc::new(std::cell::RefCell::new(b.to_vec()))
+                }
+            };
+            let t = t.borrow().clone();
+            for i in 0..(1usize << self.l2_bits) {
+                let le = self.l2_entry_at(&t, i);
+                if le.is_compressed() {
+                    let (off, len) = le.compressed_extent(cb);
+                    cnt.add(off, len);
+                    if active {
+                        cnt.report.allocated_clusters += 1;
+                        cnt.report.compressed_clusters += 1;
+                    }
+                    continue;
+                }
+                let h = le.host();
+                if h == 0 {
+                    continue;
+                }
+                if !h.is_multiple_of(cs) {
+                    cnt.report.corruptions += 1;
+                    continue;
+                }
+                if Rc::ptr_eq(&self.data, &self.file) {
+                    cnt.add(h, cs);
+                }
+                if active {
+                    cnt.report.allocated_clusters += 1;
+                    if last_host != 0 && h != last_host + cs {
+                        cnt.report.fragmented_clusters += 1;
+                    }
+                    last_host = h;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn l2_cache_peek(&self, off: u64) -> Option<super::cache::Table> {
+        self.l2_cache.lookup(off)
+    }
+}

@@ -1,0 +1,189 @@
+//! Whole-image operations outside the graph, as `qemu-img` performs them:
+//! an [`Image`] opens a qcow2 driver over its children without making it a
+//! graph node, for `check` (with repair) and compressed cluster writes
+//! (`convert -c`). Runs on the loop thread that owns the children.
+//!
+//! Compressed writes follow the allocating write order: the cluster that
+//! receives the compressed bytes is allocated (refcount in the cache), the
+//! bytes are written, the L2 cache is made to depend on the refcount cache,
+//! the L2 entry is updated, and the replaced cluster is released last.
+
+use std::rc::Rc;
+
+use block_core::{
+    Error, Graph, IoBuf, Node, NodeFlags, OpenArgs, Options, Perm, Result, WriteFlags,
+};
+
+use super::check::{CheckReport, Repair};
+use super::compress::compress;
+use super::l2::{L2Entry, OFLAG_COMPRESSED};
+use super::{open_impl, DiscardKind, Qcow2};
+
+/// A qcow2 image opened outside the graph.
+pub struct Image<'g> {
+    graph: &'g Graph,
+    drv: Qcow2,
+    users: Vec<(Rc<Node>, u64)>,
+}
+
+impl<'g> Image<'g> {
+    /// Opens the image described by qcow2 driver options (`file`, ...).
+    pub async fn open(graph: &'g Graph, mut opts: Options, writable: bool) -> Result<Image<'g>> {
+        if let Some(d) = opts.take_str("driver")? {
+            if d != "qcow2" {
+                return Err(Error::invalid(format!("'{d}' is not a qcow2 image driver")));
+            }
+        }
+        let flags = NodeFlags {
+            read_only: !writable,
+            ..NodeFlags::default()
+        };
+        let (drv, children) = open_impl(OpenArgs {
+            graph,
+            opts,
+            flags,
+            node_name: "image".to_owned(),
+        })
+        .await?;
+        let mut users = Vec::new();
+        for (name, role, n) in &children {
+            let (p, s) = block_core::driver::default_child_perm(
+                *role,
+                Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ,
+                writable,
+            );
+            match n.add_user("image", name, p, s) {
+                Ok(id) => users.push((Rc::clone(n), id)),
+                Err(e) => {
+                    let img = Image { graph, drv, users };
+                    img.close().await?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Image { graph, drv, users })
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &Qcow2 {
+        &self.drv
+    }
+
+    /// Checks the image; repairs what `repair` allows.
+    pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
+        self.drv.check(repair).await
+    }
+
+    /// Writes one whole guest cluster compressed (at a cluster-aligned
+    /// `offset`); data that does not compress is written as a normal cluster.
+    pub async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.drv.write_compressed(offset, data).await
+    }
+
+    /// Flushes metadata and releases the children.
+    pub async fn close(self) -> Result<()> {
+        let r = if self.drv.read_only {
+            Ok(())
+        } else {
+            let _g = self.drv.meta.lock().await;
+            self.drv.flush_caches().await
+        };
+        let r = match r {
+            Ok(()) if !self.drv.read_only => self.drv.file.flush().await,
+            r => r,
+        };
+        for (n, id) in self.users {
+            n.remove_user(id);
+            if n.is_auto_named() && !n.has_users() {
+                self.graph.delete(n.name()).await?;
+            }
+        }
+        r
+    }
+}
+
+impl Qcow2 {
+    async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                node: self.node_name.clone(),
+            });
+        }
+        if !offset.is_multiple_of(cs)
+            || (data.len() as u64 != cs && offset + data.len() as u64 != self.size.get())
+        {
+            return Err(Error::invalid(
+                "compressed writes must cover exactly one whole cluster",
+            ));
+        }
+        if offset >= self.size.get() {
+            return Err(Error::invalid(
+                "compressed write beyond the end of the image",
+            ));
+        }
+        if !Rc::ptr_eq(&self.data, &self.file) {
+            return Err(Error::unsupported(
+                "qcow2",
+                "compressed writes with an external data file",
+            ));
+        }
+        let mut full = data.to_vec();
+        full.resize(cs as usize, 0);
+        let kind = self.hdr.borrow().compression_type;
+        let max = (cs - 1) as usize;
+        let packed = self
+            .file
+            .context()
+            .run_on_worker(move || (compress(kind, &full, max), full))
+            .await;
+        let (packed, full) = packed;
+        let Some(packed) = packed else {
+            // Incompressible: a plain allocating write (no backing COW needed,
+            // the whole cluster is written).
+            let _g = self.meta.lock().await;
+            let (l2_off, table) = self.l2_table_for_write(offset).await?;
+            let idx = self.l2_index(offset);
+            let old = self.l2_entry_at(&table.borrow(), idx);
+            let host = self.alloc_cluster().await?;
+            self.file
+                .pwrite(host, IoBuf::from_slice(&full), WriteFlags::default())
+                .await?;
+            self.l2_needs_rc().await?;
+            let ne = L2Entry {
+                entry: host | super::l2::OFLAG_COPIED,
+                bitmap: if self.extended { 0xffff_ffff } else { 0 },
+            };
+            self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
+            self.l2_cache.insert(l2_off, table, true);
+            if old.host() != 0 || old.is_compressed() {
+                self.free_l2_cluster(old, DiscardKind::Other).await?;
+            }
+            return Ok(());
+        };
+        let _g = self.meta.lock().await;
+        let (l2_off, table) = self.l2_table_for_write(offset).await?;
+        let idx = self.l2_index(offset);
+        let old = self.l2_entry_at(&table.borrow(), idx);
+        // One cluster per compressed cluster (QEMU packs several into one;
+        // both are valid layouts).
+        let host = self.alloc_cluster().await?;
+        self.file
+            .pwrite(host, IoBuf::from_slice(&packed), WriteFlags::default())
+            .await?;
+        self.l2_needs_rc().await?;
+        let shift = 62 - (self.cluster_bits - 8);
+        let sectors = (packed.len() as u64).div_ceil(512).max(1);
+        let ne = L2Entry {
+            entry: OFLAG_COMPRESSED | ((sectors - 1) << shift) | host,
+            bitmap: 0,
+        };
+        self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
+        self.l2_cache.insert(l2_off, table, true);
+        if old.host() != 0 || old.is_compressed() {
+            self.free_l2_cluster(old, DiscardKind::Other).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,815 @@
+//! Whole-image operations against QEMU: hostile headers, creation,
+//! check and repair, dirty images, compressed writes, bitmaps, shrinking,
+//! internal snapshots.
+
+use super::*;
+
+#[test]
+fn hostile_headers_give_clear_errors() {
+    let d = Dir::new("hostile");
+    let good = d.file("good.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &good, "64M"]);
+    type Case = (&'static str, Box<dyn Fn(&str)>, ErrorKind, &'static str);
+    let cases: Vec<Case> = vec![
+        (
+            "truncated",
+            Box::new(|p: &str| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_len(50)
+                    .unwrap()
+            }),
+            ErrorKind::InvalidArgument,
+            "not in qcow2 format",
+        ),
+        (
+            "bad cluster_bits",
+            Box::new(|p: &str| patch(p, 20, &40u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "cluster size",
+        ),
+        (
+            "huge l1_size",
+            Box::new(|p: &str| patch(p, 36, &0x1000_0000u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "L1 table too large",
+        ),
+        (
+            "l1 beyond eof",
+            Box::new(|p: &str| patch(p, 40, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Corrupt,
+            "beyond the end",
+        ),
+        (
+            "huge reftable",
+            Box::new(|p: &str| patch(p, 56, &0xffff_ffffu32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "Reference count table too large",
+        ),
+        (
+            "unknown incompat",
+            Box::new(|p: &str| patch(p, 72, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Unsupported,
+            "Unknown incompatible feature: 10000000000",
+        ),
+        (
+            "encrypted",
+            Box::new(|p: &str| patch(p, 32, &1u32.to_be_bytes())),
+            ErrorKind::Unsupported,
+            "encrypted",
+        ),
+        (
+            "bad version",
+            Box::new(|p: &str| patch(p, 4, &9u32.to_be_bytes())),
+            ErrorKind::Unsupported,
+            "version 9",
+        ),
+        (
+            "too many snapshots",
+            Box::new(|p: &str| patch(p, 60, &100000u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "too many snapshots",
+        ),
+        (
+            "refcount order",
+            Box::new(|p: &str| patch(p, 96, &7u32.to_be_bytes())),
+            ErrorKind::InvalidArgument,
+            "refcount width",
+        ),
+        (
+            "l1 too small",
+            Box::new(|p: &str| patch(p, 24, &(1u64 << 40).to_be_bytes())),
+            ErrorKind::Corrupt,
+            "L1 table is too small",
+        ),
+        (
+            "unaligned L2",
+            Box::new(|p: &str| patch(p, 0x30000, &0x8000_0000_0001_2200u64.to_be_bytes())),
+            ErrorKind::Corrupt,
+            "unaligned",
+        ),
+    ];
+    on_engines(|g, _| {
+        for (what, f, kind, msg) in &cases {
+            let p = d.file("bad.qcow2");
+            std::fs::copy(&good, &p).unwrap();
+            f(&p);
+            run(g, async {
+                let e = g
+                    .open(q2_opts(&p).with("read-only", true))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind(), *kind, "{what}: {e}");
+                assert!(e.to_string().contains(msg), "{what}: {e}");
+            });
+        }
+    });
+    // A loop in the backing chain.
+    let a = d.file("loop-a.qcow2");
+    let b = d.file("loop-b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &a, "1M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b, "1M",
+    ]);
+    qemu_img(&["rebase", "-u", "-f", "qcow2", "-b", &b, "-F", "qcow2", &a]);
+    on_engines(|g, _| {
+        run(g, async {
+            let e = g
+                .open(q2_opts(&b).with("read-only", true))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("too deep"), "{e}");
+        });
+    });
+}
+
+#[test]
+fn create_matches_qemu_img_byte_for_byte() {
+    use crate::qcow2::create::{create_file, CreateOptions};
+    use crate::qcow2::header::CompressionType;
+    let d = Dir::new("create");
+    let cases: Vec<(&str, &str, CreateOptions)> = vec![
+        (
+            "64M",
+            "",
+            CreateOptions {
+                size: 64 << 20,
+                ..Default::default()
+            },
+        ),
+        (
+            "1M",
+            "cluster_size=512",
+            CreateOptions {
+                size: 1 << 20,
+                cluster_size: 512,
+                ..Default::default()
+            },
+        ),
+        (
+            "10G",
+            "cluster_size=2M,refcount_bits=1",
+            CreateOptions {
+                size: 10 << 30,
+                cluster_size: 2 << 20,
+                refcount_bits: 1,
+                ..Default::default()
+            },
+        ),
+        (
+            "100G",
+            "cluster_size=4096,refcount_bits=64",
+            CreateOptions {
+                size: 100 << 30,
+                cluster_size: 4096,
+                refcount_bits: 64,
+                ..Default::default()
+            },
+        ),
+        (
+            "1G",
+            "compat=0.10",
+            CreateOptions {
+                size: 1 << 30,
+                compat_v2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "1G",
+            "lazy_refcounts=on,extended_l2=on,compression_type=zstd",
+            CreateOptions {
+                size: 1 << 30,
+                lazy_refcounts: true,
+                extended_l2: true,
+                compression_type: CompressionType::Zstd,
+                ..Default::default()
+            },
+        ),
+        (
+            "1M",
+            "preallocation=metadata",
+            CreateOptions {
+                size: 1 << 20,
+                preallocation: block_core::Prealloc::Metadata,
+                ..Default::default()
+            },
+        ),
+        (
+            "3M",
+            "preallocation=metadata,extended_l2=on",
+            CreateOptions {
+                size: 3 << 20,
+                preallocation: block_core::Prealloc::Metadata,
+                extended_l2: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "64M",
+            "preallocation=metadata,cluster_size=16384",
+            CreateOptions {
+                size: 64 << 20,
+                cluster_size: 16384,
+                preallocation: block_core::Prealloc::Metadata,
+                ..Default::default()
+            },
+        ),
+        (
+            "0",
+            "",
+            CreateOptions {
+                size: 0,
+                ..Default::default()
+            },
+        ),
+    ];
+    let backing = d.file("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &backing, "1G"]);
+    let mut cases = cases;
+    cases.push((
+        "1G",
+        "BACKING",
+        CreateOptions {
+            size: 1 << 30,
+            backing_file: Some(backing.clone()),
+            backing_fmt: Some("qcow2".into()),
+            ..Default::default()
+        },
+    ));
+    on_engines(|g, mode| {
+        for (size, o, opts) in &cases {
+            let q = d.file("q.qcow2");
+            let s = d.file("s.qcow2");
+            let _ = std::fs::remove_file(&q);
+            if *o == "BACKING" {
+                qemu_img(&[
+                    "create", "-q", "-f", "qcow2", "-b", &backing, "-F", "qcow2", &q, size,
+                ]);
+            } else if o.is_empty() {
+                qemu_img(&["create", "-q", "-f", "qcow2", &q, size]);
+            } else {
+                qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, &q, size]);
+            }
+            run(g, async { create_file(g, &s, opts).await.unwrap() });
+            let a = std::fs::read(&q).unwrap();
+            let b = std::fs::read(&s).unwrap();
+            assert_eq!(a.len(), b.len(), "{o} {mode:?}: file sizes differ");
+            if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
+                panic!("{o} {mode:?}: first difference at byte {i:#x}");
+            }
+            check_clean(&s);
+        }
+        // Invalid options are refused.
+        let s = d.file("bad.qcow2");
+        run(g, async {
+            let e = create_file(
+                g,
+                &s,
+                &CreateOptions {
+                    size: 1 << 20,
+                    cluster_size: 1000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+            let e = create_file(
+                g,
+                &s,
+                &CreateOptions {
+                    size: 1 << 20,
+                    compat_v2: true,
+                    refcount_bits: 8,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert!(e.to_string().contains("compatibility level 1.1"), "{e}");
+        });
+    });
+}
+
+#[test]
+fn check_reports_like_qemu_and_repairs_leaks() {
+    use crate::qcow2::check::Repair;
+    let d = Dir::new("check");
+    let img = d.file("c.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &img,
+        "16M",
+    ]);
+    qemu_io(
+        &img,
+        &[
+            "write -P 1 0 64k".into(),
+            "write -P 2 1M 12k".into(),
+            "write -P 3 8M 4k".into(),
+        ],
+    );
+    // Leak three clusters: grow the file by three clusters and give them
+    // refcounts in the refcount block (cluster 2, 16-bit entries).
+    let fsize = std::fs::metadata(&img).unwrap().len();
+    let c = fsize.div_ceil(4096);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len((c + 3) * 4096)
+        .unwrap();
+    for i in 0..3 {
+        patch(&img, 2 * 4096 + (c + i) * 2, &1u16.to_be_bytes());
+    }
+    let json = qemu_check_json(&img);
+    on_engines(|g, mode| {
+        run(g, async {
+            let r = crate::qcow2::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!(
+                r.leaks,
+                json_field(&json, "leaks"),
+                "{mode:?} {r:?} vs {json}"
+            );
+            assert_eq!(r.leaks, 3);
+            assert_eq!(r.corruptions, 0);
+            assert_eq!(
+                r.allocated_clusters,
+                json_field(&json, "allocated-clusters"),
+                "{r:?} {json}"
+            );
+            assert_eq!(r.total_clusters, json_field(&json, "total-clusters"));
+            assert_eq!(
+                r.fragmented_clusters,
+                json_field(&json, "fragmented-clusters"),
+                "{r:?} {json}"
+            );
+        });
+    });
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    run(&g, async {
+        let r = crate::qcow2::check_image(
+            &g,
+            q2_opts(&img),
+            Repair {
+                leaks: true,
+                errors: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.leaks_fixed, 3, "{r:?}");
+    });
+    check_clean(&img);
+}
+
+#[test]
+fn dirty_lazy_refcount_image_is_repaired_on_open() {
+    let d = Dir::new("dirty");
+    on_engines(|g, mode| {
+        let img = d.file("l.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        // qemu-io's abort leaves the dirty bit set and refcounts stale.
+        let _ = Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 9 0 128k",
+                "-c",
+                "write -P 8 4M 64k",
+                "-c",
+                "abort",
+                &img,
+            ])
+            .output()
+            .expect("qemu-io is required");
+        let (ok, text) = tool("qemu-img", &["check", &img]);
+        assert!(
+            !ok || text.contains("ERROR") || text.contains("leaked") || text.contains("dirty"),
+            "{mode:?}: expected a dirty image: {text}"
+        );
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let b = n.pread(0, IoBuf::zeroed(128 << 10)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 9));
+            n.pwrite(6 << 20, IoBuf::filled(8192, 7), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        qemu_io(
+            &img,
+            &[
+                "read -P 9 0 128k".into(),
+                "read -P 8 4M 64k".into(),
+                "read -P 7 6M 8k".into(),
+            ],
+        );
+    });
+}
+
+#[test]
+fn compressed_writes_read_back_in_qemu() {
+    use crate::qcow2::image::Image;
+    let d = Dir::new("cwrite");
+    for ct in ["zlib", "zstd"] {
+        on_engines(|g, mode| {
+            let img = d.file("cw.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct}"),
+                &img,
+                "4M",
+            ]);
+            qemu_io(&img, &["write -P 0x33 0 192k".into()]);
+            run(g, async {
+                let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+                for i in 0..4u64 {
+                    im.write_compressed(i * 65536, &vec![0x40 + i as u8; 65536])
+                        .await
+                        .unwrap();
+                }
+                // Incompressible data is stored plainly.
+                let mut r = Rng(99);
+                let noise: Vec<u8> = (0..65536).map(|_| r.next() as u8).collect();
+                im.write_compressed(10 * 65536, &noise).await.unwrap();
+                im.close().await.unwrap();
+                let n = open(g, &img, true).await;
+                let b = n.pread(10 * 65536, IoBuf::zeroed(65536)).await.unwrap();
+                assert!(b[..] == noise[..], "{ct} {mode:?}");
+                close(g, n).await;
+            });
+            check_clean(&img);
+            let json = qemu_check_json(&img);
+            assert_eq!(json_field(&json, "compressed-clusters"), 4, "{json}");
+            qemu_io(
+                &img,
+                &[
+                    "read -P 0x40 0 64k".into(),
+                    "read -P 0x41 64k 64k".into(),
+                    "read -P 0x42 128k 64k".into(),
+                    "read -P 0x43 192k 64k".into(),
+                ],
+            );
+        });
+    }
+}
+
+#[test]
+fn persistent_bitmaps_are_kept_and_marked_in_use_on_write() {
+    use crate::qcow2::check::Repair;
+    let d = Dir::new("bitmaps");
+    on_engines(|g, mode| {
+        let img = d.file("bm.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "16M"]);
+        qemu_img(&["bitmap", "--add", &img, "b0"]);
+        qemu_img(&["bitmap", "--add", "-g", "128k", &img, "b1"]);
+        qemu_io(&img, &["write -P 3 0 1M".into()]);
+        run(g, async {
+            let r = crate::qcow2::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!((r.leaks, r.corruptions), (0, 0), "{mode:?} {r:?}");
+            let n = open(g, &img, false).await;
+            n.pwrite(4 << 20, IoBuf::filled(4096, 4), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let info = qemu_img(&["info", &img]);
+        assert_eq!(info.matches("in-use").count(), 2, "{info}");
+        qemu_io(&img, &["read -P 3 0 1M".into(), "read -P 4 4M 4k".into()]);
+    });
+}
+
+#[test]
+fn resize_shrinks_and_frees_clusters() {
+    let d = Dir::new("shrink");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "32M",
+        ]);
+        qemu_io(
+            &img,
+            &[
+                "write -P 1 0 1M".into(),
+                "write -P 2 20M 2M".into(),
+                "write -z 30M 1M".into(),
+            ],
+        );
+        run(g, async {
+            let n = open(g, &img, false).await;
+            n.truncate(10 << 20, true, block_core::Prealloc::Off)
+                .await
+                .unwrap();
+            assert_eq!(n.size(), 10 << 20);
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let json = qemu_check_json(&img);
+        assert_eq!(
+            json_field(&json, "allocated-clusters"),
+            256,
+            "{mode:?} {json}"
+        );
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+        let info = qemu_img(&["info", &img]);
+        assert!(info.contains("virtual size: 10 MiB"), "{info}");
+    });
+}
+
+#[test]
+fn writes_to_images_with_internal_snapshots_copy_shared_clusters() {
+    let d = Dir::new("snap");
+    on_engines(|g, mode| {
+        for cfg in ["cluster_size=65536", "cluster_size=65536,extended_l2=on"] {
+            let img = d.file("s.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, &img, "8M"]);
+            qemu_io(
+                &img,
+                &["write -P 1 0 2M".into(), "write -P 2 4M 64k".into()],
+            );
+            qemu_img(&["snapshot", "-c", "s1", &img]);
+            run(g, async {
+                let n = open(g, &img, false).await;
+                // Partial-cluster writes, a zeroing and a discard, all in
+                // clusters (and an L2 table) shared with the snapshot.
+                n.pwrite(1000, IoBuf::filled(3000, 7), WriteFlags::default())
+                    .await
+                    .unwrap();
+                n.pwrite(
+                    65536 * 3 + 5,
+                    IoBuf::filled(70000, 8),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+                n.pwrite_zeroes(1 << 20, 65536, WriteFlags::default())
+                    .await
+                    .unwrap();
+                close(g, n).await;
+            });
+            check_clean(&img);
+            qemu_io(
+                &img,
+                &[
+                    "read -P 1 0 1000".into(),
+                    "read -P 7 1000 3000".into(),
+                    "read -P 1 4000 192613".into(),
+                    "read -P 8 196613 70000".into(),
+                    "read -P 0 1M 64k".into(),
+                    "read -P 2 4M 64k".into(),
+                ],
+            );
+            // The snapshot still holds the old data.
+            qemu_img(&["snapshot", "-a", "s1", &img]);
+            qemu_io(&img, &["read -P 1 0 2M".into(), "read -P 2 4M 64k".into()]);
+            check_clean(&img);
+            let _ = mode;
+        }
+    });
+}
+
+#[test]
+fn internal_snapshot_create_is_understood_by_qemu() {
+    use crate::qcow2::image::Image;
+    let d = Dir::new("snapcreate");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        qemu_io(&img, &["write -P 1 0 1M".into()]);
+        qemu_img(&["snapshot", "-c", "first", &img]);
+        qemu_io(&img, &["write -P 2 0 64k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            let s = im.driver().create_snapshot("second").await.unwrap();
+            assert_eq!(s.id, "2");
+            let list = im.driver().snapshots().await.unwrap();
+            assert_eq!(list.len(), 2);
+            assert_eq!(list[0].name, "first");
+            im.close().await.unwrap();
+            let n = open(g, &img, false).await;
+            n.pwrite(0, IoBuf::filled(8192, 3), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let l = qemu_img(&["snapshot", "-l", &img]);
+        assert!(l.contains("first") && l.contains("second"), "{mode:?} {l}");
+        qemu_io(&img, &["read -P 3 0 8k".into(), "read -P 2 8k 56k".into()]);
+        qemu_img(&["snapshot", "-a", "second", &img]);
+        qemu_io(
+            &img,
+            &["read -P 2 0 64k".into(), "read -P 1 64k 960k".into()],
+        );
+        qemu_img(&["snapshot", "-a", "first", &img]);
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+        check_clean(&img);
+    });
+}
+
+#[test]
+fn internal_snapshot_revert_and_delete() {
+    use crate::qcow2::image::Image;
+    let d = Dir::new("snaprd");
+    on_engines(|g, mode| {
+        let img = d.file("s.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            &img,
+            "8M",
+        ]);
+        qemu_io(&img, &["write -P 1 0 1M".into()]);
+        qemu_img(&["snapshot", "-c", "a", &img]);
+        qemu_io(
+            &img,
+            &["write -P 2 0 64k".into(), "write -P 9 2M 64k".into()],
+        );
+        qemu_img(&["snapshot", "-c", "b", &img]);
+        qemu_io(&img, &["write -P 3 0 4k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            im.driver().revert_to_snapshot("a").await.unwrap();
+            im.driver().delete_snapshot("b").await.unwrap();
+            assert_eq!(im.driver().snapshots().await.unwrap().len(), 1);
+            im.close().await.unwrap();
+        });
+        check_clean(&img);
+        let l = qemu_img(&["snapshot", "-l", &img]);
+        assert!(l.contains(" a ") || l.contains("a  "), "{mode:?} {l}");
+        assert!(!l.contains(" b "), "{l}");
+        qemu_io(&img, &["read -P 1 0 1M".into(), "read -P 0 2M 64k".into()]);
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            im.driver().delete_snapshot("a").await.unwrap();
+            im.close().await.unwrap();
+        });
+        check_clean(&img);
+        let json = qemu_check_json(&img);
+        assert_eq!(json_field(&json, "allocated-clusters"), 256, "{json}");
+        qemu_io(&img, &["read -P 1 0 1M".into()]);
+    });
+}
+
+#[test]
+fn corrupted_metadata_never_panics() {
+    let d = Dir::new("fuzz");
+    let good = d.file("good.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &good,
+        "4M",
+    ]);
+    qemu_io(
+        &good,
+        &["write -P 1 0 256k".into(), "write -P 2 2M 64k".into()],
+    );
+    let ext = d.file("ext.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=16384,extended_l2=on",
+        &ext,
+        "4M",
+    ]);
+    qemu_io(
+        &ext,
+        &["write -P 1 0 100k".into(), "write -z 1M 64k".into()],
+    );
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    let mut r = Rng(0xfeed);
+    for i in 0..300 {
+        let src = if i % 2 == 0 { &good } else { &ext };
+        let p = d.file("f.qcow2");
+        std::fs::copy(src, &p).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        // Corrupt a few bytes of metadata (the first clusters hold the
+        // header, refcount table and block, L1 and L2 tables).
+        for _ in 0..1 + r.below(4) {
+            let off = r.below(len.min(6 * 16384));
+            let v = r.next() as u8;
+            patch(&p, off, &[v]);
+        }
+        run(&g, async {
+            if let Ok(n) = g.open(q2_opts(&p)).await {
+                let _ = n.pread(0, IoBuf::zeroed(1 << 20)).await;
+                let _ = n
+                    .pwrite(4096 * 3, IoBuf::filled(10000, 9), WriteFlags::default())
+                    .await;
+                let _ = n
+                    .pwrite_zeroes(1 << 20, 1 << 16, WriteFlags::default())
+                    .await;
+                let _ = n.flush().await;
+                drop(n);
+            }
+            let _ = g.close_all().await;
+        });
+    }
+}
+
+#[test]
+fn data_writes_never_land_on_metadata() {
+    let d = Dir::new("overlap");
+    on_engines(|g, mode| {
+        let img = d.file("o.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "4M"]);
+        qemu_io(&img, &["write -P 1 0 64k".into()]);
+        // L1 at cluster 3, the first L2 table at cluster 4: point guest
+        // cluster 0 at the refcount table (cluster 1), COPIED set.
+        patch(&img, 4 * 65536, &(0x8000_0000_0001_0000u64).to_be_bytes());
+        let before = std::fs::read(&img).unwrap()[65536..131072].to_vec();
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let e = n
+                .pwrite(0, IoBuf::filled(4096, 7), WriteFlags::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{mode:?} {e}");
+            assert!(e.to_string().contains("refcount table"), "{e}");
+            let e = n
+                .pwrite(1 << 20, IoBuf::filled(4096, 7), WriteFlags::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            drop(n);
+            let _ = g.close_all().await;
+        });
+        let after = std::fs::read(&img).unwrap()[65536..131072].to_vec();
+        assert!(before == after, "the refcount table was overwritten");
+    });
+}

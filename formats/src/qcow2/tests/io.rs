@@ -1,0 +1,585 @@
+//! Guest I/O against QEMU: reads of QEMU-written images, Strata writes
+//! checked by QEMU, differential runs, backing chains, compression,
+//! growth, concurrency, lost caches.
+
+use super::*;
+
+#[test]
+fn reads_images_written_by_qemu() {
+    let configs: &[&str] = &[
+        "cluster_size=512",
+        "cluster_size=4096,refcount_bits=1",
+        "cluster_size=65536",
+        "cluster_size=65536,refcount_bits=64",
+        "cluster_size=2M",
+        "cluster_size=65536,extended_l2=on",
+        "cluster_size=16384,extended_l2=on,refcount_bits=8",
+        "compat=0.10",
+        "compat=0.10,cluster_size=1024",
+        "cluster_size=4096,lazy_refcounts=on",
+    ];
+    let d = Dir::new("qemu-reads");
+    for cfg in configs {
+        let img = d.file("a.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", cfg, &img, "16M"]);
+        let cs = if let Some(p) = cfg.split(',').find_map(|x| x.strip_prefix("cluster_size=")) {
+            block_core::options::parse_size(p).unwrap()
+        } else {
+            65536
+        };
+        qemu_fill(&img, cs);
+        let want = raw_of(&img, &d);
+        on_engines(|g, mode| {
+            run(g, async {
+                let n = open(g, &img, true).await;
+                let got = read_all(&n).await;
+                assert!(got == want, "{cfg} {mode:?}: content differs");
+                // Unaligned reads across cluster boundaries.
+                let o = ((2 * cs).min(1 << 20) - 700) as usize;
+                let b = n.pread(o as u64, IoBuf::zeroed(2000)).await.unwrap();
+                assert_eq!(&b[..], &want[o..o + 2000], "{cfg}");
+                close(g, n).await;
+            });
+        });
+    }
+}
+
+/// A deterministic xorshift generator (no extra crates).
+#[test]
+fn strata_writes_pass_qemu_check_and_read_back() {
+    let configs: &[(&str, u64)] = &[
+        ("cluster_size=65536", 65536),
+        ("cluster_size=512", 512),
+        ("cluster_size=4096,refcount_bits=1", 4096),
+        ("cluster_size=4096,refcount_bits=64", 4096),
+        ("cluster_size=65536,extended_l2=on", 65536),
+        ("compat=0.10,cluster_size=4096", 4096),
+    ];
+    let d = Dir::new("strata-writes");
+    for (i, (cfg, cs)) in configs.iter().enumerate() {
+        on_engines(|g, mode| {
+            let img = d.file("w.qcow2");
+            let size = 8u64 << 20;
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                &img,
+                &size.to_string(),
+            ]);
+            let ops = random_ops(0x1234 + i as u64, size, *cs, 150, false);
+            let mut model = vec![0u8; size as usize];
+            run(g, async {
+                let n = open(g, &img, false).await;
+                for op in &ops {
+                    apply(&n, op).await;
+                    model_apply(&mut model, op);
+                }
+                let got = read_all(&n).await;
+                assert!(
+                    got == model,
+                    "{cfg} {mode:?}: Strata reads back something else"
+                );
+                close(g, n).await;
+            });
+            check_clean(&img);
+            let raw = d.file("model.raw");
+            std::fs::write(&raw, &model).unwrap();
+            let (ok, text) = tool(
+                "qemu-img",
+                &["compare", "-f", "raw", "-F", "qcow2", &raw, &img],
+            );
+            assert!(ok, "{cfg} {mode:?}: qemu-img compare: {text}");
+            std::fs::remove_file(&img).unwrap();
+        });
+    }
+}
+
+#[test]
+fn differential_random_ops_against_qemu_io() {
+    let d = Dir::new("diff");
+    for (seed, cfg, cs) in [
+        (7u64, "cluster_size=65536", 65536u64),
+        (8, "cluster_size=4096,refcount_bits=8", 4096),
+        (9, "cluster_size=32768,extended_l2=on", 32768),
+    ] {
+        let size = 4u64 << 20;
+        let ops = random_ops(seed, size, cs, 120, true);
+        let a = d.file("qemu.qcow2");
+        let b = d.file("strata.qcow2");
+        for p in [&a, &b] {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                p,
+                &size.to_string(),
+            ]);
+        }
+        let cmds: Vec<String> = ops.iter().map(qemu_cmd).collect();
+        for chunk in cmds.chunks(40) {
+            qemu_io(&a, chunk);
+        }
+        on_engines(|g, _| {
+            std::fs::remove_file(&b).unwrap();
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                cfg,
+                &b,
+                &size.to_string(),
+            ]);
+            run(g, async {
+                let n = g.open(q2_opts(&b).with("discard", "unmap")).await.unwrap();
+                for op in &ops {
+                    apply(&n, op).await;
+                }
+                close(g, n).await;
+            });
+            check_clean(&b);
+            check_clean(&a);
+            let (ok, text) = tool("qemu-img", &["compare", &a, &b]);
+            assert!(ok, "{cfg}: qemu-img compare: {text}");
+        });
+    }
+}
+
+#[test]
+fn backing_chain_cow_and_relative_names() {
+    let d = Dir::new("backing");
+    let base = d.file("base.qcow2");
+    let top = d.file("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &base,
+        "2M",
+    ]);
+    qemu_io(&base, &["write -P 0xaa 0 2M".into()]);
+    on_engines(|g, mode| {
+        // Relative backing name, resolved against the overlay's directory.
+        let _ = std::fs::remove_file(&top);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &top,
+            "3M",
+        ]);
+        run(g, async {
+            let n = open(g, &top, false).await;
+            assert!(n.backing().is_some());
+            // Partial-cluster writes: head and tail copied from the backing file.
+            n.pwrite(70000, IoBuf::filled(100, 0x01), WriteFlags::default())
+                .await
+                .unwrap();
+            n.pwrite_zeroes(196608, 65536, WriteFlags::default())
+                .await
+                .unwrap();
+            let all = read_all(&n).await;
+            assert!(all[..70000].iter().all(|&x| x == 0xaa), "{mode:?}");
+            assert!(all[70000..70100].iter().all(|&x| x == 1));
+            assert!(all[70100..196608].iter().all(|&x| x == 0xaa));
+            assert!(all[196608..262144].iter().all(|&x| x == 0));
+            assert!(all[262144..2 << 20].iter().all(|&x| x == 0xaa));
+            assert!(all[2 << 20..].iter().all(|&x| x == 0));
+            close(g, n).await;
+        });
+        check_clean(&top);
+        qemu_io(
+            &top,
+            &[
+                "read -P 0xaa 0 70000".into(),
+                "read -P 0x01 70000 100".into(),
+                "read -P 0xaa 70100 126508".into(),
+                "read -P 0 196608 65536".into(),
+                "read -P 0 2097152 1048576".into(),
+            ],
+        );
+        // backing=null disables the backing file.
+        run(g, async {
+            let n = g
+                .open(
+                    q2_opts(&top)
+                        .with("read-only", true)
+                        .with("backing", block_core::OptValue::Null),
+                )
+                .await
+                .unwrap();
+            let b = n.pread(0, IoBuf::filled(4096, 9)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 0));
+            close(g, n).await;
+        });
+    });
+}
+
+#[test]
+fn compressed_clusters_read() {
+    let d = Dir::new("compressed");
+    let src = d.file("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &src, "4M"]);
+    qemu_io(
+        &src,
+        &[
+            "write -P 0x61 0 1M".into(),
+            "write -P 0x62 1536k 700k".into(),
+        ],
+    );
+    for ct in ["zlib", "zstd"] {
+        let img = d.file(&format!("c-{ct}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            &src,
+            &img,
+        ]);
+        let want = raw_of(&img, &d);
+        on_engines(|g, mode| {
+            run(g, async {
+                let n = open(g, &img, true).await;
+                let got = read_all(&n).await;
+                assert!(got == want, "{ct} {mode:?}");
+                close(g, n).await;
+            });
+            // Overwriting part of a compressed cluster copies the rest.
+            let w = d.file("cw.qcow2");
+            std::fs::copy(&img, &w).unwrap();
+            run(g, async {
+                let n = open(g, &w, false).await;
+                n.pwrite(1000, IoBuf::filled(10, 0x7f), WriteFlags::default())
+                    .await
+                    .unwrap();
+                close(g, n).await;
+            });
+            check_clean(&w);
+            qemu_io(
+                &w,
+                &[
+                    "read -P 0x61 0 1000".into(),
+                    "read -P 0x7f 1000 10".into(),
+                    "read -P 0x61 1010 1047566".into(),
+                ],
+            );
+        });
+    }
+}
+
+#[test]
+fn refcount_table_grows_with_small_clusters() {
+    let d = Dir::new("grow");
+    on_engines(|g, mode| {
+        let img = d.file("g.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            &img,
+            "64M",
+        ]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            for i in 0..40u64 {
+                n.pwrite(
+                    i << 20,
+                    IoBuf::filled(256 << 10, i as u8 + 1),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+            }
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let cmds: Vec<String> = (0..40u64)
+            .map(|i| format!("read -P {} {} {}", i + 1, i << 20, 256 << 10))
+            .collect();
+        qemu_io(&img, &cmds);
+        let _ = mode;
+    });
+}
+
+#[test]
+fn resize_grows_l1() {
+    let d = Dir::new("resize");
+    on_engines(|g, _| {
+        let img = d.file("r.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            &img,
+            "1M",
+        ]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            n.truncate(64 << 20, false, block_core::Prealloc::Off)
+                .await
+                .unwrap();
+            assert_eq!(n.size(), 64 << 20);
+            n.pwrite(60 << 20, IoBuf::filled(4096, 5), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        qemu_io(&img, &["read -P 5 62914560 4096".into()]);
+    });
+}
+
+#[test]
+fn concurrent_allocating_writes_to_one_cluster() {
+    let d = Dir::new("conc");
+    on_engines(|g, mode| {
+        let img = d.file("c.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let ctx = Rc::clone(g.context());
+            let mut hs = Vec::new();
+            for i in 0..64u64 {
+                let n = Rc::clone(&n);
+                hs.push(ctx.spawn(async move {
+                    // 16 writers per cluster, 4 clusters.
+                    let off = (i % 4) * 65536 + (i / 4) * 4096;
+                    n.pwrite(off, IoBuf::filled(4096, i as u8 + 1), WriteFlags::default())
+                        .await
+                        .unwrap();
+                }));
+            }
+            for h in hs {
+                h.await;
+            }
+            let all = read_all(&n).await;
+            for i in 0..64u64 {
+                let off = ((i % 4) * 65536 + (i / 4) * 4096) as usize;
+                assert!(
+                    all[off..off + 4096].iter().all(|&x| x == i as u8 + 1),
+                    "{mode:?} {i}"
+                );
+            }
+            close(g, n).await;
+        });
+        check_clean(&img);
+    });
+}
+
+#[test]
+fn external_data_file_reads_and_writes() {
+    let d = Dir::new("datafile");
+    on_engines(|g, mode| {
+        for raw in ["off", "on"] {
+            let img = d.file("x.qcow2");
+            let data = d.file("x.data");
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(&data);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file={data},data_file_raw={raw}"),
+                &img,
+                "4M",
+            ]);
+            qemu_io(&img, &["write -P 5 64k 128k".into()]);
+            run(g, async {
+                let n = open(g, &img, false).await;
+                let b = n.pread(64 << 10, IoBuf::zeroed(128 << 10)).await.unwrap();
+                assert!(b.iter().all(|&x| x == 5), "{mode:?} raw={raw}");
+                n.pwrite(1000, IoBuf::filled(5000, 6), WriteFlags::default())
+                    .await
+                    .unwrap();
+                n.pwrite(3 << 20, IoBuf::filled(65536, 7), WriteFlags::default())
+                    .await
+                    .unwrap();
+                close(g, n).await;
+            });
+            check_clean(&img);
+            qemu_io(
+                &img,
+                &[
+                    "read -P 0 0 1000".into(),
+                    "read -P 6 1000 5000".into(),
+                    "read -P 5 64k 128k".into(),
+                    "read -P 7 3M 64k".into(),
+                ],
+            );
+            if raw == "on" {
+                // The data file is a raw image of the guest disk.
+                let f = std::fs::read(&data).unwrap();
+                assert!(f[3 << 20..(3 << 20) + 65536].iter().all(|&x| x == 7));
+            }
+        }
+    });
+}
+
+#[test]
+fn lost_caches_leave_only_leaks_and_flushed_data() {
+    let d = Dir::new("crash");
+    for (i, cfg) in [
+        "cluster_size=4096",
+        "cluster_size=512,refcount_bits=2",
+        "cluster_size=65536,extended_l2=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.file("c.qcow2");
+        let _ = std::fs::remove_file(&img);
+        let size = 8u64 << 20;
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            cfg,
+            &img,
+            &size.to_string(),
+        ]);
+        let cs = if cfg.contains("512,") {
+            512
+        } else if cfg.contains("4096") {
+            4096
+        } else {
+            65536
+        };
+        let half = size / 2;
+        let first = random_ops(0x77 + i as u64, half, cs, 60, false);
+        let second: Vec<Op> = random_ops(0x99 + i as u64, half, cs, 60, false)
+            .into_iter()
+            .map(|op| match op {
+                Op::Write(o, l, p) => Op::Write(o + half, l, p),
+                Op::Zero(o, l) => Op::Zero(o + half, l),
+                Op::Discard(o, l) => Op::Discard(o + half, l),
+            })
+            .collect();
+        let mut model = vec![0u8; size as usize];
+        {
+            let el = EventLoop::new(AioMode::Threads).unwrap();
+            let g = Rc::new(Graph::new(
+                Rc::clone(el.context()),
+                crate::registry(),
+                EventBus::new(),
+            ));
+            run(&g, async {
+                let n = open(&g, &img, false).await;
+                for op in &first {
+                    apply(&n, op).await;
+                    model_apply(&mut model, op);
+                }
+                n.flush().await.unwrap();
+                for op in &second {
+                    apply(&n, op).await;
+                }
+                // No flush, no close: the metadata caches are lost.
+            });
+            drop(g);
+            drop(el);
+        }
+        let json = qemu_check_json(&img);
+        assert_eq!(json_field(&json, "corruptions"), 0, "{cfg}: {json}");
+        assert_eq!(json_field(&json, "check-errors"), 0, "{cfg}: {json}");
+        let raw = raw_of(&img, &d);
+        assert!(
+            raw[..half as usize] == model[..half as usize],
+            "{cfg}: flushed data lost"
+        );
+    }
+}
+
+/// Rough throughput numbers (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn rough_throughput() {
+    let d = Dir::new("perf");
+    on_engines(|g, mode| {
+        let img = d.file("p.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let t = std::time::Instant::now();
+            let mut buf = IoBuf::filled(1 << 20, 1);
+            for i in 0..256u64 {
+                buf = n.pwrite(i << 20, buf, WriteFlags::default()).await.unwrap();
+            }
+            n.flush().await.unwrap();
+            let alloc = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..256u64 {
+                buf = n.pwrite(i << 20, buf, WriteFlags::default()).await.unwrap();
+            }
+            n.flush().await.unwrap();
+            let inplace = t.elapsed();
+            let t = std::time::Instant::now();
+            for i in 0..256u64 {
+                buf = n.pread(i << 20, buf).await.unwrap();
+            }
+            let read = t.elapsed();
+            let ctx = Rc::clone(g.context());
+            let t = std::time::Instant::now();
+            let mut hs = Vec::new();
+            for w in 0..16u64 {
+                let n = Rc::clone(&n);
+                hs.push(ctx.spawn(async move {
+                    let mut r = Rng(w + 1);
+                    for _ in 0..256 {
+                        let off = (256 << 20) + (r.below(1 << 16) << 12);
+                        n.pwrite(off, IoBuf::filled(4096, 2), WriteFlags::default())
+                            .await
+                            .unwrap();
+                    }
+                }));
+            }
+            for h in hs {
+                h.await;
+            }
+            n.flush().await.unwrap();
+            let rand = t.elapsed();
+            eprintln!(
+                "{mode:?}: 256 MiB allocating {:.0} MiB/s, in place {:.0} MiB/s, read {:.0} MiB/s; 4096 random 4k allocating writes (QD16) {:.0} IOPS",
+                256.0 / alloc.as_secs_f64(),
+                256.0 / inplace.as_secs_f64(),
+                256.0 / read.as_secs_f64(),
+                4096.0 / rand.as_secs_f64()
+            );
+            close(g, n).await;
+        });
+        check_clean(&img);
+    });
+}
