@@ -1,3 +1,5 @@
-//! Strata's front-end (work in progress).
+//! Strata's front-end: the QMP protocol layer ([`qmp`]) and the `stratad`
+//! daemon ([`daemon`]).
 
+pub mod daemon;
 pub mod qmp;
