@@ -238,6 +238,15 @@ pub struct Job {
     finalized: Cell<bool>,
 }
 
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.opts.id)
+            .field("status", &self.status.get())
+            .finish()
+    }
+}
+
 impl Job {
     /// The id.
     pub fn id(&self) -> &str {

@@ -366,7 +366,7 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         items = vec![
             Item::Chardev(format!("socket,id=qmp0,path={},server=on,wait=off", p.replace(',', ",,"))),
             Item::Monitor("chardev=qmp0".into()),
-            Item::Blockdev("driver=null-co,node-name=demo0,size=64M".into()),
+            Item::Blockdev("driver=null-co,node-name=demo0,size=67108864".into()),
         ];
         banner = Some(p);
     }
