@@ -10,7 +10,7 @@ from common import stratad_path  # noqa: E402
 from qmpraw import Daemon  # noqa: E402
 
 try:
-    from qemu.qmp import QMPClient, ExecuteError
+    from qemu.qmp import EventListener, ExecuteError, QMPClient
 except ImportError:  # pragma: no cover
     QMPClient = None
 
@@ -30,7 +30,7 @@ class QmpClientTest(unittest.TestCase):
                     break
                 except Exception:
                     await asyncio.sleep(0.02)
-            self.assertEqual(qmp.greeting["QMP"]["version"]["qemu"]["major"], 10)
+            self.assertEqual(qmp.greeting.QMP.version["qemu"]["major"], 10)
             ver = await qmp.execute("query-version")
             self.assertIn("qemu", ver)
             nodes = await qmp.execute("query-named-block-nodes")
@@ -40,7 +40,8 @@ class QmpClientTest(unittest.TestCase):
             self.assertIn("Failed to find node", str(cm.exception))
             with tempfile.TemporaryDirectory() as t:
                 img = os.path.join(t, "x.raw")
-                with qmp.listen() as listener:
+                listener = EventListener()
+                with qmp.listen(listener):
                     await qmp.execute("blockdev-create", {
                         "job-id": "j", "options": {"driver": "file", "filename": img,
                                                    "size": 1 << 20}})

@@ -45,7 +45,7 @@ pub fn registry() -> Registry<Daemon> {
         let mut v: Vec<BlockDeviceInfo> = d
             .nodes_in_order()
             .iter()
-            .map(|n| device_info(n, flat))
+            .map(|n| device_info(&d, n, flat))
             .collect();
         v.reverse();
         Ok(v)
@@ -160,7 +160,8 @@ pub async fn blockdev_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
     let res = d.graph.open(opts).await;
     d.sync_order();
     res.map_err(|e| errors::block(&e))?;
-    d.owned.borrow_mut().insert(name);
+    d.owned.borrow_mut().insert(name.clone());
+    d.add_opts.borrow_mut().insert(name, map);
     Ok(())
 }
 
@@ -227,20 +228,20 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
                 "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
             ));
         }
-        for (k, v) in m {
-            if matches!(
-                k.as_str(),
-                "driver" | "node-name" | "read-only" | "detect-zeroes" | "discard" | "cache"
-                    | "auto-read-only" | "force-share" | "active"
-            ) {
-                continue;
-            }
-            // Children must stay the same node; other options can't change.
-            let same_child = v
-                .as_str()
+        let before = d.add_opts.borrow().get(name).cloned().unwrap_or_default();
+        let keys: std::collections::BTreeSet<&String> = m
+            .keys()
+            .chain(before.keys())
+            .filter(|k| !COMMON_OPTS.contains(&k.as_str()))
+            .collect();
+        for k in keys {
+            // Children must stay the same node; driver options can't change.
+            let same_child = m
+                .get(k)
+                .and_then(Value::as_str)
                 .and_then(|s| node.child_named(k).map(|c| c.name() == s))
                 .unwrap_or(false);
-            if !same_child {
+            if !same_child && m.get(k) != before.get(k) {
                 return Err(QmpError::generic(format!("Cannot change the option '{k}'")));
             }
         }
@@ -324,7 +325,43 @@ fn image_info(n: &Node, nested: bool) -> ImageInfo {
     }
 }
 
-fn device_info(n: &Node, flat: bool) -> BlockDeviceInfo {
+/// Options that are not driver-specific (QEMU leaves them out of `json:`
+/// filenames and lets reopen change them).
+const COMMON_OPTS: &[&str] = &[
+    "driver",
+    "node-name",
+    "read-only",
+    "detect-zeroes",
+    "discard",
+    "cache",
+    "auto-read-only",
+    "force-share",
+    "active",
+];
+
+/// QEMU's `bdrv_refresh_filename` for protocol nodes without a file name
+/// of their own: options that the plain name cannot express turn the name
+/// into `json:{...}`.
+fn display_filename(d: &Daemon, n: &Node) -> String {
+    if n.format_name() == "null-co" {
+        if let Some(m) = d.add_opts.borrow().get(n.name()) {
+            let extra: Map<String, Value> = m
+                .iter()
+                .filter(|(k, _)| !COMMON_OPTS.contains(&k.as_str()) || k.as_str() == "driver")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if extra.len() > 1 {
+                return format!(
+                    "json:{}",
+                    crate::qmp::json_out::to_json(&Value::Object(extra), false)
+                );
+            }
+        }
+    }
+    n.filename()
+}
+
+fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
     let f = n.flags();
     let mut depth = 0;
     let mut b = n.backing();
@@ -332,8 +369,10 @@ fn device_info(n: &Node, flat: bool) -> BlockDeviceInfo {
         depth += 1;
         b = x.backing();
     }
+    let mut image = image_info(n, !flat);
+    image.filename = display_filename(d, n);
     BlockDeviceInfo {
-        file: n.filename(),
+        file: image.filename.clone(),
         node_name: Some(n.name().to_owned()),
         ro: f.read_only,
         drv: n.format_name().to_owned(),
@@ -352,7 +391,7 @@ fn device_info(n: &Node, flat: bool) -> BlockDeviceInfo {
         iops: 0,
         iops_rd: 0,
         iops_wr: 0,
-        image: image_info(n, !flat),
+        image,
         cache: CacheInfo {
             writeback: true,
             direct: f.cache_direct,

@@ -67,6 +67,9 @@ pub struct Daemon {
     pub iothreads: RefCell<Vec<(String, IoThread)>>,
     /// Chardev ids (for `qom-list /chardevs`).
     pub chardevs: RefCell<Vec<String>>,
+    /// The checked options each root node was added with (reopen compares
+    /// against them; QEMU's `json:` filenames are built from them).
+    pub add_opts: RefCell<std::collections::HashMap<String, serde_json::Map<String, Value>>>,
     /// Set by `quit`.
     pub quit: Cell<bool>,
 }
@@ -80,6 +83,7 @@ impl Daemon {
         let mut order = self.order.borrow_mut();
         order.retain(|n| names.contains(n));
         self.owned.borrow_mut().retain(|n| names.contains(n));
+        self.add_opts.borrow_mut().retain(|n, _| names.contains(n));
         let known: HashSet<String> = order.iter().cloned().collect();
         let mut new: Vec<_> = nodes
             .into_iter()
@@ -345,6 +349,7 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         owned: RefCell::new(HashSet::new()),
         iothreads: RefCell::new(Vec::new()),
         chardevs: RefCell::new(Vec::new()),
+        add_opts: RefCell::new(std::collections::HashMap::new()),
         quit: Cell::new(false),
     });
     let registry = commands::registry();
