@@ -406,7 +406,8 @@ impl JobManager {
         self.transition(&job, JobStatus::Created);
         let me = Rc::clone(self);
         let j = Rc::clone(&job);
-        self.ctx.spawn_detached(async move { me.run(j, body).await });
+        self.ctx
+            .spawn_detached(async move { me.run(j, body).await });
         Ok(job)
     }
 
@@ -532,7 +533,9 @@ mod tests {
         let l = Rc::clone(&log);
         let m = JobManager::new(
             Rc::clone(el.context()),
-            Rc::new(move |id: &str, s: JobStatus| l.borrow_mut().push(format!("{id}:{}", s.name()))),
+            Rc::new(move |id: &str, s: JobStatus| {
+                l.borrow_mut().push(format!("{id}:{}", s.name()))
+            }),
         );
         (el, m, log)
     }
@@ -555,7 +558,13 @@ mod tests {
         el.block_on(block_core::aio::yield_now());
         assert_eq!(
             *log.borrow(),
-            ["j1:created", "j1:running", "j1:waiting", "j1:pending", "j1:concluded"]
+            [
+                "j1:created",
+                "j1:running",
+                "j1:waiting",
+                "j1:pending",
+                "j1:concluded"
+            ]
         );
         assert_eq!(m.query()[0].current_progress, 1);
         assert_eq!(
@@ -570,8 +579,11 @@ mod tests {
     #[test]
     fn failure_and_manual_finalize() {
         let (el, m, log) = setup();
-        m.start(opts("bad", true, true), Box::pin(async { Err("boom".into()) }))
-            .unwrap();
+        m.start(
+            opts("bad", true, true),
+            Box::pin(async { Err("boom".into()) }),
+        )
+        .unwrap();
         m.start(opts("man", false, false), Box::pin(async { Ok(()) }))
             .unwrap();
         assert_eq!(

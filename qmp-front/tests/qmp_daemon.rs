@@ -234,7 +234,10 @@ fn blockdev_lifecycle_and_errors() {
         "Duplicate nodes with node-name='r0'"
     );
     assert_eq!(
-        c.err("blockdev-add", json!({"driver": "raw", "node-name": "r1", "file": "nope"})),
+        c.err(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r1", "file": "nope"})
+        ),
         "Cannot find device='nope' nor node-name='nope'"
     );
     assert_eq!(
@@ -246,7 +249,10 @@ fn blockdev_lifecycle_and_errors() {
         "Parameter 'driver' does not accept value 'nope'"
     );
     assert_eq!(
-        c.err("blockdev-add", json!({"driver": "null-co", "node-name": "x", "bad": 1})),
+        c.err(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "x", "bad": 1})
+        ),
         "Parameter 'bad' is unexpected"
     );
     let nodes = c.ok("query-named-block-nodes", json!({}));
@@ -256,9 +262,15 @@ fn blockdev_lifecycle_and_errors() {
     assert_eq!(nodes[0]["image"]["virtual-size"], 1 << 20);
     assert_eq!(nodes[0]["image"]["format"], "raw");
     assert_eq!(nodes[1]["drv"], "file");
-    assert_eq!(nodes[1]["image"]["format-specific"], json!({"type": "file", "data": {}}));
+    assert_eq!(
+        nodes[1]["image"]["format-specific"],
+        json!({"type": "file", "data": {}})
+    );
     assert_eq!(nodes[2]["node-name"], "n0");
-    assert_eq!(nodes[2]["cache"], json!({"writeback": true, "direct": false, "no-flush": false}));
+    assert_eq!(
+        nodes[2]["cache"],
+        json!({"writeback": true, "direct": false, "no-flush": false})
+    );
     let file_node = nodes[1]["node-name"].as_str().unwrap().to_owned();
     assert!(file_node.starts_with("#block"));
     assert_eq!(
@@ -271,19 +283,36 @@ fn blockdev_lifecycle_and_errors() {
     );
     // A named child in use.
     c.ok("blockdev-add", json!({"driver": "file", "node-name": "f0", "filename": img.to_str().unwrap(), "locking": "off"}));
-    c.ok("blockdev-add", json!({"driver": "raw", "node-name": "r2", "file": "f0"}));
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r2", "file": "f0"}),
+    );
     assert_eq!(
         c.err("blockdev-del", json!({"node-name": "f0"})),
         "Block device f0 is in use"
     );
     let g = c.ok("x-debug-query-block-graph", json!({}));
-    assert!(g["edges"].as_array().unwrap().iter().any(|e| e["name"] == "file"));
+    assert!(g["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "file"));
     let st = c.ok("query-blockstats", json!({"query-nodes": true}));
-    assert!(st.as_array().unwrap().iter().any(|s| s["node-name"] == "r0" && s["parent"]["driver-specific"]["driver"] == "file"));
+    assert!(st
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["node-name"] == "r0" && s["parent"]["driver-specific"]["driver"] == "file"));
     assert_eq!(c.ok("query-blockstats", json!({})), json!([]));
-    c.ok("block-set-write-threshold", json!({"node-name": "r0", "write-threshold": 4096}));
+    c.ok(
+        "block-set-write-threshold",
+        json!({"node-name": "r0", "write-threshold": 4096}),
+    );
     assert_eq!(
-        c.err("block-set-write-threshold", json!({"node-name": "zz", "write-threshold": 1})),
+        c.err(
+            "block-set-write-threshold",
+            json!({"node-name": "zz", "write-threshold": 1})
+        ),
         "Device 'zz' not found"
     );
     let n = c.ok("query-named-block-nodes", json!({"flat": true}));
@@ -298,7 +327,10 @@ fn blockdev_lifecycle_and_errors() {
     let n = c.ok("query-named-block-nodes", json!({"flat": true}));
     assert_eq!(n[0]["detect_zeroes"], "on");
     assert_eq!(
-        c.err("blockdev-reopen", json!({"options": [{"driver": "raw", "file": "f0"}]})),
+        c.err(
+            "blockdev-reopen",
+            json!({"options": [{"driver": "raw", "file": "f0"}]})
+        ),
         "node-name not specified"
     );
     c.ok("blockdev-del", json!({"node-name": "r2"}));
@@ -318,7 +350,9 @@ fn blockdev_create_job() {
         json!({"job-id": "j1", "options": {"driver": "file", "filename": img.to_str().unwrap(), "size": 1 << 20}}),
     );
     for st in ["created", "running", "waiting", "pending", "concluded"] {
-        c.wait_event("JOB_STATUS_CHANGE", |e| e["data"]["status"] == st && e["data"]["id"] == "j1");
+        c.wait_event("JOB_STATUS_CHANGE", |e| {
+            e["data"]["status"] == st && e["data"]["id"] == "j1"
+        });
     }
     let jobs = c.ok("query-jobs", json!({}));
     assert_eq!(
@@ -327,14 +361,20 @@ fn blockdev_create_job() {
     );
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
     assert_eq!(
-        c.err("blockdev-create", json!({"job-id": "j1", "options": {"driver": "file", "filename": "/tmp/x", "size": 1}})),
+        c.err(
+            "blockdev-create",
+            json!({"job-id": "j1", "options": {"driver": "file", "filename": "/tmp/x", "size": 1}})
+        ),
         "Job ID 'j1' already in use"
     );
     c.ok("job-dismiss", json!({"id": "j1"}));
     c.wait_event("JOB_STATUS_CHANGE", |e| e["data"]["status"] == "null");
     assert_eq!(c.err("job-dismiss", json!({"id": "j1"})), "Job not found");
     assert_eq!(
-        c.err("blockdev-create", json!({"job-id": "j3", "options": {"driver": "raw"}})),
+        c.err(
+            "blockdev-create",
+            json!({"job-id": "j3", "options": {"driver": "raw"}})
+        ),
         "Driver does not support blockdev-create"
     );
     let bad = d.dir.join("nodir/x.raw");
@@ -343,14 +383,22 @@ fn blockdev_create_job() {
         json!({"job-id": "j2", "options": {"driver": "file", "filename": bad.to_str().unwrap(), "size": 1 << 20}}),
     );
     c.wait_event("JOB_STATUS_CHANGE", |e| e["data"]["status"] == "aborting");
-    c.wait_event("JOB_STATUS_CHANGE", |e| e["data"]["id"] == "j2" && e["data"]["status"] == "concluded");
+    c.wait_event("JOB_STATUS_CHANGE", |e| {
+        e["data"]["id"] == "j2" && e["data"]["status"] == "concluded"
+    });
     let jobs = c.ok("query-jobs", json!({}));
     assert_eq!(
         jobs[0]["error"],
-        format!("Could not create '{}': No such file or directory", bad.display())
+        format!(
+            "Could not create '{}': No such file or directory",
+            bad.display()
+        )
     );
     // The image opens.
-    c.ok("blockdev-add", json!({"driver": "file", "node-name": "f", "filename": img.to_str().unwrap()}));
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": img.to_str().unwrap()}),
+    );
 }
 
 #[test]
@@ -381,18 +429,30 @@ fn bad_input_keeps_connection_usable() {
     // A huge string argument.
     let huge = "x".repeat(8 << 20);
     let r = c.cmd("blockdev-del", json!({"node-name": huge}));
-    assert!(r["error"]["desc"].as_str().unwrap().starts_with("Failed to find node"));
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .starts_with("Failed to find node"));
     c.ok("query-version", json!({}));
     // Non-object, wrong member types, unknown members.
     c.send(b"[1,2]");
-    assert_eq!(c.reply()["error"]["desc"], "QMP input must be a JSON object");
+    assert_eq!(
+        c.reply()["error"]["desc"],
+        "QMP input must be a JSON object"
+    );
     c.send(b"{\"execute\":\"query-version\",\"foo\":1}");
-    assert_eq!(c.reply()["error"]["desc"], "QMP input member 'foo' is unexpected");
+    assert_eq!(
+        c.reply()["error"]["desc"],
+        "QMP input member 'foo' is unexpected"
+    );
     assert_eq!(
         c.err("blockdev-del", json!({"node-name": 1})),
         "Invalid parameter type for 'node-name', expected: string"
     );
-    assert_eq!(c.err("blockdev-del", json!({})), "Parameter 'node-name' is missing");
+    assert_eq!(
+        c.err("blockdev-del", json!({})),
+        "Parameter 'node-name' is missing"
+    );
     c.ok("query-version", json!({}));
 }
 
@@ -417,10 +477,19 @@ fn stuck_client_does_not_block_others_and_disconnect_loses_nothing() {
     let start = Instant::now();
     loop {
         let jobs = c.ok("query-jobs", json!({}));
-        if jobs.as_array().unwrap().first().map(|j| j["status"] == "concluded") == Some(true) {
+        if jobs
+            .as_array()
+            .unwrap()
+            .first()
+            .map(|j| j["status"] == "concluded")
+            == Some(true)
+        {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "job never concluded");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "job never concluded"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 65536);
@@ -469,7 +538,11 @@ fn sigterm_and_quit_shut_down_cleanly() {
         .args(["-f", "raw", "-c", "write 0 4k", img.to_str().unwrap()])
         .output();
     if let Ok(out) = out {
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     let mut d = Daemon::start("quit", &[]);
@@ -483,7 +556,10 @@ fn sigterm_and_quit_shut_down_cleanly() {
 fn objects_and_qom() {
     let d = Daemon::start("obj", &["--object", "iothread,id=io0"]);
     let mut c = d.connect();
-    c.ok("object-add", json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 100}));
+    c.ok(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 100}),
+    );
     assert_eq!(
         c.err("object-add", json!({"qom-type": "iothread", "id": "io1"})),
         "attempt to add duplicate property 'io1' to object (type 'container')"
@@ -494,16 +570,34 @@ fn objects_and_qom() {
     );
     let l = c.ok("qom-list", json!({"path": "/objects"}));
     assert_eq!(l[1], json!({"name": "io0", "type": "child<iothread>"}));
-    assert_eq!(c.ok("qom-get", json!({"path": "/objects/io1", "property": "poll-max-ns"})), 100);
-    c.ok("qom-set", json!({"path": "/objects/io1", "property": "poll-max-ns", "value": 7}));
-    assert_eq!(c.ok("qom-get", json!({"path": "/objects/io1", "property": "poll-max-ns"})), 7);
+    assert_eq!(
+        c.ok(
+            "qom-get",
+            json!({"path": "/objects/io1", "property": "poll-max-ns"})
+        ),
+        100
+    );
+    c.ok(
+        "qom-set",
+        json!({"path": "/objects/io1", "property": "poll-max-ns", "value": 7}),
+    );
+    assert_eq!(
+        c.ok(
+            "qom-get",
+            json!({"path": "/objects/io1", "property": "poll-max-ns"})
+        ),
+        7
+    );
     let r = c.cmd("qom-get", json!({"path": "/objects/zz", "property": "x"}));
     assert_eq!(r["error"]["class"], "DeviceNotFound");
     let t = c.ok("query-iothreads", json!({}));
     assert_eq!(t.as_array().unwrap().len(), 2);
     assert!(t[0]["thread-id"].as_i64().unwrap() > 0);
     c.ok("object-del", json!({"id": "io1"}));
-    assert_eq!(c.err("object-del", json!({"id": "io1"})), "object 'io1' not found");
+    assert_eq!(
+        c.err("object-del", json!({"id": "io1"})),
+        "object 'io1' not found"
+    );
 }
 
 fn run_stratad(args: &[&str], cwd: &Path) -> (i32, String, String) {

@@ -165,8 +165,7 @@ pub fn parse(args: &[String]) -> Result<Cli, CliError> {
             };
             apply(&mut cli, lname, arg);
         } else if a.len() > 1 && a.starts_with('-') {
-            let mut chars = a[1..].char_indices();
-            while let Some((pos, c)) = chars.next() {
+            for (pos, c) in a[1..].char_indices() {
                 match c {
                     'h' => cli.help = true,
                     'V' => cli.version = true,
@@ -282,7 +281,15 @@ mod tests {
 
     #[test]
     fn forms() {
-        let c = p(&["--block=null-co", "--chardev", "stdio,id=s", "-T", "x*", "-V"]).unwrap();
+        let c = p(&[
+            "--block=null-co",
+            "--chardev",
+            "stdio,id=s",
+            "-T",
+            "x*",
+            "-V",
+        ])
+        .unwrap();
         assert_eq!(
             c.items,
             vec![

@@ -28,68 +28,90 @@ pub fn registry() -> Registry<Daemon> {
         d.quit.set(true);
         Ok(Empty {})
     });
-    r.command("blockdev-add", |d: Rc<Daemon>, a: BlockdevOptions| async move {
-        blockdev_add(&d, a.map).await.map(|_| Empty {})
-    });
+    r.command(
+        "blockdev-add",
+        |d: Rc<Daemon>, a: BlockdevOptions| async move {
+            blockdev_add(&d, a.map).await.map(|_| Empty {})
+        },
+    );
     r.command("blockdev-del", |d: Rc<Daemon>, a: NodeNameArg| async move {
         blockdev_del(&d, &a.node_name).await.map(|_| Empty {})
     });
-    r.command("x-blockdev-del", |d: Rc<Daemon>, a: NodeNameArg| async move {
-        blockdev_del(&d, &a.node_name).await.map(|_| Empty {})
-    });
+    r.command(
+        "x-blockdev-del",
+        |d: Rc<Daemon>, a: NodeNameArg| async move {
+            blockdev_del(&d, &a.node_name).await.map(|_| Empty {})
+        },
+    );
     r.command("blockdev-reopen", |d: Rc<Daemon>, a: BlockdevReopenArgs| async move {
         reopen(&d, a.options).map(|_| Empty {})
     });
-    r.command("query-named-block-nodes", |d: Rc<Daemon>, a: QueryNodesArgs| async move {
-        let flat = a.flat.unwrap_or(false);
-        let mut v: Vec<BlockDeviceInfo> = d
-            .nodes_in_order()
-            .iter()
-            .map(|n| device_info(&d, n, flat))
-            .collect();
-        v.reverse();
-        Ok(v)
-    });
+    r.command(
+        "query-named-block-nodes",
+        |d: Rc<Daemon>, a: QueryNodesArgs| async move {
+            let flat = a.flat.unwrap_or(false);
+            let mut v: Vec<BlockDeviceInfo> = d
+                .nodes_in_order()
+                .iter()
+                .map(|n| device_info(&d, n, flat))
+                .collect();
+            v.reverse();
+            Ok(v)
+        },
+    );
     r.command("query-block", |_d: Rc<Daemon>, _: Empty| async move {
         Ok(Vec::<BlockInfo>::new())
     });
-    r.command("query-blockstats", |d: Rc<Daemon>, a: QueryBlockstatsArgs| async move {
-        if !a.query_nodes.unwrap_or(false) {
-            return Ok(Vec::new());
-        }
-        Ok(d.nodes_in_order().iter().map(|n| node_stats(n)).collect::<Vec<_>>())
-    });
-    r.command("x-debug-query-block-graph", |d: Rc<Daemon>, _: Empty| async move {
-        Ok(block_graph(&d))
-    });
-    r.command("block_resize", |d: Rc<Daemon>, a: BlockResizeArgs| async move {
-        let dev = a.device.clone().unwrap_or_default();
-        let nn = a.node_name.clone().unwrap_or_default();
-        // The daemon has no named BlockBackends (devices), so only the
-        // node name can match, as in qemu-storage-daemon.
-        let node = a
-            .node_name
-            .as_deref()
-            .and_then(|n| d.graph.node(n))
-            .ok_or_else(|| errors::device_or_node_not_found(&dev, &nn))?;
-        if a.size < 0 {
-            return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
-        }
-        let be = block_core::BlockBackend::new("", &node, Perm::RESIZE, Perm::ALL)
-            .map_err(|e| errors::block(&e))?;
-        let r = be.truncate(a.size as u64, false, Prealloc::Off).await;
-        be.detach();
-        r.map_err(|e| errors::block(&e))?;
-        Ok(Empty {})
-    });
-    r.command("block-set-write-threshold", |d: Rc<Daemon>, a: WriteThresholdArgs| async move {
-        let n = d
-            .graph
-            .node(&a.node_name)
-            .ok_or_else(|| errors::device_not_found_generic(&a.node_name))?;
-        n.set_write_threshold(a.write_threshold);
-        Ok(Empty {})
-    });
+    r.command(
+        "query-blockstats",
+        |d: Rc<Daemon>, a: QueryBlockstatsArgs| async move {
+            if !a.query_nodes.unwrap_or(false) {
+                return Ok(Vec::new());
+            }
+            Ok(d.nodes_in_order()
+                .iter()
+                .map(|n| node_stats(n))
+                .collect::<Vec<_>>())
+        },
+    );
+    r.command(
+        "x-debug-query-block-graph",
+        |d: Rc<Daemon>, _: Empty| async move { Ok(block_graph(&d)) },
+    );
+    r.command(
+        "block_resize",
+        |d: Rc<Daemon>, a: BlockResizeArgs| async move {
+            let dev = a.device.clone().unwrap_or_default();
+            let nn = a.node_name.clone().unwrap_or_default();
+            // The daemon has no named BlockBackends (devices), so only the
+            // node name can match, as in qemu-storage-daemon.
+            let node = a
+                .node_name
+                .as_deref()
+                .and_then(|n| d.graph.node(n))
+                .ok_or_else(|| errors::device_or_node_not_found(&dev, &nn))?;
+            if a.size < 0 {
+                return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+            }
+            let be = block_core::BlockBackend::new("", &node, Perm::RESIZE, Perm::ALL)
+                .map_err(|e| errors::block(&e))?;
+            let r = be.truncate(a.size as u64, false, Prealloc::Off).await;
+            be.detach();
+            r.map_err(|e| errors::block(&e))?;
+            Ok(Empty {})
+        },
+    );
+    r.command(
+        "block-set-write-threshold",
+        |d: Rc<Daemon>, a: WriteThresholdArgs| async move {
+            let n = d
+                .graph
+                .node(&a.node_name)
+                .ok_or_else(|| errors::device_not_found_generic(&a.node_name))?;
+            n.set_write_threshold(a.write_threshold);
+            Ok(Empty {})
+        },
+    );
     r.command("blockdev-create", |d: Rc<Daemon>, a: BlockdevCreateArgs| async move {
         blockdev_create(&d, a).map(|_| Empty {})
     });
@@ -138,7 +160,9 @@ pub fn registry() -> Registry<Daemon> {
             })
             .collect::<Vec<_>>())
     });
-    r.command("qom-list", |d: Rc<Daemon>, a: QomListArgs| async move { qom_list(&d, &a.path) });
+    r.command("qom-list", |d: Rc<Daemon>, a: QomListArgs| async move {
+        qom_list(&d, &a.path)
+    });
     r.command("qom-get", |d: Rc<Daemon>, a: QomGetArgs| async move {
         qom_get(&d, &a.path, &a.property)
     });
@@ -151,7 +175,11 @@ pub fn registry() -> Registry<Daemon> {
 /// `blockdev-add` (and `--blockdev`): opens the node tree through the
 /// driver registry.
 pub async fn blockdev_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
-    let Some(name) = map.get("node-name").and_then(Value::as_str).map(str::to_owned) else {
+    let Some(name) = map
+        .get("node-name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
         return Err(QmpError::generic(
             "'node-name' must be specified for the root node",
         ));
@@ -172,7 +200,10 @@ fn is_parent_edge(d: &Daemon, node: &Node, who: &str) -> bool {
 }
 
 async fn blockdev_del(d: &Daemon, name: &str) -> R<()> {
-    let node = d.graph.node(name).ok_or_else(|| errors::node_not_found(name))?;
+    let node = d
+        .graph
+        .node(name)
+        .ok_or_else(|| errors::node_not_found(name))?;
     let users = node.users();
     if users.iter().any(|u| !is_parent_edge(d, &node, &u.who)) {
         return Err(QmpError::generic(format!("Node {name} is in use")));
@@ -199,7 +230,10 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
             .get("node-name")
             .and_then(Value::as_str)
             .ok_or_else(|| QmpError::generic("node-name not specified"))?;
-        let node = d.graph.node(name).ok_or_else(|| errors::node_not_found(name))?;
+        let node = d
+            .graph
+            .node(name)
+            .ok_or_else(|| errors::node_not_found(name))?;
         let drv = m.get("driver").and_then(Value::as_str).unwrap_or_default();
         if drv != node.format_name() {
             return Err(QmpError::generic("Cannot change the option 'driver'"));
@@ -291,7 +325,12 @@ fn actual_size(n: &Node) -> i64 {
         _ => n
             .children()
             .iter()
-            .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Primary | ChildRole::Data | ChildRole::Filtered))
+            .filter(|c| {
+                matches!(
+                    c.role,
+                    ChildRole::File | ChildRole::Primary | ChildRole::Data | ChildRole::Filtered
+                )
+            })
             .map(|c| actual_size(&c.node))
             .sum(),
     }
@@ -495,7 +534,9 @@ fn block_graph(d: &Daemon) -> BlockGraph {
     for n in &nodes {
         for c in n.children() {
             let u = c.node.users().into_iter().find(|u| u.id == c.user_id);
-            let (perm, shared) = u.map(|u| (u.perm, u.shared)).unwrap_or((Perm::NONE, Perm::ALL));
+            let (perm, shared) = u
+                .map(|u| (u.perm, u.shared))
+                .unwrap_or((Perm::NONE, Perm::ALL));
             edges.push(GraphEdge {
                 parent: id_of(n.name()),
                 child: id_of(c.node.name()),
@@ -545,7 +586,9 @@ fn blockdev_create(d: &Daemon, a: BlockdevCreateArgs) -> R<()> {
             QmpError::generic("Driver does not support blockdev-create")
         }
     })?;
-    d.jobs.check_new_id(&a.job_id).map_err(|e| errors::job(&e))?;
+    d.jobs
+        .check_new_id(&a.job_id)
+        .map_err(|e| errors::job(&e))?;
     let body = create(Rc::clone(&d.graph), to_options(&map)).map_err(QmpError::generic)?;
     d.jobs
         .start(
@@ -572,7 +615,11 @@ const IOTHREAD_PROPS: [(&str, i64); 6] = [
 
 /// `object-add` (and `--object`): only `iothread` today.
 pub fn object_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
-    let id = map.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let id = map
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if !block_core::graph::id_wellformed(&id) {
         return Err(QmpError::generic("Parameter 'id' expects an identifier"));
     }
@@ -588,8 +635,9 @@ pub fn object_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
             props.insert(*name, v.as_i64().unwrap_or(0));
         }
     }
-    let handle = block_core::EventLoop::spawn_thread(&format!("IO {id}"), block_core::AioMode::Auto)
-        .map_err(|e| errors::block(&e))?;
+    let handle =
+        block_core::EventLoop::spawn_thread(&format!("IO {id}"), block_core::AioMode::Auto)
+            .map_err(|e| errors::block(&e))?;
     let thread_id = handle
         .submit(|_| async { super::sys::gettid() })
         .wait()
@@ -658,7 +706,10 @@ fn qom_list(d: &Daemon, path: &str) -> R<Vec<PropertyInfo>> {
 }
 
 fn qom_get(d: &Daemon, path: &str, property: &str) -> R<Value> {
-    let id = path.trim_end_matches('/').strip_prefix("/objects/").unwrap_or("");
+    let id = path
+        .trim_end_matches('/')
+        .strip_prefix("/objects/")
+        .unwrap_or("");
     let t = d.iothreads.borrow();
     let Some((_, th)) = t.iter().find(|(i, _)| i == id) else {
         return match path.trim_end_matches('/') {
@@ -680,7 +731,10 @@ fn qom_get(d: &Daemon, path: &str, property: &str) -> R<Value> {
 }
 
 fn qom_set(d: &Daemon, path: &str, property: &str, value: Value) -> R<()> {
-    let id = path.trim_end_matches('/').strip_prefix("/objects/").unwrap_or("");
+    let id = path
+        .trim_end_matches('/')
+        .strip_prefix("/objects/")
+        .unwrap_or("");
     let t = d.iothreads.borrow();
     let (_, th) = t
         .iter()
@@ -704,7 +758,10 @@ pub fn cli_nbd(d: &Daemon, item: &Item, _el: &block_core::EventLoop) -> Result<(
     let m = crate::qmp::keyval::parse(item.arg(), None).map_err(|e| e.0)?;
     match item {
         Item::Export(_) => {
-            let node = m.get("node-name").and_then(Value::as_str).unwrap_or_default();
+            let node = m
+                .get("node-name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             if d.graph.node(node).is_none() {
                 return Err(format!("Cannot find device='' nor node-name='{node}'"));
             }

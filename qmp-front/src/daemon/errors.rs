@@ -83,7 +83,10 @@ mod tests {
             path: "/x".into(),
             source: std::io::Error::from_raw_os_error(2),
         };
-        assert_eq!(block(&e).desc, "Could not open '/x': No such file or directory");
+        assert_eq!(
+            block(&e).desc,
+            "Could not open '/x': No such file or directory"
+        );
         assert_eq!(
             device_not_found("/objects/zz").class,
             QmpErrorClass::DeviceNotFound

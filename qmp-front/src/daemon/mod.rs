@@ -11,12 +11,14 @@
 //! Start-up follows qemu-storage-daemon: options are applied in
 //! command-line order, the first error is printed as
 //! `PROG: --option ARG: message` and exits with status 1.
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod commands;
 pub mod errors;
 pub mod monitor;
 pub mod qapi;
+#[allow(unsafe_code)]
 pub mod sys;
 
 use std::cell::{Cell, RefCell};
@@ -222,9 +224,26 @@ fn parse_chardev(arg: &str, have_stdio: bool) -> Result<Chardev, String> {
         }
     };
     let known = [
-        "backend", "id", "path", "host", "port", "server", "wait", "nodelay", "telnet", "to",
-        "ipv4", "ipv6", "reconnect", "reconnect-ms", "abstract", "tight", "mux", "signal",
-        "logfile", "logappend",
+        "backend",
+        "id",
+        "path",
+        "host",
+        "port",
+        "server",
+        "wait",
+        "nodelay",
+        "telnet",
+        "to",
+        "ipv4",
+        "ipv6",
+        "reconnect",
+        "reconnect-ms",
+        "abstract",
+        "tight",
+        "mux",
+        "signal",
+        "logfile",
+        "logappend",
     ];
     if let Some(k) = m.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("Invalid parameter '{k}'"));
@@ -233,13 +252,20 @@ fn parse_chardev(arg: &str, have_stdio: bool) -> Result<Chardev, String> {
         "socket" => {
             let ep = match (get("path"), get("host"), get("port")) {
                 (Some(p), _, _) => Endpoint::Unix(p),
-                (None, host, Some(port)) => Endpoint::Tcp(host.unwrap_or_else(|| "0.0.0.0".into()), port),
+                (None, host, Some(port)) => {
+                    Endpoint::Tcp(host.unwrap_or_else(|| "0.0.0.0".into()), port)
+                }
                 (None, Some(_), None) => return Err("chardev: socket: no port given".into()),
                 (None, None, None) => return Err("Unable to parse FD number ".into()),
             };
             let server = flag("server", false)?;
             let wait = flag("wait", server)?;
-            Ok(Chardev { id, ep, server, wait })
+            Ok(Chardev {
+                id,
+                ep,
+                server,
+                wait,
+            })
         }
         "stdio" => {
             if have_stdio {
@@ -369,7 +395,10 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
             .unwrap_or_else(|_| DEFAULT_SOCKET.into());
         let p = path.display().to_string();
         items = vec![
-            Item::Chardev(format!("socket,id=qmp0,path={},server=on,wait=off", p.replace(',', ",,"))),
+            Item::Chardev(format!(
+                "socket,id=qmp0,path={},server=on,wait=off",
+                p.replace(',', ",,")
+            )),
             Item::Monitor("chardev=qmp0".into()),
             Item::Blockdev("driver=null-co,node-name=demo0,size=67108864".into()),
         ];
@@ -381,8 +410,8 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         let fail = |m: String| StartError(format!("{} {}: {m}", item.option(), item.arg()));
         match item {
             Item::Blockdev(a) => {
-                let opts: qapi::BlockdevOptions = keyval::parse_option(a, Some("driver"))
-                    .map_err(|e| fail(e.0))?;
+                let opts: qapi::BlockdevOptions =
+                    keyval::parse_option(a, Some("driver")).map_err(|e| fail(e.0))?;
                 el.block_on(commands::blockdev_add(&daemon, opts.map))
                     .map_err(|e| fail(e.desc))?;
             }
@@ -419,7 +448,10 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
                         )));
                     }
                 }
-                if let Some(k) = m.keys().find(|k| !["chardev", "pretty", "mode", "id"].contains(&k.as_str())) {
+                if let Some(k) = m
+                    .keys()
+                    .find(|k| !["chardev", "pretty", "mode", "id"].contains(&k.as_str()))
+                {
                     return Err(fail(format!("Parameter '{k}' is unexpected")));
                 }
                 let c = chardevs
@@ -434,7 +466,8 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
                             progname(),
                             match &c.ep {
                                 Endpoint::Unix(p) => format!("disconnected:unix:{p},server=on"),
-                                Endpoint::Tcp(h, p) => format!("disconnected:tcp:{h}:{p},server=on"),
+                                Endpoint::Tcp(h, p) =>
+                                    format!("disconnected:tcp:{h}:{p},server=on"),
                                 Endpoint::Stdio => String::new(),
                             }
                         );
@@ -464,7 +497,9 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         println!("QMP socket: {p}");
         println!("Connect with:  socat - UNIX-CONNECT:{DEFAULT_SOCKET}   (then type {{\"execute\":\"qmp_capabilities\"}})");
         println!("          or:  qmp-shell {DEFAULT_SOCKET}");
-        println!("Demo node 'demo0' (null-co, 64 MiB). Stop with Ctrl-C or {{\"execute\":\"quit\"}}.");
+        println!(
+            "Demo node 'demo0' (null-co, 64 MiB). Stop with Ctrl-C or {{\"execute\":\"quit\"}}."
+        );
     }
     if let Some(pipe) = pipe {
         sys::daemon_ready(pipe).map_err(|e| StartError(e.to_string()))?;
@@ -495,25 +530,37 @@ fn accept_first(
             let h = Arc::clone(hub);
             let d = Arc::clone(disp);
             let c2 = cfg.clone();
-            let _ = std::thread::Builder::new().name("qmp-in".into()).spawn(move || {
-                let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
-                    return;
-                };
-                monitor::serve(
-                    &h,
-                    &d,
-                    c2,
-                    Box::new(s),
-                    Box::new(w),
-                    Box::new(move || {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
-                    }),
-                );
-            });
-            monitor::serve_listener(monitor::Listener::Unix(l), Arc::clone(hub), Arc::clone(disp), cfg);
+            let _ = std::thread::Builder::new()
+                .name("qmp-in".into())
+                .spawn(move || {
+                    let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
+                        return;
+                    };
+                    monitor::serve(
+                        &h,
+                        &d,
+                        c2,
+                        Box::new(s),
+                        Box::new(w),
+                        Box::new(move || {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }),
+                    );
+                });
+            monitor::serve_listener(
+                monitor::Listener::Unix(l),
+                Arc::clone(hub),
+                Arc::clone(disp),
+                cfg,
+            );
         }
         monitor::Listener::Tcp(l) => {
-            monitor::serve_listener(monitor::Listener::Tcp(l), Arc::clone(hub), Arc::clone(disp), cfg);
+            monitor::serve_listener(
+                monitor::Listener::Tcp(l),
+                Arc::clone(hub),
+                Arc::clone(disp),
+                cfg,
+            );
         }
     }
     Ok(())
@@ -527,8 +574,10 @@ fn forward_event(hub: &Hub, ev: BlockEvent) {
             write_threshold,
         } => hub.emit(
             "BLOCK_WRITE_THRESHOLD",
-            Some(json!({"node-name": node_name, "amount-exceeded": amount_exceeded,
-                "write-threshold": write_threshold})),
+            Some(
+                json!({"node-name": node_name, "amount-exceeded": amount_exceeded,
+                "write-threshold": write_threshold}),
+            ),
         ),
         BlockEvent::ImageCorrupted {
             device,
@@ -538,7 +587,8 @@ fn forward_event(hub: &Hub, ev: BlockEvent) {
             size,
             fatal,
         } => {
-            let mut d = json!({"device": device, "node-name": node_name, "msg": msg, "fatal": fatal});
+            let mut d =
+                json!({"device": device, "node-name": node_name, "msg": msg, "fatal": fatal});
             if let Some(o) = offset {
                 d["offset"] = o.into();
             }
@@ -556,8 +606,10 @@ fn forward_event(hub: &Hub, ev: BlockEvent) {
             reason,
         } => hub.emit(
             "BLOCK_IO_ERROR",
-            Some(json!({"device": device, "node-name": node_name, "operation": operation,
-                "action": action, "nospace": nospace, "reason": reason})),
+            Some(
+                json!({"device": device, "node-name": node_name, "operation": operation,
+                "action": action, "nospace": nospace, "reason": reason}),
+            ),
         ),
         _ => {}
     }

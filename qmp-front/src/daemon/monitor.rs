@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::qmp::json_out::to_json;
-use crate::qmp::protocol::{Incoming, Request, SessionConfig, Timestamp};
 use crate::qmp::protocol::Session;
+use crate::qmp::protocol::{Incoming, Request, SessionConfig, Timestamp};
 
 /// Lines a connection may have queued before it is dropped.
 const QUEUE_LINES: usize = 4096;
@@ -128,7 +128,10 @@ impl Hub {
                 if left.is_zero() {
                     break;
                 }
-                d = cv.wait_timeout(d, left).unwrap_or_else(|e| e.into_inner()).0;
+                d = cv
+                    .wait_timeout(d, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             (c.closer)();
         }
@@ -150,8 +153,13 @@ pub struct Outcome {
 /// Executes requests on the loop thread (implemented by the daemon).
 pub trait Dispatcher: Send + Sync {
     /// Runs `req` for a session in the given state; blocks until the reply.
-    fn execute(&self, cfg: SessionConfig, negotiated: bool, oob: bool, req: Request)
-        -> Option<Outcome>;
+    fn execute(
+        &self,
+        cfg: SessionConfig,
+        negotiated: bool,
+        oob: bool,
+        req: Request,
+    ) -> Option<Outcome>;
     /// Starts a clean shutdown (after `quit`).
     fn shutdown(&self);
 }
@@ -237,7 +245,11 @@ pub fn serve(
     let _ = tx.send(Out::Close);
 }
 
-fn write_loop(rx: Receiver<Out>, mut wr: Box<dyn Write + Send>, done: Arc<(Mutex<bool>, std::sync::Condvar)>) {
+fn write_loop(
+    rx: Receiver<Out>,
+    mut wr: Box<dyn Write + Send>,
+    done: Arc<(Mutex<bool>, std::sync::Condvar)>,
+) {
     while let Ok(o) = rx.recv() {
         match o {
             Out::Line(l) => {
@@ -265,40 +277,44 @@ pub enum Endpoint {
 }
 
 fn spawn_conn_unix(hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: SessionConfig, s: UnixStream) {
-    let _ = std::thread::Builder::new().name("qmp-in".into()).spawn(move || {
-        let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
-            return;
-        };
-        serve(
-            &hub,
-            &disp,
-            cfg,
-            Box::new(s),
-            Box::new(w),
-            Box::new(move || {
-                let _ = c.shutdown(Shutdown::Both);
-            }),
-        );
-    });
+    let _ = std::thread::Builder::new()
+        .name("qmp-in".into())
+        .spawn(move || {
+            let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
+                return;
+            };
+            serve(
+                &hub,
+                &disp,
+                cfg,
+                Box::new(s),
+                Box::new(w),
+                Box::new(move || {
+                    let _ = c.shutdown(Shutdown::Both);
+                }),
+            );
+        });
 }
 
 fn spawn_conn_tcp(hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: SessionConfig, s: TcpStream) {
     let _ = s.set_nodelay(true);
-    let _ = std::thread::Builder::new().name("qmp-in".into()).spawn(move || {
-        let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
-            return;
-        };
-        serve(
-            &hub,
-            &disp,
-            cfg,
-            Box::new(s),
-            Box::new(w),
-            Box::new(move || {
-                let _ = c.shutdown(Shutdown::Both);
-            }),
-        );
-    });
+    let _ = std::thread::Builder::new()
+        .name("qmp-in".into())
+        .spawn(move || {
+            let (Ok(w), Ok(c)) = (s.try_clone(), s.try_clone()) else {
+                return;
+            };
+            serve(
+                &hub,
+                &disp,
+                cfg,
+                Box::new(s),
+                Box::new(w),
+                Box::new(move || {
+                    let _ = c.shutdown(Shutdown::Both);
+                }),
+            );
+        });
 }
 
 /// A bound but not yet serving server socket.
@@ -330,12 +346,7 @@ pub fn bind(ep: &Endpoint) -> Result<Listener, String> {
             })?;
             TcpListener::bind((host.as_str(), p))
                 .map(Listener::Tcp)
-                .map_err(|e| {
-                    format!(
-                        "Failed to bind socket: {}",
-                        jobs::create::os_text(&e)
-                    )
-                })
+                .map_err(|e| format!("Failed to bind socket: {}", jobs::create::os_text(&e)))
         }
         Endpoint::Stdio => Err("stdio is not a server socket".into()),
     }
@@ -362,11 +373,19 @@ pub fn serve_listener(l: Listener, hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg
 }
 
 /// Connects out (a client-mode socket chardev) and serves the connection.
-pub fn connect(ep: &Endpoint, hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: SessionConfig) -> Result<(), String> {
+pub fn connect(
+    ep: &Endpoint,
+    hub: Arc<Hub>,
+    disp: Arc<dyn Dispatcher>,
+    cfg: SessionConfig,
+) -> Result<(), String> {
     match ep {
         Endpoint::Unix(path) => {
             let s = UnixStream::connect(path).map_err(|e| {
-                format!("Failed to connect to '{path}': {}", jobs::create::os_text(&e))
+                format!(
+                    "Failed to connect to '{path}': {}",
+                    jobs::create::os_text(&e)
+                )
             })?;
             spawn_conn_unix(hub, disp, cfg, s);
         }
@@ -386,14 +405,16 @@ pub fn connect(ep: &Endpoint, hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: Ses
 
 /// Serves a monitor on stdin/stdout.
 pub fn serve_stdio(hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: SessionConfig) {
-    let _ = std::thread::Builder::new().name("qmp-stdio".into()).spawn(move || {
-        serve(
-            &hub,
-            &disp,
-            cfg,
-            Box::new(std::io::stdin()),
-            Box::new(std::io::stdout()),
-            Box::new(|| {}),
-        );
-    });
+    let _ = std::thread::Builder::new()
+        .name("qmp-stdio".into())
+        .spawn(move || {
+            serve(
+                &hub,
+                &disp,
+                cfg,
+                Box::new(std::io::stdin()),
+                Box::new(std::io::stdout()),
+                Box::new(|| {}),
+            );
+        });
 }
