@@ -48,8 +48,9 @@ def rss_kib(pid):
 def measure(binary, paths, fmt, calls):
     d = tempfile.mkdtemp(prefix="bench-")
     sock = os.path.join(d, "qmp.sock")
-    args = [binary, "--chardev", f"socket,id=m,path={sock},server=on,wait=off",
-            "--monitor", "chardev=m"] + blockdev_args(paths, fmt)
+    # Nodes first, so the greeting comes only once all of them are open.
+    args = [binary] + blockdev_args(paths, fmt) + [
+        "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
