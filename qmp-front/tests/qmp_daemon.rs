@@ -675,3 +675,50 @@ fn default_configuration() {
     assert!(!dir.join("stratad.qmp").exists(), "socket removed at exit");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A daemon killed while creating an image leaves no half-written image
+/// under the requested name: either nothing or the complete image.
+#[test]
+fn killed_during_create_leaves_no_partial_image() {
+    let mut d = Daemon::start("crash", &[]);
+    let img = d.dir.join("big.raw");
+    let size: u64 = 1 << 30;
+    let mut c = d.connect();
+    c.ok(
+        "blockdev-create",
+        json!({"job-id": "j", "options": {"driver": "file", "filename": img.to_str().unwrap(),
+            "size": size, "preallocation": "full"}}),
+    );
+    std::thread::sleep(Duration::from_millis(40));
+    d.signal("KILL");
+    d.wait(Duration::from_secs(10));
+    match std::fs::metadata(&img) {
+        Err(_) => {}
+        Ok(m) => assert_eq!(m.len(), size, "a visible image is complete"),
+    }
+}
+
+#[test]
+fn nbd_options_are_checked() {
+    let dir = tmpdir("nbdopt");
+    let (code, _, err) = run_stratad(&["--nbd-server", "addr.type=unix"], &dir);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "stratad: --nbd-server addr.type=unix: Parameter 'addr.path' is missing\n"
+    );
+    let (_, _, err) = run_stratad(
+        &[
+            "--blockdev",
+            "null-co,node-name=n",
+            "--export",
+            "nbd,id=e,node-name=n,bogus=1",
+        ],
+        &dir,
+    );
+    assert_eq!(
+        err,
+        "stratad: --export nbd,id=e,node-name=n,bogus=1: Parameter 'bogus' is unexpected\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

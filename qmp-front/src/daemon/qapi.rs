@@ -1058,3 +1058,154 @@ fn to_optvalue(v: &Value) -> block_core::OptValue {
         Value::Object(m) => OptValue::Map(to_options(m)),
     }
 }
+
+qmp_enum! {
+    /// `SocketAddressType`.
+    pub enum SocketAddressType("SocketAddressType") {
+        /// inet
+        Inet = "inet",
+        /// unix
+        Unix = "unix",
+        /// vsock
+        Vsock = "vsock",
+        /// fd
+        Fd = "fd",
+    }
+}
+
+fn inet_addr() -> TypeDesc {
+    obj(
+        "InetSocketAddress",
+        vec![
+            m("host", String::describe, false),
+            m("port", String::describe, false),
+            m("numeric", bool::describe, true),
+            m("to", u16::describe, true),
+            m("ipv4", bool::describe, true),
+            m("ipv6", bool::describe, true),
+            m("keep-alive", bool::describe, true),
+            m("mptcp", bool::describe, true),
+        ],
+    )
+}
+
+fn unix_addr() -> TypeDesc {
+    obj(
+        "UnixSocketAddress",
+        vec![
+            m("path", String::describe, false),
+            m("abstract", bool::describe, true),
+            m("tight", bool::describe, true),
+        ],
+    )
+}
+
+fn vsock_addr() -> TypeDesc {
+    obj(
+        "VsockSocketAddress",
+        vec![
+            m("cid", String::describe, false),
+            m("port", String::describe, false),
+        ],
+    )
+}
+
+fn fd_addr() -> TypeDesc {
+    obj("FdSocketAddress", vec![m("str", String::describe, false)])
+}
+
+/// `SocketAddress` (flat union on `type`).
+pub fn socket_address() -> TypeDesc {
+    TypeDesc::Object {
+        name: "SocketAddress",
+        members: vec![m("type", SocketAddressType::describe, false)],
+        union: Some(Union {
+            tag: "type",
+            variants: vec![
+                ("inet", inet_addr as DescFn),
+                ("unix", unix_addr),
+                ("vsock", vsock_addr),
+                ("fd", fd_addr),
+            ],
+        }),
+    }
+}
+
+/// Marker for `NbdServerOptions` (`--nbd-server`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerOptionsD;
+impl Describe for NbdServerOptionsD {
+    fn describe() -> TypeDesc {
+        obj(
+            "NbdServerOptions",
+            vec![
+                m("handshake-max-seconds", u32::describe, true),
+                m("tls-creds", String::describe, true),
+                m("tls-authz", String::describe, true),
+                m("max-connections", u32::describe, true),
+                m("addr", socket_address, false),
+            ],
+        )
+    }
+}
+
+/// `--nbd-server`'s argument.
+pub type NbdServerOptions = Checked<NbdServerOptionsD>;
+
+qmp_enum! {
+    /// `BlockExportType` (the types this daemon can serve).
+    pub enum BlockExportType("BlockExportType") {
+        /// NBD.
+        Nbd = "nbd",
+    }
+}
+
+qmp_struct! {
+    /// `BlockDirtyBitmapOrStr` is kept as a name.
+    pub struct ExportBitmap("BlockDirtyBitmap") {
+        /// Node.
+        "node" => pub node: String,
+        /// Bitmap name.
+        "name" => pub name: String,
+    }
+}
+
+fn export_nbd() -> TypeDesc {
+    obj(
+        "BlockExportOptionsNbd",
+        vec![
+            m("name", String::describe, true),
+            m("description", String::describe, true),
+            m("bitmaps", Vec::<String>::describe, true),
+            m("allocation-depth", bool::describe, true),
+        ],
+    )
+}
+
+/// Marker for `BlockExportOptions` (`--export`, `block-export-add`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockExportOptionsD;
+impl Describe for BlockExportOptionsD {
+    fn describe() -> TypeDesc {
+        TypeDesc::Object {
+            name: "BlockExportOptions",
+            members: vec![
+                m("type", BlockExportType::describe, false),
+                m("id", String::describe, false),
+                m("fixed-iothread", bool::describe, true),
+                m("iothread", String::describe, true),
+                m("node-name", String::describe, false),
+                m("writable", bool::describe, true),
+                m("writethrough", bool::describe, true),
+                m("allow-inactive", bool::describe, true),
+            ],
+            union: Some(Union {
+                tag: "type",
+                variants: vec![("nbd", export_nbd as DescFn)],
+            }),
+        }
+    }
+}
+
+/// `--export`'s argument.
+pub type BlockExportOptions = Checked<BlockExportOptionsD>;
