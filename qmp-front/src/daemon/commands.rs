@@ -174,7 +174,7 @@ pub fn registry() -> Registry<Daemon> {
 
 /// `blockdev-add` (and `--blockdev`): opens the node tree through the
 /// driver registry.
-pub async fn blockdev_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
+pub async fn blockdev_add(d: &Daemon, mut map: Map<String, Value>) -> R<()> {
     let Some(name) = map
         .get("node-name")
         .and_then(Value::as_str)
@@ -184,13 +184,62 @@ pub async fn blockdev_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
             "'node-name' must be specified for the root node",
         ));
     };
+    check_force_share(&map)?;
+    no_inherited_detect_zeroes(&mut map, true);
     let opts = to_options(&map);
     let res = d.graph.open(opts).await;
     d.sync_order();
-    res.map_err(|e| errors::block(&e))?;
-    d.owned.borrow_mut().insert(name.clone());
-    d.add_opts.borrow_mut().insert(name, map);
+    let node = res.map_err(|e| errors::block(&e))?;
+    d.owned.borrow_mut().insert(name);
+    remember_opts(d, &node, map);
     Ok(())
+}
+
+/// QEMU refuses `force-share` on writable nodes (at every level).
+fn check_force_share(map: &Map<String, Value>) -> R<()> {
+    if map.get("force-share") == Some(&Value::Bool(true))
+        && map.get("read-only") != Some(&Value::Bool(true))
+    {
+        return Err(QmpError::generic(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    for v in map.values() {
+        if let Value::Object(child) = v {
+            if child.contains_key("driver") {
+                check_force_share(child)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Children inherit read-only, cache.* and discard from their parent but
+/// not detect-zeroes (QEMU's `bdrv_inherited_options`); the engine
+/// inherits every common flag, so inline children get an explicit `off`.
+fn no_inherited_detect_zeroes(map: &mut Map<String, Value>, root: bool) {
+    if !root && !map.contains_key("detect-zeroes") {
+        map.insert("detect-zeroes".into(), Value::String("off".into()));
+    }
+    for v in map.values_mut() {
+        if let Value::Object(child) = v {
+            if child.contains_key("driver") {
+                no_inherited_detect_zeroes(child, false);
+            }
+        }
+    }
+}
+
+/// Records each node's options (inline children get their sub-tree).
+fn remember_opts(d: &Daemon, node: &Node, map: Map<String, Value>) {
+    for c in node.children() {
+        if let Some(Value::Object(sub)) = map.get(&c.name) {
+            if sub.contains_key("driver") {
+                remember_opts(d, &c.node, sub.clone());
+            }
+        }
+    }
+    d.add_opts.borrow_mut().insert(node.name().to_owned(), map);
 }
 
 fn is_parent_edge(d: &Daemon, node: &Node, who: &str) -> bool {
@@ -217,6 +266,18 @@ async fn blockdev_del(d: &Daemon, name: &str) -> R<()> {
         return Err(QmpError::generic(format!("Block device {name} is in use")));
     }
     let r = d.graph.delete(name).await;
+    // QEMU drops every child nobody references any more, named or not,
+    // unless the monitor added it itself.
+    while r.is_ok() {
+        let orphan =
+            d.graph.nodes().into_iter().find(|n| {
+                !n.has_users() && !d.owned.borrow().contains(n.name()) && n.name() != name
+            });
+        let Some(o) = orphan else { break };
+        if d.graph.delete(o.name()).await.is_err() {
+            break;
+        }
+    }
     d.sync_order();
     r.map_err(|e| errors::block(&e))
 }
@@ -378,24 +439,54 @@ const COMMON_OPTS: &[&str] = &[
     "active",
 ];
 
-/// QEMU's `bdrv_refresh_filename` for protocol nodes without a file name
-/// of their own: options that the plain name cannot express turn the name
-/// into `json:{...}`.
-fn display_filename(d: &Daemon, n: &Node) -> String {
-    if n.format_name() == "null-co" {
-        if let Some(m) = d.add_opts.borrow().get(n.name()) {
-            let extra: Map<String, Value> = m
-                .iter()
-                .filter(|(k, _)| !COMMON_OPTS.contains(&k.as_str()) || k.as_str() == "driver")
+/// Driver options of `n` as given by the user (children and common
+/// options left out).
+fn driver_opts(d: &Daemon, n: &Node) -> Map<String, Value> {
+    let children: Vec<String> = n.children().iter().map(|c| c.name.clone()).collect();
+    d.add_opts
+        .borrow()
+        .get(n.name())
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !COMMON_OPTS.contains(&k.as_str()) && !children.contains(k))
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if extra.len() > 1 {
-                return format!(
-                    "json:{}",
-                    crate::qmp::json_out::to_json(&Value::Object(extra), false)
-                );
-            }
-        }
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a plain file name cannot describe `n` (QEMU then shows `json:`).
+fn needs_json(d: &Daemon, n: &Node) -> bool {
+    match n.format_name() {
+        "file" => false,
+        "null-co" => !driver_opts(d, n).is_empty(),
+        _ => !driver_opts(d, n).is_empty() || n.storage_child().is_some_and(|c| needs_json(d, &c)),
+    }
+}
+
+/// The options QEMU puts in a `json:` file name.
+fn json_dict(d: &Daemon, n: &Node) -> Value {
+    let mut m = Map::new();
+    m.insert("driver".into(), n.format_name().into());
+    if n.format_name() == "file" {
+        m.insert("filename".into(), n.filename().into());
+        return Value::Object(m);
+    }
+    m.extend(driver_opts(d, n));
+    for c in n.children() {
+        m.insert(c.name.clone(), json_dict(d, &c.node));
+    }
+    Value::Object(m)
+}
+
+/// QEMU's `bdrv_refresh_filename`: the host file name, or `json:{...}`
+/// when options the name cannot express were given.
+fn display_filename(d: &Daemon, n: &Node) -> String {
+    if needs_json(d, n) {
+        return format!(
+            "json:{}",
+            crate::qmp::json_out::to_json(&json_dict(d, n), false)
+        );
     }
     n.filename()
 }
