@@ -45,6 +45,9 @@ struct FileCreate {
     filename: PathBuf,
     size: u64,
     prealloc: Prealloc,
+    /// The mode as given, when the file driver cannot do it (the job then
+    /// fails, as in QEMU).
+    unsupported: Option<String>,
     nocow: bool,
 }
 
@@ -58,11 +61,13 @@ fn parse_file(mut o: Options) -> Result<FileCreate, String> {
         .take_u64("size")
         .map_err(e)?
         .ok_or("Parameter 'size' is missing")?;
+    let mut unsupported = None;
     let prealloc = match o.take_str("preallocation").map_err(e)? {
         None => Prealloc::Off,
         Some(p) => match Prealloc::parse(&p) {
             Some(Prealloc::Metadata) | None => {
-                return Err(format!("Unsupported preallocation mode '{p}'"))
+                unsupported = Some(p);
+                Prealloc::Off
             }
             Some(p) => p,
         },
@@ -74,6 +79,7 @@ fn parse_file(mut o: Options) -> Result<FileCreate, String> {
         filename: PathBuf::from(filename),
         size,
         prealloc,
+        unsupported,
         nocow,
     })
 }
@@ -117,6 +123,9 @@ fn write_zeros(f: &mut File, size: u64) -> std::io::Result<()> {
 
 /// The blocking part of `file` creation (runs on a worker thread).
 fn create_file_sync(c: &FileCreate) -> Result<(), String> {
+    if let Some(p) = &c.unsupported {
+        return Err(format!("Unsupported preallocation mode: {p}"));
+    }
     let shown = c.filename.display().to_string();
     let fail = |e: std::io::Error| format!("Could not create '{shown}': {}", os_text(&e));
     if let Some(parent) = c.filename.parent() {
@@ -189,6 +198,7 @@ mod tests {
             filename: target.clone(),
             size: 1 << 20,
             prealloc: Prealloc::Full,
+            unsupported: None,
             nocow: false,
         };
         create_file_sync(&c).unwrap();

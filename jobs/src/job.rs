@@ -458,9 +458,23 @@ impl JobManager {
         }
     }
 
-    /// `query-jobs`.
+    /// `query-jobs` (newest first, as QEMU lists them).
     pub fn query(&self) -> Vec<JobInfo> {
-        self.jobs.borrow().iter().map(|j| j.info()).collect()
+        self.jobs.borrow().iter().rev().map(|j| j.info()).collect()
+    }
+
+    /// Whether a job with this id exists.
+    pub fn exists(&self, id: &str) -> bool {
+        self.find(id).is_ok()
+    }
+
+    /// `job-resume`: only paused jobs can resume (none can pause yet).
+    pub fn resume(&self, id: &str) -> Result<(), String> {
+        let job = self.find(id).map_err(|e| e.to_string())?;
+        if job.status.get() != JobStatus::Paused {
+            return Err("Can't resume a job that was not paused".into());
+        }
+        Ok(())
     }
 
     /// `job-cancel`.

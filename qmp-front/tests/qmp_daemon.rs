@@ -112,11 +112,18 @@ impl Client {
         c
     }
 
+    /// Reads one JSON value (several lines in pretty mode).
     fn read(&mut self) -> Value {
-        let mut l = String::new();
-        self.rd.read_line(&mut l).unwrap();
-        assert!(l.ends_with("\r\n"), "QMP lines end in CRLF: {l:?}");
-        serde_json::from_str(&l).unwrap()
+        let mut text = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(self.rd.read_line(&mut l).unwrap() > 0, "connection closed");
+            assert!(l.ends_with("\r\n"), "QMP lines end in CRLF: {l:?}");
+            text.push_str(&l);
+            if let Ok(v) = serde_json::from_str(&text) {
+                return v;
+            }
+        }
     }
 
     fn send(&mut self, raw: &[u8]) {
@@ -721,4 +728,37 @@ fn nbd_options_are_checked() {
         "stratad: --export nbd,id=e,node-name=n,bogus=1: Parameter 'bogus' is unexpected\n"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Events reach every negotiated connection on every monitor, and none
+/// reach a client still negotiating.
+#[test]
+fn events_broadcast_to_all_negotiated_monitors() {
+    let d = Daemon::start(
+        "events",
+        &[
+            "--chardev",
+            "socket,id=m1,path=second.sock,server=on,wait=off",
+            "--monitor",
+            "chardev=m1,pretty=on",
+        ],
+    );
+    let img = d.dir.join("e.raw");
+    let mut a = d.connect();
+    let mut b = Client::connect(&d.dir.join("second.sock"), true);
+    let mut quiet = Client::connect(&d.sock, false);
+    a.ok(
+        "blockdev-create",
+        json!({"job-id": "je", "options": {"driver": "file", "filename": img.to_str().unwrap(), "size": 4096}}),
+    );
+    for c in [&mut a, &mut b] {
+        let e = c.wait_event("JOB_STATUS_CHANGE", |e| e["data"]["status"] == "concluded");
+        assert!(e["timestamp"]["seconds"].as_i64().unwrap() > 0);
+        assert!(e["timestamp"]["microseconds"].as_i64().is_some());
+    }
+    // The negotiating client's first line after negotiation is the reply.
+    assert_eq!(
+        quiet.cmd("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
 }

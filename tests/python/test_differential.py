@@ -75,6 +75,20 @@ def conversation(binary, workdir):
         for st in ("created", "running", "waiting", "pending", "concluded"):
             out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
         out.append(["query-jobs", q.cmd("query-jobs")])
+        for verb in ("job-cancel", "job-finalize", "job-pause", "job-resume", "job-complete",
+                     "block-job-dismiss", "block-job-finalize"):
+            out.append([verb, q.cmd(verb, id="c1")])
+        for verb in ("block-job-cancel", "block-job-pause", "block-job-complete"):
+            out.append([verb, q.cmd(verb, device="c1")])
+        out.append(["query-block-jobs", q.cmd("query-block-jobs")])
+        out.append(["create-meta", q.cmd("blockdev-create", job_id="c2", options={
+            "driver": "file", "filename": os.path.join(workdir, "c2.raw"), "size": 65536,
+            "preallocation": "metadata"})])
+        for st in ("created", "running", "aborting", "concluded"):
+            out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
+        out.append(["query-jobs", q.cmd("query-jobs")])
+        out.append(["job-dismiss", q.cmd("job-dismiss", id="c2")])
+        out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
         out.append(["job-dismiss", q.cmd("job-dismiss", id="c1")])
         out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
         out.append(["bad-json", (q.send_raw("{\"execute\": }\n"), q.reply())[1]])

@@ -50,6 +50,14 @@ pub fn device_or_node_not_found(device: &str, node: &str) -> QmpError {
     ))
 }
 
+/// `block-job-*` on an id that is no block job (create jobs are not).
+pub fn block_job_not_found(id: &str) -> QmpError {
+    QmpError::new(
+        QmpErrorClass::DeviceNotActive,
+        format!("Block job '{id}' not found"),
+    )
+}
+
 /// `Device 'x' not found`, GenericError (block-set-write-threshold).
 pub fn device_not_found_generic(name: &str) -> QmpError {
     QmpError::generic(format!("Device '{name}' not found"))

@@ -1209,3 +1209,53 @@ impl Describe for BlockExportOptionsD {
 
 /// `--export`'s argument.
 pub type BlockExportOptions = Checked<BlockExportOptionsD>;
+
+qmp_struct! {
+    /// Arguments of `block-job-set-speed`.
+    pub struct BlockJobSpeedArgs("q_obj_block-job-set-speed-arg") {
+        /// Job id.
+        "device" => pub device: String,
+        /// Bytes per second.
+        "speed" => pub speed: i64,
+    }
+}
+
+qmp_struct! {
+    /// Arguments of `block-job-pause`, `-resume`, `-complete`.
+    pub struct BlockJobDeviceArg("q_obj_block-job-pause-arg") {
+        /// Job id.
+        "device" => pub device: String,
+    }
+}
+
+qmp_struct! {
+    /// `BlockJobInfo` (element of `query-block-jobs`).
+    pub struct BlockJobInfo("BlockJobInfo") {
+        /// Type.
+        "type" => pub ty: JobTypeQ,
+        /// Job id.
+        "device" => pub device: String,
+        /// Progress.
+        "len" => pub len: i64,
+        /// Progress.
+        "offset" => pub offset: i64,
+        /// Busy.
+        "busy" => pub busy: bool,
+        /// Paused.
+        "paused" => pub paused: bool,
+        /// Speed.
+        "speed" => pub speed: i64,
+        /// I/O status.
+        "io-status" => pub io_status: String,
+        /// Ready.
+        "ready" => pub ready: bool,
+        /// Status.
+        "status" => pub status: JobStatusQ,
+        /// auto-finalize.
+        "auto-finalize" => pub auto_finalize: bool,
+        /// auto-dismiss.
+        "auto-dismiss" => pub auto_dismiss: bool,
+        /// Error.
+        "error" => pub error: Option<String>,
+    }
+}
