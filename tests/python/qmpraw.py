@@ -24,7 +24,7 @@ class Qmp:
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.time() > deadline:
                     raise
-                time.sleep(0.01)
+                time.sleep(0.0005)
         self.buf = b""
         self.events = []
         self.greeting = self.read()
