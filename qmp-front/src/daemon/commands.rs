@@ -414,7 +414,7 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         if !f.read_only && node.is_read_only() {
             let mut n = Some(Rc::clone(&node));
             while let Some(x) = n {
-                if x.is_read_only() && x.format_name() == "file" {
+                if x.format_name() == "file" && !d.opened_rw.borrow().contains(x.name()) {
                     return Err(QmpError::generic(format!(
                         "Cannot make node '{name}' writable: reopening '{}' read-write is not supported yet",
                         x.filename()
@@ -434,13 +434,41 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         plan.push((node, f));
     }
     for (node, f) in plan {
+        let old = node.flags();
         node.set_flags(f);
-        // Inline (auto-named) children inherit read-only, as in QEMU.
-        if let Some(c) = node.storage_child().filter(|c| c.is_auto_named()) {
+        // Children the node opened inline inherit read-only, as in QEMU.
+        let inline = |c: &Node| {
+            d.add_opts.borrow().get(node.name()).is_some_and(|m| {
+                m.values()
+                    .any(|v| v.get("node-name").and_then(Value::as_str) == Some(c.name()))
+            }) || c.is_auto_named()
+        };
+        if let Some(c) = node.storage_child().filter(|c| inline(c)) {
             let mut cf = c.flags();
             cf.read_only = f.read_only;
             c.set_flags(cf);
         }
+        if old.read_only != f.read_only {
+            if let Err(e) = refresh_child_perms(&node) {
+                node.set_flags(old);
+                return Err(errors::block(&e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Recomputes the permissions `node` takes on its children after its
+/// read-only flag changed (so that e.g. the image's write lock is dropped
+/// when a node becomes read-only).
+fn refresh_child_perms(node: &Node) -> block_core::Result<()> {
+    let (perm, shared) = node.cumulative_perm();
+    for c in node.children() {
+        let (p, s) = node
+            .driver()
+            .child_perm(c.role, perm, shared, !node.is_read_only());
+        c.node.update_user(c.user_id, p, s)?;
+        refresh_child_perms(&c.node)?;
     }
     Ok(())
 }

@@ -72,6 +72,9 @@ pub struct Daemon {
     /// The checked options each root node was added with (reopen compares
     /// against them; QEMU's `json:` filenames are built from them).
     pub add_opts: RefCell<std::collections::HashMap<String, serde_json::Map<String, Value>>>,
+    /// Nodes opened read-write (their files have writable descriptors,
+    /// so reopening them read-write again is possible).
+    pub opened_rw: RefCell<HashSet<String>>,
     /// Set by `quit`.
     pub quit: Cell<bool>,
 }
@@ -99,6 +102,13 @@ impl Daemon {
                 .unwrap_or(0)
         }
         new.sort_by_key(|n| depth(n));
+        let mut rw = self.opened_rw.borrow_mut();
+        rw.retain(|n| names.contains(n));
+        rw.extend(
+            new.iter()
+                .filter(|n| !n.is_read_only())
+                .map(|n| n.name().to_owned()),
+        );
         order.extend(new.iter().map(|n| n.name().to_owned()));
     }
 
@@ -376,6 +386,7 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         iothreads: RefCell::new(Vec::new()),
         chardevs: RefCell::new(Vec::new()),
         add_opts: RefCell::new(std::collections::HashMap::new()),
+        opened_rw: RefCell::new(HashSet::new()),
         quit: Cell::new(false),
     });
     let registry = commands::registry();
@@ -414,6 +425,28 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
                     keyval::parse_option(a, Some("driver")).map_err(|e| fail(e.0))?;
                 el.block_on(commands::blockdev_add(&daemon, opts.map))
                     .map_err(|e| fail(e.desc))?;
+            }
+            Item::Object(a) if a == "help" => {
+                println!("List of user creatable objects:\n  iothread");
+                std::process::exit(0);
+            }
+            Item::Object(a) if a.ends_with(",help") || a.ends_with(",help=on") => {
+                let ty = a.split(',').next().unwrap_or_default();
+                if ty != "iothread" && ty != "qom-type=iothread" {
+                    return Err(fail(format!("invalid object type: {ty}")));
+                }
+                println!("iothread options:");
+                for p in [
+                    "aio-max-batch",
+                    "poll-grow",
+                    "poll-max-ns",
+                    "poll-shrink",
+                    "thread-pool-max",
+                    "thread-pool-min",
+                ] {
+                    println!("  {p}=<int>");
+                }
+                std::process::exit(0);
             }
             Item::Object(a) => {
                 let opts: qapi::ObjectOptions =
