@@ -45,7 +45,7 @@ def rss_kib(pid):
     return 0
 
 
-def startup(binary, paths, fmt, runs=5):
+def startup_ms(binary, paths, fmt, runs=5):
     """Median time from exec to the QMP greeting, nodes opened first."""
     times = []
     for _ in range(runs):
@@ -77,7 +77,7 @@ def measure(binary, paths, fmt, calls):
         startup = time.perf_counter() - t0
         q.cmd("qmp_capabilities")
         n = len(q.cmd("query-named-block-nodes")["return"])
-        out = {"startup_ms": startup(binary, paths, fmt), "nodes": n}
+        out = {"startup_ms": startup_ms(binary, paths, fmt), "nodes": n}
         for name in ("query-version", "query-named-block-nodes"):
             lat = []
             for _ in range(calls):
