@@ -59,7 +59,7 @@ def startup_ms(binary, paths, fmt, runs=5):
             Qmp(sock, negotiate=False).close()
             times.append(time.perf_counter() - t0)
         finally:
-            proc.terminate()
+            proc.kill()
             proc.wait(10)
     return statistics.median(times) * 1e3
 
