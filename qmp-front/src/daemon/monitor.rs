@@ -418,3 +418,79 @@ pub fn serve_stdio(hub: Arc<Hub>, disp: Arc<dyn Dispatcher>, cfg: SessionConfig)
             );
         });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// Answers every request with `{}` and leaves negotiation on the first.
+    struct Echo;
+    impl Dispatcher for Echo {
+        fn execute(
+            &self,
+            cfg: SessionConfig,
+            _negotiated: bool,
+            _oob: bool,
+            req: Request,
+        ) -> Option<Outcome> {
+            let s = Session::new(cfg);
+            Some(Outcome {
+                line: s.success(serde_json::json!({}), req.id.as_ref()),
+                negotiated: true,
+                oob: false,
+                quit: false,
+            })
+        }
+        fn shutdown(&self) {}
+    }
+
+    #[test]
+    fn events_after_negotiation_only_and_block_events_mapped() {
+        let hub = Hub::new();
+        let disp: Arc<dyn Dispatcher> = Arc::new(Echo);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (h, d) = (Arc::clone(&hub), Arc::clone(&disp));
+        std::thread::spawn(move || {
+            let w = theirs.try_clone().unwrap();
+            serve(
+                &h,
+                &d,
+                SessionConfig::default(),
+                Box::new(theirs),
+                Box::new(w),
+                Box::new(|| {}),
+            )
+        });
+        let mut rd = BufReader::new(ours.try_clone().unwrap());
+        let mut line = String::new();
+        rd.read_line(&mut line).unwrap();
+        assert!(line.starts_with("{\"QMP\""));
+        // Not negotiated yet: nothing is sent.
+        hub.emit("X", None);
+        (&ours)
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}")
+            .unwrap();
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"return\": {}}\r\n");
+        super::super::forward_event(
+            &hub,
+            block_core::BlockEvent::WriteThreshold {
+                node_name: "n".into(),
+                amount_exceeded: 4096,
+                write_threshold: 65536,
+            },
+        );
+        line.clear();
+        rd.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "BLOCK_WRITE_THRESHOLD");
+        assert_eq!(
+            v["data"],
+            serde_json::json!({"node-name": "n", "amount-exceeded": 4096, "write-threshold": 65536})
+        );
+        assert!(v["timestamp"]["seconds"].as_i64().unwrap() > 0);
+        assert_eq!(hub.connections(), 1);
+    }
+}
