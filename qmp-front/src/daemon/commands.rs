@@ -236,6 +236,7 @@ pub async fn blockdev_add(d: &Daemon, mut map: Map<String, Value>) -> R<()> {
     };
     check_force_share(&map)?;
     check_drivers(d, &map)?;
+    strip_active(&mut map)?;
     no_inherited_detect_zeroes(&mut map, true);
     let opts = to_options(&map);
     let res = d.graph.open(opts).await;
@@ -260,6 +261,26 @@ fn check_drivers(d: &Daemon, map: &Map<String, Value>) -> R<()> {
         if let Value::Object(child) = v {
             if child.contains_key("driver") {
                 check_drivers(d, child)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `active` (QEMU 10's inactive nodes for migration): Strata nodes are
+/// always active, so `true` is accepted and `false` refused.
+fn strip_active(map: &mut Map<String, Value>) -> R<()> {
+    if let Some(a) = map.remove("active") {
+        if a == Value::Bool(false) {
+            return Err(QmpError::generic(
+                "Inactive nodes (active=off) are not supported by stratad",
+            ));
+        }
+    }
+    for v in map.values_mut() {
+        if let Value::Object(child) = v {
+            if child.contains_key("driver") {
+                strip_active(child)?;
             }
         }
     }
