@@ -214,6 +214,7 @@ fn session_config(pretty: bool) -> SessionConfig {
 /// A parsed `--chardev`.
 #[derive(Debug, Clone)]
 struct Chardev {
+    arg: String,
     id: String,
     ep: Endpoint,
     server: bool,
@@ -271,6 +272,7 @@ fn parse_chardev(arg: &str, have_stdio: bool) -> Result<Chardev, String> {
             let server = flag("server", false)?;
             let wait = flag("wait", server)?;
             Ok(Chardev {
+                arg: arg.to_owned(),
                 id,
                 ep,
                 server,
@@ -282,6 +284,7 @@ fn parse_chardev(arg: &str, have_stdio: bool) -> Result<Chardev, String> {
                 return Err("cannot use stdio by multiple character devices".into());
             }
             Ok(Chardev {
+                arg: arg.to_owned(),
                 id,
                 ep: Endpoint::Stdio,
                 server: false,
@@ -495,8 +498,9 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
                     let l = monitor::bind(&c.ep).map_err(fail)?;
                     if c.wait {
                         eprintln!(
-                            "{}: QMP: waiting for connection on {}",
+                            "{}: --chardev {}: info: QEMU waiting for connection on: {}",
                             progname(),
+                            c.arg,
                             match &c.ep {
                                 Endpoint::Unix(p) => format!("disconnected:unix:{p},server=on"),
                                 Endpoint::Tcp(h, p) =>
