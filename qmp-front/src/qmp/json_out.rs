@@ -30,7 +30,9 @@ pub fn qdict_bucket(key: &str) -> u32 {
 /// Keys of an object in QEMU's iteration order.
 pub fn qdict_order(map: &serde_json::Map<String, Value>) -> Vec<&String> {
     let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort_by(|a, b| qdict_bucket(a).cmp(&qdict_bucket(b)).then_with(|| a.cmp(b)));
+    // Hash each key once (a comparator hashing on every comparison
+    // dominated large replies such as query-named-block-nodes).
+    keys.sort_by_cached_key(|k| (qdict_bucket(k), *k));
     keys
 }
 
@@ -95,6 +97,13 @@ fn write_value(s: &mut String, v: &Value, pretty: bool, indent: usize) {
 
 fn write_str(s: &mut String, st: &str) {
     s.push('"');
+    // Fast path: printable ASCII without quotes or backslashes is copied as is.
+    let plain = |b: u8| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
+    if st.bytes().all(plain) {
+        s.push_str(st);
+        s.push('"');
+        return;
+    }
     for ch in st.chars() {
         match ch {
             '"' => s.push_str("\\\""),

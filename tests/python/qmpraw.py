@@ -1,0 +1,101 @@
+"""Minimal raw QMP client over a unix socket (no dependencies).
+
+Used by the differential tests and for exploring qemu-storage-daemon's
+answers. One object per connection; `cmd` sends a request and returns the
+reply, collecting events that arrive meanwhile in `events`.
+"""
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+
+class Qmp:
+    def __init__(self, path, negotiate=True, timeout=10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.0005)
+        self.buf = b""
+        self.events = []
+        self.greeting = self.read()
+        if negotiate:
+            self.cmd("qmp_capabilities")
+
+    def read(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def send_raw(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def reply(self):
+        while True:
+            m = self.read()
+            if "event" in m:
+                self.events.append(m)
+            else:
+                return m
+
+    def cmd(self, name, **args):
+        req = {"execute": name}
+        if args:
+            req["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
+        self.send_raw(json.dumps(req))
+        return self.reply()
+
+    def cmd_obj(self, req):
+        self.send_raw(json.dumps(req))
+        return self.reply()
+
+    def wait_event(self, name, timeout=10.0):
+        deadline = time.time() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name:
+                    return self.events.pop(i)
+            if time.time() > deadline:
+                raise TimeoutError(name)
+            self.events.append(self.read())
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """Starts a daemon (qemu-storage-daemon or stratad) with a QMP monitor."""
+
+    def __init__(self, binary, extra=(), cwd=None):
+        self.dir = tempfile.mkdtemp(prefix="qmpd-")
+        self.sock = os.path.join(self.dir, "qmp.sock")
+        args = [binary, "--chardev", f"socket,id=m0,path={self.sock},server=on,wait=off",
+                "--monitor", "chardev=m0", *extra]
+        self.proc = subprocess.Popen(args, cwd=cwd or self.dir,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def connect(self, **kw):
+        return Qmp(self.sock, **kw)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

@@ -1,0 +1,170 @@
+"""Differential tests: the same QMP conversation against
+qemu-storage-daemon and stratad; answers must match modulo timestamps,
+generated node names and error texts. Also compares the argument schemas
+of every command both implement."""
+import json
+import os
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import normalise, qsd_path, stratad_path  # noqa: E402
+from qmpraw import Daemon  # noqa: E402
+
+
+def conversation(binary, workdir):
+    """Runs one fixed conversation; returns the list of replies/events."""
+    img = os.path.join(workdir, "img.raw")
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    d = Daemon(binary, ["--blockdev", "null-co,node-name=n0,size=1048576"])
+    out = []
+    try:
+        q = d.connect()
+        steps = [
+            ("query-version", {}),
+            ("query-block", {}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r0",
+                              "file": {"driver": "file", "filename": img}}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r0",
+                              "file": {"driver": "file", "filename": img}}),
+            ("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "nope"}),
+            ("blockdev-add", {"driver": "null-co"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
+                              "discard": "unmap", "detect-zeroes": "unmap",
+                              "cache": {"no-flush": True},
+                              "file": {"driver": "file", "filename": img,
+                                       "node-name": "ro-file", "locking": "off"}}),
+            ("blockdev-add", {"driver": "raw", "node-name": "dz", "detect-zeroes": "unmap",
+                              "file": "ro-file"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "fs", "force-share": True}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "0bad"}),
+            ("blockdev-add", {"driver": "null-co", "node-name": "a" * 40}),
+            ("blockdev-add", {"driver": "file", "node-name": "nf", "filename": img + ".nope"}),
+            ("blockdev-add", {"driver": "raw", "node-name": "rr", "file": "ro-file",
+                              "offset": 4096, "size": 8192}),
+            ("query-named-block-nodes", {"flat": True}),
+            ("blockdev-del", {"node-name": "ro-file"}),
+            ("blockdev-del", {"node-name": "rr"}),
+            ("blockdev-del", {"node-name": "ro"}),
+            ("query-named-block-nodes", {}),
+            ("query-named-block-nodes", {"flat": True}),
+            ("query-blockstats", {}),
+            ("query-blockstats", {"query-nodes": True}),
+            ("x-debug-query-block-graph", {}),
+            ("block-set-write-threshold", {"node-name": "r0", "write-threshold": 65536}),
+            ("block-set-write-threshold", {"node-name": "zz", "write-threshold": 1}),
+            ("block_resize", {"node-name": "zz", "size": 1}),
+            ("block_resize", {"node-name": "r0", "size": 2 << 20}),
+            ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "n0",
+                                              "size": 1048576, "detect-zeroes": "on"}]}),
+            ("blockdev-reopen", {"options": [{"driver": "null-co"}]}),
+            ("query-named-block-nodes", {"flat": True}),
+            ("blockdev-del", {"node-name": "zz"}),
+            ("blockdev-del", {"node-name": "r0"}),
+            ("query-named-block-nodes", {}),
+            ("query-jobs", {}),
+            ("job-dismiss", {"id": "zz"}),
+            ("blockdev-create", {"job-id": "c1", "options": {
+                "driver": "file", "filename": os.path.join(workdir, "c1.raw"), "size": 65536}}),
+        ]
+        for name, args in steps:
+            out.append([name, q.cmd(name, **{k.replace("-", "_"): v for k, v in args.items()})])
+        for st in ("created", "running", "waiting", "pending", "concluded"):
+            out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
+        out.append(["query-jobs", q.cmd("query-jobs")])
+        for verb in ("job-cancel", "job-finalize", "job-pause", "job-resume", "job-complete",
+                     "block-job-dismiss", "block-job-finalize"):
+            out.append([verb, q.cmd(verb, id="c1")])
+        for verb in ("block-job-cancel", "block-job-pause", "block-job-complete"):
+            out.append([verb, q.cmd(verb, device="c1")])
+        out.append(["query-block-jobs", q.cmd("query-block-jobs")])
+        out.append(["create-meta", q.cmd("blockdev-create", job_id="c2", options={
+            "driver": "file", "filename": os.path.join(workdir, "c2.raw"), "size": 65536,
+            "preallocation": "metadata"})])
+        for st in ("created", "running", "aborting", "concluded"):
+            out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
+        out.append(["query-jobs", q.cmd("query-jobs")])
+        out.append(["job-dismiss", q.cmd("job-dismiss", id="c2")])
+        out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
+        out.append(["job-dismiss", q.cmd("job-dismiss", id="c1")])
+        out.append(["event", q.wait_event("JOB_STATUS_CHANGE")])
+        out.append(["bad-json", (q.send_raw("{\"execute\": }\n"), q.reply())[1]])
+        out.append(["not-object", (q.send_raw("[1]"), q.reply())[1]])
+        out.append(["query-version", q.cmd("query-version")])
+        q.close()
+    finally:
+        d.stop()
+    return out
+
+
+def strip_versions(convo):
+    # package strings and the version triple's micro may differ by build.
+    for step in convo:
+        if step[0] == "query-version" and "return" in step[1]:
+            step[1]["return"] = "<version>"
+    return convo
+
+
+@unittest.skipUnless(qsd_path(), "qemu-storage-daemon not installed")
+class Differential(unittest.TestCase):
+    def test_same_conversation(self):
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            want = normalise(strip_versions(conversation(qsd_path(), a)))
+            got = normalise(strip_versions(conversation(stratad_path(), b)))
+        want = json.loads(json.dumps(want).replace(a, "<dir>"))
+        got = json.loads(json.dumps(got).replace(b, "<dir>"))
+        self.assertEqual(len(want), len(got))
+        for w, g in zip(want, got):
+            self.assertEqual(w, g, f"step {w[0]}")
+
+    def test_schema_arguments(self):
+        """Member names and optionality of every common command's arguments
+        (and of the flat-union variants we implement) match QEMU's."""
+        schemas = {}
+        for name, binary in (("qsd", qsd_path()), ("strata", stratad_path())):
+            d = Daemon(binary)
+            try:
+                schemas[name] = d.connect().cmd("query-qmp-schema")["return"]
+            finally:
+                d.stop()
+
+        def index(s):
+            return {e["name"]: e for e in s}
+
+        q, s = index(schemas["qsd"]), index(schemas["strata"])
+
+        def members(ix, tname, depth=0, seen=()):
+            e = ix.get(tname)
+            if e is None or e["meta-type"] != "object" or depth > 3 or tname in seen:
+                return None
+            out = {m["name"]: ("default" in m) for m in e["members"]}
+            variants = {}
+            for v in e.get("variants", []):
+                variants[v["case"]] = members(ix, v["type"], depth + 1, seen + (tname,))
+            return (out, variants)
+
+        common = [n for n, e in s.items() if e["meta-type"] == "command" and n in q]
+        self.assertGreaterEqual(len(common), 24)
+        for cmd in common:
+            qa = members(q, q[cmd]["arg-type"])
+            sa = members(s, s[cmd]["arg-type"])
+            self.assertEqual(qa[0], sa[0], f"{cmd} arguments")
+            for case, sv in sa[1].items():
+                self.assertIn(case, qa[1], f"{cmd} variant {case}")
+                self.assertEqual(qa[1][case][0], sv[0], f"{cmd} variant {case}")
+            # Nested argument structs (e.g. blockdev-create's options).
+            for mname in qa[0]:
+                qm = next(m for m in q[q[cmd]["arg-type"]]["members"] if m["name"] == mname)
+                sm = next(m for m in s[s[cmd]["arg-type"]]["members"] if m["name"] == mname)
+                qn, sn = members(q, qm["type"]), members(s, sm["type"])
+                if qn and sn:
+                    self.assertEqual(qn[0], sn[0], f"{cmd}.{mname}")
+                    for case, sv in sn[1].items():
+                        self.assertEqual(qn[1][case][0], sv[0], f"{cmd}.{mname} variant {case}")
+
+
+if __name__ == "__main__":
+    unittest.main()
