@@ -8,7 +8,7 @@
 //! reference to an existing node by name). Options left over are an error.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -74,6 +74,9 @@ pub struct Graph {
     nodes: RefCell<BTreeMap<String, Rc<Node>>>,
     auto_counter: Cell<u64>,
     events: EventBus,
+    /// Nodes opened inline as part of a parent's options: they belong to
+    /// the parent and go away with it, named or not, as in QEMU.
+    inline: RefCell<BTreeSet<String>>,
 }
 
 /// QEMU's rule for user-given ids: a letter first, then letters, digits,
@@ -96,6 +99,7 @@ impl Graph {
             nodes: RefCell::new(BTreeMap::new()),
             auto_counter: Cell::new(0),
             events,
+            inline: RefCell::new(BTreeSet::new()),
         }
     }
 
@@ -191,8 +195,40 @@ impl Graph {
     }
 
     /// Opens a node from `opts` and registers it under its name.
+    /// A failed open leaves the graph as it was: children it had already
+    /// opened inline are closed again.
     pub async fn open(&self, opts: Options) -> Result<Rc<Node>> {
-        self.open_inner(opts, None).await
+        let before: BTreeSet<String> = self.nodes.borrow().keys().cloned().collect();
+        let r = self.open_inner(opts, None).await;
+        if r.is_err() {
+            self.drop_orphans(&before).await;
+        }
+        r
+    }
+
+    /// Closes nodes that are not in `before` and that nobody uses, until
+    /// none is left (closing a node may orphan its own children).
+    async fn drop_orphans(&self, before: &BTreeSet<String>) {
+        loop {
+            let orphans: Vec<Rc<Node>> = self
+                .nodes
+                .borrow()
+                .iter()
+                .filter(|(k, n)| !before.contains(*k) && !n.has_users())
+                .map(|(_, n)| Rc::clone(n))
+                .collect();
+            if orphans.is_empty() {
+                return;
+            }
+            for n in orphans {
+                // The open already failed with the error that matters; a
+                // close error of a half-built child adds nothing.
+                let _ = n.driver().close(&n).await;
+                self.nodes.borrow_mut().remove(n.name());
+                self.inline.borrow_mut().remove(n.name());
+                n.detach_all();
+            }
+        }
     }
 
     async fn open_inner(&self, mut opts: Options, inherit: Option<NodeFlags>) -> Result<Rc<Node>> {
@@ -261,17 +297,19 @@ impl Graph {
         match opts.take(key) {
             None | Some(OptValue::Null) => Ok(None),
             Some(OptValue::Str(name)) => self.lookup(&name).map(Some),
-            Some(OptValue::Map(child)) => Box::pin(self.open_inner(child, Some(parent_flags)))
-                .await
-                .map(Some),
+            Some(OptValue::Map(child)) => {
+                let node = Box::pin(self.open_inner(child, Some(parent_flags))).await?;
+                self.inline.borrow_mut().insert(node.name().to_owned());
+                Ok(Some(node))
+            }
             Some(_) => Err(Error::invalid(format!(
                 "Invalid parameter type for '{key}', expected: BlockdevRef"
             ))),
         }
     }
 
-    /// Removes a node that nobody uses. Children it opened inline (auto-named
-    /// nodes no one else uses) go with it, as in QEMU.
+    /// Removes a node that nobody uses. Children it opened inline (named or
+    /// not) go with it when no one else uses them, as in QEMU.
     pub async fn delete(&self, name: &str) -> Result<()> {
         let node = self.lookup(name)?;
         if node.has_users() {
@@ -284,10 +322,12 @@ impl Graph {
         node.drain().await;
         node.driver().close(&node).await?;
         self.nodes.borrow_mut().remove(name);
+        self.inline.borrow_mut().remove(name);
         let children = node.children();
         node.detach_all();
         for c in children {
-            if c.node.is_auto_named() && !c.node.has_users() {
+            let owned = c.node.is_auto_named() || self.inline.borrow().contains(c.node.name());
+            if owned && !c.node.has_users() {
                 Box::pin(self.delete(c.node.name())).await?;
             }
         }

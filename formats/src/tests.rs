@@ -369,3 +369,45 @@ fn loop_handle_from_another_thread() {
     .unwrap();
     assert!(r.iter().all(|&x| x == 9));
 }
+
+/// Regression: a failed open must not leave its inline children behind,
+/// and deleting a node takes its named inline children with it (QEMU).
+#[test]
+fn inline_children_belong_to_their_parent() {
+    let (_d, p) = scratch("inline", 1 << 20);
+    on_engines(|g, _| {
+        // `offset` past the end makes raw fail after `file` was opened.
+        let bad = raw_opts(&p, false)
+            .with("file.node-name", "f0")
+            .with("offset", 2u64 << 20);
+        assert!(run(g, g.open(bad)).is_err());
+        assert!(
+            g.node("f0").is_none(),
+            "half-opened child left in the graph"
+        );
+        assert!(g.nodes().is_empty());
+
+        let good = raw_opts(&p, false)
+            .with("node-name", "r0")
+            .with("file.node-name", "f1");
+        run(g, g.open(good)).unwrap();
+        assert!(g.node("f1").is_some());
+        run(g, g.delete("r0")).unwrap();
+        assert!(g.node("f1").is_none(), "inline child outlived its parent");
+
+        // A child added on its own stays when its parent goes.
+        let f = Options::new()
+            .with("driver", "file")
+            .with("filename", p.as_str())
+            .with("node-name", "f2");
+        run(g, g.open(f)).unwrap();
+        let r = Options::new()
+            .with("driver", "raw")
+            .with("node-name", "r1")
+            .with("file", "f2");
+        run(g, g.open(r)).unwrap();
+        run(g, g.delete("r1")).unwrap();
+        assert!(g.node("f2").is_some());
+        run(g, g.delete("f2")).unwrap();
+    });
+}

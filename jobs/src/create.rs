@@ -18,7 +18,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use block_core::{Graph, Options, Prealloc};
+use block_core::{Graph, OptValue, Options, Perm, Prealloc};
+use formats::qcow2::create::CreateOptions as Qcow2Create;
+use formats::qcow2::header::CompressionType;
 
 use crate::JobBody;
 
@@ -31,11 +33,7 @@ pub type CreateFn = fn(Rc<Graph>, Options) -> Result<JobBody, String>;
 pub fn creator(driver: &str) -> Option<CreateFn> {
     match driver {
         "file" => Some(create_file),
-        // HOOK(qcow2-create): when `formats::qcow2` lands, add
-        //     "qcow2" => Some(create_qcow2),
-        // with `create_qcow2` calling `formats::qcow2::create(&graph, opts).await`
-        // (the async create function that driver exposes). Until then the
-        // front-end answers "Driver does not support blockdev-create".
+        "qcow2" => Some(create_qcow2),
         _ => None,
     }
 }
@@ -218,4 +216,104 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Where the qcow2 creator writes: an existing node (by name) or one it
+/// opens from inline options and closes again.
+enum FileRef {
+    Node(String),
+    Inline(Options),
+}
+
+fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
+    let e = |e: block_core::Error| e.to_string();
+    let file = match o.take("file") {
+        Some(OptValue::Str(n)) => FileRef::Node(n),
+        Some(OptValue::Map(m)) => FileRef::Inline(m),
+        _ => return Err("Parameter 'file' is missing".into()),
+    };
+    let mut c = Qcow2Create {
+        size: o
+            .take_u64("size")
+            .map_err(e)?
+            .ok_or("Parameter 'size' is missing")?,
+        ..Qcow2Create::default()
+    };
+    if o.take("data-file").is_some() {
+        return Err("External data file creation is not supported by this build".into());
+    }
+    c.data_file_raw = o.take_bool("data-file-raw").map_err(e)?.unwrap_or(false);
+    if c.data_file_raw {
+        return Err("'data-file-raw' requires 'data-file'".into());
+    }
+    c.extended_l2 = o.take_bool("extended-l2").map_err(e)?.unwrap_or(false);
+    c.compat_v2 = match o.take_str("version").map_err(e)?.as_deref() {
+        None | Some("v3") => false,
+        Some("v2") => true,
+        Some(v) => return Err(format!("Invalid parameter value for 'version': '{v}'")),
+    };
+    c.backing_file = o.take_str("backing-file").map_err(e)?;
+    c.backing_fmt = o.take_str("backing-fmt").map_err(e)?;
+    if c.backing_fmt.is_some() && c.backing_file.is_none() {
+        return Err("Backing format cannot be used without backing file".into());
+    }
+    if o.take("encrypt").is_some() {
+        return Err("Encrypted qcow2 images are not supported by this build".into());
+    }
+    if let Some(cs) = o.take_u64("cluster-size").map_err(e)? {
+        c.cluster_size = cs;
+    }
+    if let Some(p) = o.take_str("preallocation").map_err(e)? {
+        c.preallocation = match Prealloc::parse(&p) {
+            Some(Prealloc::Off) => Prealloc::Off,
+            Some(Prealloc::Metadata) => Prealloc::Metadata,
+            _ => return Err(format!("Unsupported preallocation mode: {p}")),
+        };
+    }
+    c.lazy_refcounts = o.take_bool("lazy-refcounts").map_err(e)?.unwrap_or(false);
+    if let Some(rb) = o.take_u64("refcount-bits").map_err(e)? {
+        c.refcount_bits = u32::try_from(rb).unwrap_or(u32::MAX);
+    }
+    c.compression_type = match o.take_str("compression-type").map_err(e)?.as_deref() {
+        None | Some("zlib") => CompressionType::Deflate,
+        Some("zstd") => CompressionType::Zstd,
+        Some(v) => {
+            return Err(format!(
+                "Invalid parameter value for 'compression-type': '{v}'"
+            ))
+        }
+    };
+    o.finish("qcow2").map_err(e)?;
+    Ok((file, c))
+}
+
+fn create_qcow2(graph: Rc<Graph>, opts: Options) -> Result<JobBody, String> {
+    let (file, c) = parse_qcow2(opts)?;
+    Ok(Box::pin(async move {
+        let (node, inline) = match file {
+            FileRef::Node(n) => (graph.lookup(&n).map_err(|e| e.to_string())?, false),
+            FileRef::Inline(m) => (graph.open(m).await.map_err(|e| e.to_string())?, true),
+        };
+        let r = match node.add_user(
+            "qcow2-create",
+            "root",
+            Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ,
+            Perm::ALL,
+        ) {
+            Ok(id) => {
+                let r = formats::qcow2::create::create(&node, &c).await;
+                node.remove_user(id);
+                r.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if inline {
+            let name = node.name().to_owned();
+            drop(node);
+            if let Err(e) = graph.delete(&name).await {
+                return r.and(Err(e.to_string()));
+            }
+        }
+        r
+    }))
 }

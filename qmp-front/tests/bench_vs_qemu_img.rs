@@ -48,7 +48,11 @@ fn run(tool: &str, args: &[&str], dir: &Path) -> (i32, String, String) {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    (out.status.code().unwrap_or(-1), mask(&out.stdout), mask(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        mask(&out.stdout),
+        mask(&out.stderr),
+    )
 }
 
 #[test]
@@ -60,12 +64,64 @@ fn output_matches_qemu_img() {
     let strata = env!("CARGO_BIN_EXE_strata-img");
     let cases: &[&[&str]] = &[
         &["-c", "10", "-d", "2", "small.img"],
-        &["-c", "100", "-d", "3", "-S", "1000", "-o", "1040000", "-f", "raw", "small.img"],
+        &[
+            "-c",
+            "100",
+            "-d",
+            "3",
+            "-S",
+            "1000",
+            "-o",
+            "1040000",
+            "-f",
+            "raw",
+            "small.img",
+        ],
         &["-c", "2", "-o", "2M", "-f", "raw", "small.img"],
-        &["-c", "16", "-s", "64k", "-t", "none", "-f", "raw", "small.img"],
-        &["-w", "-c", "200", "-d", "4", "--flush-interval", "100", "-f", "raw", "small.img"],
-        &["-w", "-c", "200", "-d", "4", "--flush-interval", "100", "--no-drain", "small.img"],
-        &["-w", "-c", "5", "--pattern", "0xff", "-t", "writethrough", "small.img"],
+        &[
+            "-c",
+            "16",
+            "-s",
+            "64k",
+            "-t",
+            "none",
+            "-f",
+            "raw",
+            "small.img",
+        ],
+        &[
+            "-w",
+            "-c",
+            "200",
+            "-d",
+            "4",
+            "--flush-interval",
+            "100",
+            "-f",
+            "raw",
+            "small.img",
+        ],
+        &[
+            "-w",
+            "-c",
+            "200",
+            "-d",
+            "4",
+            "--flush-interval",
+            "100",
+            "--no-drain",
+            "small.img",
+        ],
+        &[
+            "-w",
+            "-c",
+            "5",
+            "--pattern",
+            "0xff",
+            "-t",
+            "writethrough",
+            "small.img",
+        ],
         &["-n", "-c", "1", "small.img"],
         &["-n", "-t", "none", "-c", "1", "-f", "raw", "small.img"],
         &["-w", "-U", "-c", "1", "small.img"],

@@ -762,3 +762,105 @@ fn events_broadcast_to_all_negotiated_monitors() {
         json!({"return": {}})
     );
 }
+
+/// blockdev-create with driver qcow2 writes the same bytes as QEMU's
+/// `qemu-img create`, and the image passes `qemu-img check`.
+#[test]
+fn blockdev_create_qcow2_matches_qemu() {
+    let d = Daemon::start("create-qcow2", &[]);
+    let img = d.dir.join("new.qcow2");
+    let imgs = img.to_str().unwrap();
+    let mut c = d.connect();
+    let run_job = |c: &mut Client, id: &str, opts: Value| {
+        c.ok("blockdev-create", json!({"job-id": id, "options": opts}));
+        let ev = c.wait_event("JOB_STATUS_CHANGE", |e| {
+            e["data"]["id"] == id && e["data"]["status"] == "concluded"
+        });
+        drop(ev);
+        let jobs = c.ok("query-jobs", json!({}));
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone();
+        c.ok("job-dismiss", json!({"id": id}));
+        job
+    };
+    let j = run_job(
+        &mut c,
+        "f",
+        json!({"driver": "file", "filename": imgs, "size": 0}),
+    );
+    assert!(j.get("error").is_none(), "{j}");
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "proto", "filename": imgs}),
+    );
+    let j = run_job(
+        &mut c,
+        "q",
+        json!({"driver": "qcow2", "file": "proto", "size": 64 << 20, "cluster-size": 4096,
+               "lazy-refcounts": true}),
+    );
+    assert!(j.get("error").is_none(), "{j}");
+    // Bad options fail the job with QEMU's words.
+    let j = run_job(
+        &mut c,
+        "bad",
+        json!({"driver": "qcow2", "file": "proto", "size": 1 << 20, "cluster-size": 3000}),
+    );
+    assert_eq!(
+        j["error"],
+        "Cluster size must be a power of two between 512 and 2048k"
+    );
+    let j = run_job(
+        &mut c,
+        "q2",
+        json!({"driver": "qcow2", "file": "proto", "size": 64 << 20, "cluster-size": 4096,
+               "lazy-refcounts": true}),
+    );
+    assert!(j.get("error").is_none(), "{j}");
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "disk", "file": "proto"}),
+    );
+    let nodes = c.ok("query-named-block-nodes", json!({"flat": true}));
+    let disk = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk")
+        .unwrap();
+    assert_eq!(disk["drv"], "qcow2");
+    assert_eq!(disk["image"]["virtual-size"], 64 << 20);
+    c.ok("blockdev-del", json!({"node-name": "disk"}));
+    c.ok("blockdev-del", json!({"node-name": "proto"}));
+
+    let reference = d.dir.join("ref.qcow2");
+    let o = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,lazy_refcounts=on",
+        ])
+        .arg(&reference)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        std::fs::read(&reference).unwrap(),
+        "image differs from qemu-img create's"
+    );
+    let o = Command::new("qemu-img")
+        .args(["check", imgs])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}

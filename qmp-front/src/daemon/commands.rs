@@ -788,16 +788,8 @@ fn blockdev_create(d: &Daemon, a: BlockdevCreateArgs) -> R<()> {
         .remove("driver")
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    let create = jobs::create::creator(&driver).ok_or_else(|| {
-        // (qcow2 plugs in at jobs::create::creator.)
-        if driver == "qcow2" {
-            QmpError::generic(
-                "Driver does not support blockdev-create (qcow2 creation is not available in this build yet)",
-            )
-        } else {
-            QmpError::generic("Driver does not support blockdev-create")
-        }
-    })?;
+    let create = jobs::create::creator(&driver)
+        .ok_or_else(|| QmpError::generic("Driver does not support blockdev-create"))?;
     d.jobs
         .check_new_id(&a.job_id)
         .map_err(|e| errors::job(&e))?;
