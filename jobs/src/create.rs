@@ -183,41 +183,6 @@ fn create_file(graph: Rc<Graph>, opts: Options) -> Result<JobBody, String> {
     }))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_create_is_atomic_and_sized() {
-        let dir = std::env::temp_dir().join(format!("strata-create-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let target = dir.join("a.raw");
-        let c = FileCreate {
-            filename: target.clone(),
-            size: 1 << 20,
-            prealloc: Prealloc::Full,
-            unsupported: None,
-            nocow: false,
-        };
-        create_file_sync(&c).unwrap();
-        assert_eq!(std::fs::metadata(&target).unwrap().len(), 1 << 20);
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(left.len(), 1, "no temporary file left behind");
-        let bad = FileCreate {
-            filename: dir.join("nope/b.raw"),
-            ..c
-        };
-        assert_eq!(
-            create_file_sync(&bad).unwrap_err(),
-            format!(
-                "Could not create '{}': No such file or directory",
-                dir.join("nope/b.raw").display()
-            )
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
 /// Where the qcow2 creator writes: an existing node (by name) or one it
 /// opens from inline options and closes again.
 enum FileRef {
@@ -316,4 +281,39 @@ fn create_qcow2(graph: Rc<Graph>, opts: Options) -> Result<JobBody, String> {
         }
         r
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_create_is_atomic_and_sized() {
+        let dir = std::env::temp_dir().join(format!("strata-create-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("a.raw");
+        let c = FileCreate {
+            filename: target.clone(),
+            size: 1 << 20,
+            prealloc: Prealloc::Full,
+            unsupported: None,
+            nocow: false,
+        };
+        create_file_sync(&c).unwrap();
+        assert_eq!(std::fs::metadata(&target).unwrap().len(), 1 << 20);
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+        let bad = FileCreate {
+            filename: dir.join("nope/b.raw"),
+            ..c
+        };
+        assert_eq!(
+            create_file_sync(&bad).unwrap_err(),
+            format!(
+                "Could not create '{}': No such file or directory",
+                dir.join("nope/b.raw").display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
