@@ -181,6 +181,8 @@ def main():
     ap.add_argument("--target", type=float, default=1.0, help="seconds per run (calibrated)")
     ap.add_argument("--only", default="", help="run only workloads whose name contains this")
     ap.add_argument("--no-fio", action="store_true")
+    ap.add_argument("--qcow2", action="store_true",
+                    help="run the qcow2 workloads instead (see qcow2_main)")
     a = ap.parse_args()
 
     if not os.path.exists(a.strata):
@@ -189,6 +191,8 @@ def main():
     if kind in ("tmpfs", "ramfs"):
         sys.exit(f"{a.image} is on {kind}; O_DIRECT numbers need a disk-backed file system")
     ensure_image(a.image, a.size)
+    if a.qcow2:
+        return qcow2_main(a)
     print(f"image {a.image} on {kind}, {a.rounds} rounds, strata={a.strata}, qemu-img={a.qemu_img}")
 
     workloads = []
@@ -256,6 +260,80 @@ def main():
         print(f"{depth:5} {count:8} {statistics.median(f_rps):10.0f} {statistics.median(fb_rps):12.0f} "
               f"{statistics.median(s_rps):13.0f} {statistics.median(ratios):7.2f} "
               f"{statistics.median(bratios):11.2f}")
+
+
+def qcow2_main(a):
+    """qcow2 workloads, each against QEMU and against Strata on raw.
+
+    Allocated: a 1 GiB qcow2 (64 KiB clusters) converted from the random raw
+    image, 4 KiB reads and writes with -S 1 MiB (every request in another
+    L2 slice), depth 1 and 32, -t none. Allocating: a fresh empty qcow2
+    made anew before every run, 4 KiB and 64 KiB writes, sequential and
+    spread, depth 1 and 32, each compared with qemu-img and with Strata
+    writing the same pattern into a fresh sparse raw file."""
+    d = os.path.dirname(os.path.abspath(a.image))
+    full = os.path.join(d, "bench-full.qcow2")
+    if not os.path.exists(full):
+        print(f"converting {a.image} to {full}...", flush=True)
+        subprocess.run([a.qemu_img, "convert", "-f", "raw", "-O", "qcow2", a.image, full], check=True)
+    fresh = os.path.join(d, "bench-fresh.qcow2")
+    sparse = os.path.join(d, "bench-sparse.raw")
+
+    def new_qcow2():
+        subprocess.run([a.qemu_img, "create", "-q", "-f", "qcow2", fresh, str(a.size)], check=True)
+
+    def new_raw():
+        with open(sparse, "wb") as f:
+            f.truncate(a.size)
+
+    rows = []
+
+    def measure(name, args, count, image, raw_image=None, prep=None, raw_prep=None):
+        if a.only not in name:
+            return
+        q_rps, s_rps, r_rps, ratios, rratios = [], [], [], [], []
+        for _ in range(a.rounds):
+            full_args = ["bench", "-c", str(count)] + args
+            if prep:
+                prep()
+            qt, _ = run_retrying([a.qemu_img] + full_args + ["-f", "qcow2", image])
+            if prep:
+                prep()
+            st, _ = run_retrying([a.strata] + full_args + ["-f", "qcow2", image])
+            q_rps.append(count / qt)
+            s_rps.append(count / st)
+            ratios.append(qt / st)
+            if raw_image:
+                if raw_prep:
+                    raw_prep()
+                rt, _ = run_retrying([a.strata] + full_args + ["-f", "raw", raw_image])
+                r_rps.append(count / rt)
+                rratios.append(rt / st)
+        row = (name, count, statistics.median(q_rps), statistics.median(s_rps),
+               statistics.median(ratios), statistics.median(r_rps) if r_rps else 0,
+               statistics.median(rratios) if rratios else 0)
+        rows.append(row)
+        print(f"  {name}: vs qemu {row[4]:.2f}, vs strata raw {row[6]:.2f}", flush=True)
+
+    clusters = a.size // 65536
+    for rw in ("read", "write"):
+        for depth in (1, 32):
+            args = ["-i", "io_uring", "-t", "none", "-s", "4k", "-S", "1M", "-d", str(depth)]
+            if rw == "write":
+                args.append("-w")
+            measure(f"allocated {rw} 4k S1M d{depth}", args, 20000 if depth == 1 else 100000,
+                    full, a.image)
+    for bs, step, label, count in (("64k", "64k", "seq", clusters), ("4k", "4k", "seq", clusters * 4),
+                                   ("4k", "64k", "spread", clusters), ("64k", "128k", "spread", clusters // 2)):
+        for depth in (1, 32):
+            args = ["-w", "-i", "io_uring", "-t", "none", "-s", bs, "-S", step, "-d", str(depth)]
+            measure(f"fresh {bs} {label} d{depth}", args, count, fresh, sparse, new_qcow2, new_raw)
+
+    print()
+    print(f"{'workload':28} {'count':>7} {'qemu req/s':>11} {'strata req/s':>13} {'vs qemu':>8} "
+          f"{'raw req/s':>10} {'vs raw':>7}")
+    for name, count, q, s, r, raw, rr in rows:
+        print(f"{name:28} {count:7} {q:11.0f} {s:13.0f} {r:8.2f} {raw:10.0f} {rr:7.2f}")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,12 @@ pub trait BlockDriver {
     /// Current size in bytes as seen by parents.
     fn size(&self) -> u64;
 
+    /// The driver as `Any`, so format-specific operations (internal
+    /// snapshots, check) can reach a node's driver by downcasting.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Request limits.
     fn limits(&self) -> BlockLimits {
         BlockLimits::default()

@@ -211,13 +211,21 @@ impl InFlight {
 
     /// Waits until no in-place write uses host cluster `c`.
     pub(crate) async fn wait_idle(&self, c: u64) {
+        self.wait_range_idle(c, c).await
+    }
+
+    /// Whether some pin overlaps clusters `[first, last]`.
+    pub(crate) fn busy(&self, first: u64, last: u64) -> bool {
+        self.ranges
+            .borrow()
+            .iter()
+            .any(|&(_, a, b)| first <= b && a <= last)
+    }
+
+    /// Waits until no pin overlaps clusters `[first, last]`.
+    pub(crate) async fn wait_range_idle(&self, first: u64, last: u64) {
         poll_fn(|cx| {
-            let busy = self
-                .ranges
-                .borrow()
-                .iter()
-                .any(|&(_, a, b)| c >= a && c <= b);
-            if busy {
+            if self.busy(first, last) {
                 self.waiters.borrow_mut().push(cx.waker().clone());
                 Poll::Pending
             } else {

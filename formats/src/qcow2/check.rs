@@ -80,7 +80,7 @@ impl Counts {
 impl Qcow2 {
     /// Checks the image; repairs what `repair` allows.
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let _g = self.meta.lock().await;
+        let _g = self.lock_meta_idle().await;
         self.flush_caches_if_writable().await?;
         let cs = self.cluster_size;
         let cb = self.cluster_bits;

@@ -142,7 +142,8 @@ impl Qcow2 {
         let Some(packed) = packed else {
             // Incompressible: a plain allocating write (no backing COW needed,
             // the whole cluster is written).
-            let _g = self.meta.lock().await;
+            let gc = offset >> self.cluster_bits;
+            let _g = self.lock_meta_quiet(gc, gc).await;
             let (l2_off, table) = self.l2_table_for_write(offset).await?;
             let idx = self.l2_index(offset);
             let old = self.l2_entry_at(&table.borrow(), idx);
@@ -162,7 +163,8 @@ impl Qcow2 {
             }
             return Ok(());
         };
-        let _g = self.meta.lock().await;
+        let gc = offset >> self.cluster_bits;
+        let _g = self.lock_meta_quiet(gc, gc).await;
         let (l2_off, table) = self.l2_table_for_write(offset).await?;
         let idx = self.l2_index(offset);
         let old = self.l2_entry_at(&table.borrow(), idx);

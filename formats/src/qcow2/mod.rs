@@ -121,6 +121,14 @@ pub struct Qcow2 {
     no_flush: bool,
     /// Host clusters with in-place data writes in flight.
     inflight: cache::InFlight,
+    /// Guest clusters with an allocating write in flight: its data is
+    /// written without `meta`, and until its L2 entry is set nothing else
+    /// may change the mapping of those clusters.
+    allocating: cache::InFlight,
+    /// Host clusters from here on have never been written since the image
+    /// was opened (they lie past the end of the file), so they read as
+    /// zeros and a fresh allocation there needs no zero fill.
+    zero_from: Cell<u64>,
     /// Set after a metadata write failed: no more writes (QEMU marks the
     /// image corrupt or fails requests the same way).
     broken: Cell<bool>,
@@ -391,6 +399,11 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
     }
     let size = hdr.size;
     let end_cluster = fsize.div_ceil(cs);
+    let zero_from = if Rc::ptr_eq(&data, &file) {
+        end_cluster
+    } else {
+        u64::MAX
+    };
     let drv = Qcow2 {
         node_name: node_name.clone(),
         file: Rc::clone(&file),
@@ -417,6 +430,8 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         no_flush: flags.cache_no_flush,
         broken: Cell::new(false),
         inflight: cache::InFlight::default(),
+        allocating: cache::InFlight::default(),
+        zero_from: Cell::new(zero_from),
     };
     if clear_autoclear {
         // Only the autoclear field changes: one 8-byte write at offset 88.
@@ -487,6 +502,11 @@ async fn probe_format(graph: &block_core::Graph, path: &str, flags: NodeFlags) -
 }
 
 impl Qcow2 {
+    /// The qcow2 driver of `node`, if it is a qcow2 node.
+    pub fn of(node: &Node) -> Option<&Qcow2> {
+        node.driver().as_any()?.downcast_ref::<Qcow2>()
+    }
+
     pub(crate) fn corrupt(&self, detail: impl Into<String>) -> Error {
         Error::Corrupt {
             node: self.node_name.clone(),
@@ -572,6 +592,10 @@ impl Qcow2 {
 impl BlockDriver for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn size(&self) -> u64 {

@@ -189,6 +189,11 @@ impl Qcow2 {
             if c < self.free_hint.get() {
                 self.free_hint.set(c);
             }
+            if c >= self.zero_from.get() {
+                // A freed cluster keeps its old bytes: only clusters never
+                // handed out since open still read as zeros.
+                self.zero_from.set(self.end_cluster.get().max(c + 1));
+            }
             let host = c << self.cluster_bits;
             self.forget_table(Which::L2, host);
             let pass = match why {

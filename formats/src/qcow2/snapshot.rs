@@ -139,7 +139,7 @@ impl Qcow2 {
         if name.is_empty() || name.len() > 1023 {
             return Err(Error::invalid("invalid snapshot name"));
         }
-        let _g = self.meta.lock().await;
+        let _g = self.lock_meta_idle().await;
         let mut snaps = self.read_snapshots().await?;
         if snaps.iter().any(|s| s.name == name) {
             return Err(Error::invalid(format!(
@@ -442,7 +442,7 @@ impl Qcow2 {
                 node: self.node_name.clone(),
             });
         }
-        let _g = self.meta.lock().await;
+        let _g = self.lock_meta_idle().await;
         let mut snaps = self.read_snapshots().await?;
         let i = Self::find_snapshot(&snaps, name_or_id)?;
         let s = snaps.remove(i);
@@ -468,7 +468,7 @@ impl Qcow2 {
                 node: self.node_name.clone(),
             });
         }
-        let _g = self.meta.lock().await;
+        let _g = self.lock_meta_idle().await;
         let snaps = self.read_snapshots().await?;
         let i = Self::find_snapshot(&snaps, name_or_id)?;
         let s = &snaps[i];

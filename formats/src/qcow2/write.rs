@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use block_core::{Error, IoBuf, Node, Prealloc, Result, WriteFlags};
 
+use super::cache::CoGuard;
 use super::header::put64;
 use super::l2::{sc_mask, L2Entry, SubType, BITMAP_ALL_ZEROES, OFLAG_COPIED, OFLAG_ZERO};
 use super::meta::Which;
@@ -105,7 +106,15 @@ impl Qcow2 {
         let mut done = 0u64;
         while done < len {
             let off = offset + done;
+            let gc = off >> self.cluster_bits;
             let g = self.meta.lock().await;
+            if self.allocating.busy(gc, gc) {
+                // Another request is allocating this cluster: its mapping
+                // is about to change, so look again once it is done.
+                drop(g);
+                self.allocating.wait_range_idle(gc, gc).await;
+                continue;
+            }
             let run = self.inplace_run(off, len - done).await?;
             let (part, n) = match run {
                 Some((host, n)) => {
@@ -124,15 +133,12 @@ impl Qcow2 {
                 None => {
                     let fresh = self.fresh_run(off, len - done).await?;
                     if fresh >= 2 {
-                        let r = self.alloc_write_run(off, fresh, &mut rest, flags).await;
-                        drop(g);
-                        r?
+                        self.alloc_write_run(g, off, fresh, &mut rest, flags)
+                            .await?
                     } else {
                         let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
                         let part = take(&mut rest, n);
-                        let part = self.alloc_write(node, off, part, flags).await;
-                        drop(g);
-                        (part?, n)
+                        (self.alloc_write(g, node, off, part, flags).await?, n)
                     }
                 }
             };
@@ -143,6 +149,34 @@ impl Qcow2 {
             }
         }
         Ok(out.unwrap_or(rest))
+    }
+
+    /// Takes `meta` once no allocating write is in flight on guest
+    /// clusters `[first, last]`, for operations that change their mapping.
+    pub(crate) async fn lock_meta_quiet(&self, first: u64, last: u64) -> CoGuard<'_> {
+        loop {
+            let g = self.meta.lock().await;
+            if !self.allocating.busy(first, last) {
+                return g;
+            }
+            drop(g);
+            self.allocating.wait_range_idle(first, last).await;
+        }
+    }
+
+    /// Takes `meta` with no allocating write in flight anywhere (snapshots,
+    /// resize, check).
+    pub(crate) async fn lock_meta_idle(&self) -> CoGuard<'_> {
+        self.lock_meta_quiet(0, u64::MAX).await
+    }
+
+    /// Gives back a cluster allocated for a write whose data write failed
+    /// (nothing references it yet).
+    async fn abort_alloc(&self, host: u64) {
+        let _g = self.meta.lock().await;
+        let _ = self
+            .update_refcount(host >> self.cluster_bits, -1, DiscardKind::Other)
+            .await;
     }
 
     /// Fills `buf` with the current content of guest range
@@ -209,10 +243,14 @@ impl Qcow2 {
         let first = self.l2_index(off);
         let per = 1usize << self.l2_bits;
         let max = ((len / cs) as usize).min(per - first).min(1024);
+        let gc = off >> self.cluster_bits;
         let mut k = 0;
         while k < max {
             let e = self.l2_entry_at(&t, first + k);
-            if e.host() != 0 || e.is_compressed() {
+            if e.host() != 0
+                || e.is_compressed()
+                || self.allocating.busy(gc + k as u64, gc + k as u64)
+            {
                 break;
             }
             k += 1;
@@ -221,17 +259,19 @@ impl Qcow2 {
     }
 
     /// Allocates up to `k` contiguous clusters for fully overwritten, fresh
-    /// clusters at `off` and writes them in one request (caller holds
-    /// `meta`). Returns the part of `rest` written and its length.
+    /// clusters at `off` and writes them in one request. Takes the caller's
+    /// `meta` guard and drops it for the data write. Returns the part of
+    /// `rest` written and its length.
     async fn alloc_write_run(
         &self,
+        g: CoGuard<'_>,
         off: u64,
         k: u64,
         rest: &mut IoBuf,
         flags: WriteFlags,
     ) -> Result<(IoBuf, u64)> {
         let cs = self.cluster_size;
-        let (l2_off, table) = self.l2_table_for_write(off).await?;
+        self.l2_table_for_write(off).await?;
         let first = self.alloc_cluster().await?;
         let mut n = 1;
         while n < k {
@@ -244,10 +284,27 @@ impl Qcow2 {
             }
             n += 1;
         }
-        self.check_overlap(first, n * cs)?;
+        if let Err(e) = self.check_overlap(first, n * cs) {
+            drop(g);
+            return Err(e);
+        }
+        let gc = off >> self.cluster_bits;
+        let _pin = self.allocating.pin(gc, gc + n - 1);
+        drop(g);
         let part = take(rest, n * cs);
-        let part = self.data.pwrite(first, part, flags).await?;
+        let part = match self.data.pwrite(first, part, flags).await {
+            Ok(p) => p,
+            Err(e) => {
+                for i in 0..n {
+                    self.abort_alloc(first + i * cs).await;
+                }
+                return Err(e);
+            }
+        };
+        let _g = self.meta.lock().await;
         self.l2_needs_rc().await?;
+        // The table may have left the cache during the data write.
+        let (l2_off, table) = self.l2_table_for_write(off).await?;
         let idx = self.l2_index(off);
         {
             let mut t = table.borrow_mut();
@@ -263,9 +320,14 @@ impl Qcow2 {
         Ok((part, n * cs))
     }
 
-    /// An allocating write inside one cluster (caller holds `meta`).
+    /// An allocating write inside one cluster. Under the caller's `meta`
+    /// guard it picks the host cluster and marks the guest cluster busy;
+    /// the copy-on-write reads and the data write run without `meta`, so
+    /// allocating writes to different clusters overlap; `meta` is taken
+    /// again to link the cluster into the L2 table (QEMU's l2meta scheme).
     async fn alloc_write(
         &self,
+        g: CoGuard<'_>,
         node: &Node,
         off: u64,
         part: IoBuf,
@@ -276,9 +338,10 @@ impl Qcow2 {
         let guest_c = off & !(cs - 1);
         let a = off - guest_c;
         let b = a + part.len() as u64;
-        let (l2_off, table) = self.l2_table_for_write(off).await?;
+        let (_, table) = self.l2_table_for_write(off).await?;
         let idx = self.l2_index(off);
         let old = self.l2_entry_at(&table.borrow(), idx);
+        drop(table);
         let external = !Rc::ptr_eq(&self.data, &self.file);
         let old_host = old.host();
         let keep_host = old_host != 0 && (old.copied() || external);
@@ -306,23 +369,69 @@ impl Qcow2 {
             self.alloc_cluster().await?
         };
         let new_cluster = !keep_host && !external;
-        let mut region = IoBuf::zeroed((rb - ra) as usize);
-        if a > ra {
-            self.read_old(node, old, guest_c + ra, &mut region[..(a - ra) as usize])
-                .await?;
+        // A fresh cluster past everything written since open already reads
+        // as zeros: when the copy-on-write source is zeros too, only the
+        // guest data needs writing (QEMU zeroes such clusters with an extra
+        // fallocate instead).
+        let cow_is_zero = old_host == 0
+            && !old.is_compressed()
+            && (old.entry & OFLAG_ZERO != 0
+                || node.backing().is_none_or(|bk| bk.size() <= guest_c));
+        let zero_fill = new_cluster && !self.extended && cow_is_zero;
+        let mut prezero = false;
+        if zero_fill && host >> self.cluster_bits >= self.zero_from.get() {
+            ra = a;
+            rb = b;
+            // Give the file its full new cluster first with a zero-range
+            // fallocate: the data write then no longer extends the file,
+            // which the kernel would run synchronously, one at a time.
+            prezero = b - a < cs;
         }
-        if rb > b {
-            let s = (b - ra) as usize;
-            self.read_old(node, old, guest_c + b, &mut region[s..])
-                .await?;
+        if let Err(e) = self.check_overlap(host + ra, rb - ra) {
+            drop(g);
+            return Err(e);
         }
-        region[(a - ra) as usize..(b - ra) as usize].copy_from_slice(&part);
-        self.check_overlap(host + ra, rb - ra)?;
-        self.data.pwrite(host + ra, region, flags).await?;
+        let gc = guest_c >> self.cluster_bits;
+        let _pin = self.allocating.pin(gc, gc);
+        drop(g);
+
+        let data = async {
+            if prezero {
+                let zf = WriteFlags {
+                    no_fallback: true,
+                    ..WriteFlags::default()
+                };
+                // Only an optimisation: the cluster reads as zeros anyway.
+                let _ = self.data.pwrite_zeroes(host, cs, zf).await;
+            }
+            let mut region = IoBuf::zeroed((rb - ra) as usize);
+            if a > ra {
+                self.read_old(node, old, guest_c + ra, &mut region[..(a - ra) as usize])
+                    .await?;
+            }
+            if rb > b {
+                let s = (b - ra) as usize;
+                self.read_old(node, old, guest_c + b, &mut region[s..])
+                    .await?;
+            }
+            region[(a - ra) as usize..(b - ra) as usize].copy_from_slice(&part);
+            self.data.pwrite(host + ra, region, flags).await
+        };
+        if let Err(e) = data.await {
+            if new_cluster {
+                self.abort_alloc(host).await;
+            }
+            return Err(e);
+        }
+
+        let _g = self.meta.lock().await;
         // Metadata: L2 entry after the data, refcount before the L2 entry.
         if new_cluster {
             self.l2_needs_rc().await?;
         }
+        let (l2_off, table) = self.l2_table_for_write(off).await?;
+        // Subcluster bits of other requests may have landed meanwhile.
+        let cur = self.l2_entry_at(&table.borrow(), idx);
         let mut ne = L2Entry {
             entry: host | OFLAG_COPIED,
             bitmap: 0,
@@ -335,14 +444,13 @@ impl Qcow2 {
             let mut bm = if (new_cluster && old_host != 0) || old.is_compressed() {
                 m
             } else {
-                old.bitmap
+                cur.bitmap
             };
             bm |= m;
             bm &= !(m << 32);
             ne.bitmap = bm;
         }
         self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
-        // The table may have left the cache while we awaited: re-insert.
         self.l2_cache.insert(l2_off, table, true);
         if new_cluster && (old_host != 0 || old.is_compressed()) {
             self.free_l2_cluster(old, DiscardKind::Other).await?;
@@ -378,7 +486,8 @@ impl Qcow2 {
                 self.write_impl(node, off, IoBuf::zeroed(n as usize), flags)
                     .await?;
             } else {
-                let _g = self.meta.lock().await;
+                let gc = off >> self.cluster_bits;
+                let _g = self.lock_meta_quiet(gc, gc).await;
                 self.zero_cluster(off, flags.may_unmap).await?;
             }
             off += n;
@@ -431,7 +540,12 @@ impl Qcow2 {
         } else {
             (offset + len) / cs * cs
         };
-        let _g = self.meta.lock().await;
+        let _g = self
+            .lock_meta_quiet(
+                start >> self.cluster_bits,
+                end.saturating_sub(1) >> self.cluster_bits,
+            )
+            .await;
         let mut off = start;
         while off < end {
             let e = self.l2_entry(off).await?;
@@ -486,7 +600,7 @@ impl Qcow2 {
             return Err(Error::unsupported("qcow2", "preallocation on resize"));
         }
         let old = self.size.get();
-        let _g = self.meta.lock().await;
+        let _g = self.lock_meta_idle().await;
         if size < old {
             return self.shrink(size).await;
         }

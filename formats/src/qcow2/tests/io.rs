@@ -3,6 +3,7 @@
 //! growth, concurrency, lost caches.
 
 use super::*;
+use crate::qcow2::Qcow2;
 
 #[test]
 fn reads_images_written_by_qemu() {
@@ -581,5 +582,112 @@ fn rough_throughput() {
             close(g, n).await;
         });
         check_clean(&img);
+    });
+}
+
+/// Regression for the zero-fill shortcut: a host cluster freed and handed
+/// out again keeps its old bytes, so a partial write there must still fill
+/// the rest of the cluster with zeros.
+#[test]
+fn reused_host_cluster_is_zero_filled() {
+    let d = Dir::new("reuse");
+    on_engines(|g, mode| {
+        let img = d.file("r.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+        run(g, async {
+            // Freed clusters are not punched out of the file, so they keep
+            // their bytes.
+            let opts = q2_opts(&img)
+                .with("discard", "unmap")
+                .with("pass-discard-request", false);
+            let n = g.open(opts).await.unwrap();
+            n.pwrite(0, IoBuf::filled(65536, 0xaa), WriteFlags::default())
+                .await
+                .unwrap();
+            n.flush().await.unwrap();
+            n.pdiscard(0, 65536).await.unwrap();
+            // Allocates again, on the cluster just freed.
+            n.pwrite(1 << 20, IoBuf::filled(4096, 0xbb), WriteFlags::default())
+                .await
+                .unwrap();
+            let r = n.pread(1 << 20, IoBuf::zeroed(65536)).await.unwrap();
+            assert!(r[..4096].iter().all(|&b| b == 0xbb), "{mode:?}");
+            assert!(
+                r[4096..].iter().all(|&b| b == 0),
+                "{mode:?}: old data leaked"
+            );
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let out = qemu_io(
+            &img,
+            &["read -P 0xbb 1M 4k".into(), "read -P 0 1052672 60k".into()],
+        );
+        assert!(!out.contains("fail"), "{out}");
+    });
+}
+
+/// Allocating writes run their data I/O concurrently; snapshots, discards
+/// and zero writes issued meanwhile wait for them, and the image stays
+/// consistent, including copy-on-write from a backing file.
+#[test]
+fn allocating_writes_overlap_snapshots_and_discards() {
+    let d = Dir::new("overlap");
+    on_engines(|g, mode| {
+        let base = d.file("base.qcow2");
+        let img = d.file("top.qcow2");
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &base, "16M"]);
+        qemu_io(&base, &["write -P 0x11 0 8M".into()]);
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &img,
+        ]);
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let ctx = Rc::clone(g.context());
+            let mut hs = Vec::new();
+            for i in 0..96u64 {
+                let n = Rc::clone(&n);
+                // Three writers on each of 32 clusters, spread over both
+                // halves (with and without backing data).
+                let off = (i % 32) * 512 * 1024 + (i / 32) * 8192;
+                hs.push(ctx.spawn(async move {
+                    n.pwrite(
+                        off,
+                        IoBuf::filled(4096, (i % 200) as u8 + 1),
+                        WriteFlags::default(),
+                    )
+                    .await
+                    .unwrap();
+                }));
+            }
+            let q = Qcow2::of(&n).expect("qcow2 node");
+            q.create_snapshot("mid").await.unwrap();
+            n.pdiscard(15 << 20, 1 << 20).await.unwrap();
+            for h in hs {
+                h.await;
+            }
+            let all = read_all(&n).await;
+            for i in 0..96u64 {
+                let off = ((i % 32) * 512 * 1024 + (i / 32) * 8192) as usize;
+                let want = (i % 200) as u8 + 1;
+                assert!(
+                    all[off..off + 4096].iter().all(|&x| x == want),
+                    "{mode:?} {i}"
+                );
+                // The rest of the cluster came from the backing file.
+                let after = off + 4096;
+                let expect_after = if after < 8 << 20 { 0x11 } else { 0 };
+                if (i / 32) < 2 {
+                    assert_eq!(all[after], expect_after, "{mode:?} {i} cow");
+                }
+            }
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let out = qemu_img(&["snapshot", "-l", &img]);
+        assert!(out.contains("mid"), "{out}");
     });
 }
