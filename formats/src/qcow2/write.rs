@@ -289,8 +289,18 @@ impl Qcow2 {
             return Err(e);
         }
         let gc = off >> self.cluster_bits;
+        let prezero = first >> self.cluster_bits >= self.zero_from.get()
+            && self.allocating.busy(0, u64::MAX);
         let _pin = self.allocating.pin(gc, gc + n - 1);
         drop(g);
+        if prezero {
+            // As in alloc_write: keep the data write from extending the file.
+            let zf = WriteFlags {
+                no_fallback: true,
+                ..WriteFlags::default()
+            };
+            let _ = self.data.pwrite_zeroes(first, n * cs, zf).await;
+        }
         let part = take(rest, n * cs);
         let part = match self.data.pwrite(first, part, flags).await {
             Ok(p) => p,
@@ -382,10 +392,13 @@ impl Qcow2 {
         if zero_fill && host >> self.cluster_bits >= self.zero_from.get() {
             ra = a;
             rb = b;
-            // Give the file its full new cluster first with a zero-range
-            // fallocate: the data write then no longer extends the file,
-            // which the kernel would run synchronously, one at a time.
-            prezero = b - a < cs;
+            // With other allocations in flight, give the file its new
+            // cluster first with a zero-range fallocate: the data write then
+            // no longer extends the file, which the kernel would run
+            // synchronously, one at a time. Alone, the extra call is slower.
+            // A partial write always gets it: the rest of the cluster is
+            // likely written next, and those writes must not extend either.
+            prezero = b - a < cs || self.allocating.busy(0, u64::MAX);
         }
         if let Err(e) = self.check_overlap(host + ra, rb - ra) {
             drop(g);
@@ -404,6 +417,10 @@ impl Qcow2 {
                 // Only an optimisation: the cluster reads as zeros anyway.
                 let _ = self.data.pwrite_zeroes(host, cs, zf).await;
             }
+            if ra == a && rb == b {
+                // Nothing to merge: write the caller's buffer as it is.
+                return self.data.pwrite(host + ra, part, flags).await;
+            }
             let mut region = IoBuf::zeroed((rb - ra) as usize);
             if a > ra {
                 self.read_old(node, old, guest_c + ra, &mut region[..(a - ra) as usize])
@@ -415,14 +432,18 @@ impl Qcow2 {
                     .await?;
             }
             region[(a - ra) as usize..(b - ra) as usize].copy_from_slice(&part);
-            self.data.pwrite(host + ra, region, flags).await
+            self.data.pwrite(host + ra, region, flags).await?;
+            Ok(part)
         };
-        if let Err(e) = data.await {
-            if new_cluster {
-                self.abort_alloc(host).await;
+        let part = match data.await {
+            Ok(p) => p,
+            Err(e) => {
+                if new_cluster {
+                    self.abort_alloc(host).await;
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
 
         let _g = self.meta.lock().await;
         // Metadata: L2 entry after the data, refcount before the L2 entry.
