@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::errors;
 use super::qapi::*;
-use super::{cli::Item, Daemon, IoThread};
+use super::{Daemon, IoThread};
 use crate::qmp::dispatch::Registry;
 use crate::qmp::protocol::QmpError;
 use crate::qmp::schema::Empty;
@@ -24,6 +24,7 @@ pub fn registry() -> Registry<Daemon> {
     r.event::<JobStatusChange>("JOB_STATUS_CHANGE");
     r.event::<WriteThresholdEvent>("BLOCK_WRITE_THRESHOLD");
     r.event::<ExportDeletedEvent>("BLOCK_EXPORT_DELETED");
+    super::exports::register(&mut r);
     r.command("quit", |d: Rc<Daemon>, _: Empty| async move {
         d.quit.set(true);
         Ok(Empty {})
@@ -94,7 +95,7 @@ pub fn registry() -> Registry<Daemon> {
                 return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
             }
             let be = block_core::BlockBackend::new("", &node, Perm::RESIZE, Perm::ALL)
-                .map_err(|e| errors::block(&e))?;
+                .map_err(|e| errors::blk_perm(&e))?;
             let r = be.truncate(a.size as u64, false, Prealloc::Off).await;
             be.detach();
             r.map_err(|e| errors::block(&e))?;
@@ -954,31 +955,4 @@ fn qom_set(d: &Daemon, path: &str, property: &str, value: Value) -> R<()> {
         ))
     })?;
     Ok(())
-}
-
-/// `--nbd-server` / `--export`: parsed and checked with QEMU's option
-/// types and errors; serving them waits for the NBD module (see the
-/// report in the daemon's README section). Until then a valid option is
-/// refused with a clear error rather than silently ignored.
-pub fn cli_nbd(d: &Daemon, item: &Item, _el: &block_core::EventLoop) -> Result<(), String> {
-    use crate::qmp::keyval::parse_option;
-    match item {
-        Item::Export(a) => {
-            let o: BlockExportOptions = parse_option(a, Some("type")).map_err(|e| e.0)?;
-            let node = o
-                .map
-                .get("node-name")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if d.graph.node(node).is_none() {
-                return Err(format!("Cannot find device='' nor node-name='{node}'"));
-            }
-            Err("NBD exports are not available in this build of stratad yet".into())
-        }
-        Item::NbdServer(a) => {
-            let _o: NbdServerOptions = parse_option(a, None).map_err(|e| e.0)?;
-            Err("the NBD server is not available in this build of stratad yet".into())
-        }
-        _ => Ok(()),
-    }
 }

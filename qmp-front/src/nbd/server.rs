@@ -130,6 +130,21 @@ impl NbdServer {
         let lctx = Rc::clone(ctx);
         ctx.spawn_detached(async move {
             loop {
+                // At the limit, stop accepting: further clients wait in the
+                // listen backlog until a slot frees, as with QEMU.
+                loop {
+                    let Some(server) = weak.upgrade() else { return };
+                    if server.stopped.get() {
+                        return;
+                    }
+                    if server.max_connections == 0
+                        || server.connections.get() < server.max_connections
+                    {
+                        break;
+                    }
+                    drop(server);
+                    lctx.sleep(std::time::Duration::from_millis(20)).await;
+                }
                 let stream = match listener.accept(&lctx).await {
                     Ok(s) => s,
                     Err(_) => {
@@ -145,11 +160,6 @@ impl NbdServer {
                 let Some(server) = weak.upgrade() else { return };
                 if server.stopped.get() {
                     return;
-                }
-                if server.max_connections > 0 && server.connections.get() >= server.max_connections
-                {
-                    drop(stream);
-                    continue;
                 }
                 let Ok(sock) = Socket::new(stream, Rc::clone(&lctx)) else {
                     continue;
@@ -195,7 +205,10 @@ impl NbdServer {
             .as_ref()
             .is_some_and(|d| d.len() > super::proto::MAX_STRING)
         {
-            return Err(Error::invalid("description too long"));
+            return Err(Error::invalid(format!(
+                "description '{}' too long",
+                cfg.description.as_deref().unwrap_or_default()
+            )));
         }
         if self.exports.borrow().contains_key(&name) {
             return Err(Error::invalid(format!(
@@ -212,10 +225,7 @@ impl NbdServer {
             return Err(Error::invalid(format!("Bitmap '{b}' is not found")));
         }
         if cfg.writable && node.is_read_only() {
-            return Err(Error::invalid(format!(
-                "Cannot export read-only node '{}' as writable",
-                node.name()
-            )));
+            return Err(Error::invalid("Cannot export read-only node as writable"));
         }
         let perm = if cfg.writable {
             Perm::CONSISTENT_READ | Perm::WRITE
