@@ -30,7 +30,7 @@ pub fn register(r: &mut Registry<Daemon>) {
     r.command(
         "nbd-server-start",
         |d: Rc<Daemon>, a: NbdServerStartArgs| async move {
-            let addr = legacy_addr(a.map.get("addr"))?;
+            let addr = legacy_addr(a.map.get("addr"));
             server_start(&d, &a.map, addr).map(|_| Empty {})
         },
     );
@@ -101,8 +101,10 @@ fn flat_addr(ty: &str, data: &Value) -> R<NbdAddr> {
 }
 
 /// Starts the server; `opts` holds the members common to the QMP and
-/// command-line forms (`tls-creds`, `max-connections`, ...).
-fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: NbdAddr) -> R<()> {
+/// command-line forms (`tls-creds`, `max-connections`, ...). An address
+/// that cannot be served is reported where QEMU's bind would fail, after
+/// the other checks.
+fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: R<NbdAddr>) -> R<()> {
     if d.nbd.borrow().is_some() {
         return Err(errors::nbd_running());
     }
@@ -113,6 +115,7 @@ fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: NbdAddr) -> R<(
     if opts.contains_key("tls-authz") {
         return Err(errors::nbd_tls_authz());
     }
+    let addr = addr?;
     let max = opts
         .get("max-connections")
         .and_then(Value::as_u64)
@@ -318,8 +321,7 @@ pub fn cli(d: &Rc<Daemon>, item: &super::cli::Item) -> Result<(), String> {
             let o: NbdServerOptions = parse_option(a, None).map_err(|e| e.0)?;
             let addr = o.map.get("addr").cloned().unwrap_or(Value::Null);
             let ty = addr.get("type").and_then(Value::as_str).unwrap_or_default();
-            let addr = flat_addr(ty, &addr).map_err(|e| e.desc)?;
-            server_start(d, &o.map, addr).map_err(|e| e.desc)
+            server_start(d, &o.map, flat_addr(ty, &addr)).map_err(|e| e.desc)
         }
         _ => Ok(()),
     }
