@@ -379,6 +379,19 @@ fn writable_export_round_trip() {
         c.ok("query-block-exports", json!({})),
         json!([{"id": "e0", "type": "nbd", "node-name": "r0", "shutting-down": false}])
     );
+    // The export's BlockBackend is a vertex of the graph, with QEMU's ids
+    // (backends are met first) and the permissions of a writable export.
+    let g = c.ok("x-debug-query-block-graph", json!({}));
+    assert_eq!(
+        g["nodes"][2],
+        json!({"id": 1, "type": "block-backend", "name": ""})
+    );
+    assert_eq!(g["nodes"][0]["name"], "r0");
+    assert_eq!(
+        g["edges"][1],
+        json!({"parent": 1, "child": 2, "name": "root", "perm": ["write", "consistent-read"],
+               "shared-perm": ["write-unchanged", "write", "consistent-read"]})
+    );
     c.ok("block-export-del", json!({"id": "e0"}));
     let ev = c.wait_event("BLOCK_EXPORT_DELETED");
     assert_eq!(ev["data"], json!({"id": "e0"}));
@@ -928,8 +941,9 @@ fn command_line_server_and_export() {
         "NBD server already running"
     );
     c.ok("quit", json!({}));
-    let ev = c.wait_event("BLOCK_EXPORT_DELETED");
-    assert!(deleted("e0")(&ev), "{ev}");
+    // As from qemu-storage-daemon, the event comes before quit's reply.
+    assert_eq!(c.events.len(), 1, "{:?}", c.events);
+    assert!(deleted("e0")(&c.events[0]), "{:?}", c.events);
     assert_eq!(d.wait(Duration::from_secs(10)), Some(0));
 }
 

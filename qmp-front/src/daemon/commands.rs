@@ -26,6 +26,9 @@ pub fn registry() -> Registry<Daemon> {
     r.event::<ExportDeletedEvent>("BLOCK_EXPORT_DELETED");
     super::exports::register(&mut r);
     r.command("quit", |d: Rc<Daemon>, _: Empty| async move {
+        // qemu-storage-daemon's BLOCK_EXPORT_DELETED events precede its
+        // reply to quit.
+        super::exports::shutdown(&d).await;
         d.quit.set(true);
         Ok(Empty {})
     });
@@ -723,41 +726,67 @@ fn perm_list(p: Perm) -> Vec<BlockPermission> {
     v
 }
 
+/// QEMU's `x-debug-query-block-graph`: BlockBackends (the exports' here)
+/// first, then nodes in creation order; ids are handed out as each
+/// vertex is first met, and both lists come out newest first.
 fn block_graph(d: &Daemon) -> BlockGraph {
-    let nodes = d.nodes_in_order();
-    let id_of = |name: &str| {
-        nodes
-            .iter()
-            .position(|n| n.name() == name)
-            .map(|i| i as u64 + 1)
-            .unwrap_or(0)
+    let mut ids: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut id_of = |key: String| {
+        let next = ids.len() as u64 + 1;
+        *ids.entry(key).or_insert(next)
     };
-    let mut gnodes: Vec<GraphNode> = nodes
+    let mut gnodes = Vec::new();
+    let mut edges = Vec::new();
+    let exports = d
+        .nbd
+        .borrow()
+        .as_ref()
+        .map(|s| s.exports())
+        .unwrap_or_default();
+    let ordered = d
+        .export_ids
+        .borrow()
         .iter()
-        .enumerate()
-        .map(|(i, n)| GraphNode {
-            id: i as u64 + 1,
+        .filter_map(|id| exports.iter().find(|e| &e.cfg.id == id).cloned())
+        .collect::<Vec<_>>();
+    for e in &ordered {
+        let id = id_of(format!("blk:{}", e.cfg.id));
+        gnodes.push(GraphNode {
+            id,
+            ty: GraphNodeType::BlockBackend,
+            name: String::new(),
+        });
+        let (perm, shared) = e.blk.perm();
+        edges.push(GraphEdge {
+            parent: id,
+            child: id_of(e.node().name().to_owned()),
+            name: "root".into(),
+            perm: perm_list(perm),
+            shared_perm: perm_list(shared),
+        });
+    }
+    for n in d.nodes_in_order() {
+        let id = id_of(n.name().to_owned());
+        gnodes.push(GraphNode {
+            id,
             ty: GraphNodeType::BlockDriver,
             name: n.name().to_owned(),
-        })
-        .collect();
-    gnodes.reverse();
-    let mut edges = Vec::new();
-    for n in &nodes {
+        });
         for c in n.children() {
             let u = c.node.users().into_iter().find(|u| u.id == c.user_id);
             let (perm, shared) = u
                 .map(|u| (u.perm, u.shared))
                 .unwrap_or((Perm::NONE, Perm::ALL));
             edges.push(GraphEdge {
-                parent: id_of(n.name()),
-                child: id_of(c.node.name()),
+                parent: id,
+                child: id_of(c.node.name().to_owned()),
                 name: c.name.clone(),
                 perm: perm_list(perm),
                 shared_perm: perm_list(shared),
             });
         }
     }
+    gnodes.reverse();
     edges.reverse();
     BlockGraph {
         nodes: gnodes,
