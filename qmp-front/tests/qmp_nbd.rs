@@ -1013,3 +1013,50 @@ fn command_line_errors() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A writable export keeps its node (and an inline child with its own
+/// export) from being reopened read-only, with QEMU's message, and a
+/// refused reopen leaves every node as it was.
+#[test]
+fn reopen_read_only_refused_under_writable_export() {
+    let d = Daemon::start("reopen", &[]);
+    let img = raw_image(&d.dir, "img.raw", 1 << 20);
+    let mut c = d.connect();
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r0",
+               "file": {"driver": "file", "filename": img, "node-name": "f0"}}),
+    );
+    start_unix(&mut c, &d);
+    let ro = json!({"options": [{"driver": "raw", "node-name": "r0", "read-only": true,
+                                 "file": "f0"}]});
+    c.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "r0", "writable": true}),
+    );
+    assert_eq!(
+        c.err("blockdev-reopen", ro.clone()),
+        "Read-only block node 'r0' cannot support read-write users"
+    );
+    c.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "f0", "writable": true}),
+    );
+    c.ok("block-export-del", json!({"id": "e0"}));
+    assert_eq!(
+        c.err("blockdev-reopen", ro),
+        "Read-only block node 'f0' cannot support read-write users"
+    );
+    c.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e3", "node-name": "r0", "writable": true}),
+    );
+    let ids: Vec<Value> = c
+        .ok("query-block-exports", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("e3"), json!("e1")]);
+}

@@ -451,9 +451,18 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         if f.read_only && !node.is_read_only() {
             let (perm, _) = node.cumulative_perm();
             if perm.contains(Perm::WRITE) {
-                return Err(QmpError::generic(format!(
-                    "Cannot make node '{name}' read-only: it has a writer"
-                )));
+                return Err(errors::read_only_with_writers(name));
+            }
+            // The inheriting child must not keep a writer of its own (an
+            // export, say); the node's own edge drops write with it.
+            if let Some(c) = inheriting_child(d, &node).filter(|c| !c.is_read_only()) {
+                let writes = c
+                    .users()
+                    .iter()
+                    .any(|u| u.who != node.name() && u.perm.contains(Perm::WRITE));
+                if writes {
+                    return Err(errors::read_only_with_writers(c.name()));
+                }
             }
         }
         plan.push((node, f));
@@ -461,14 +470,9 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
     for (node, f) in plan {
         let old = node.flags();
         node.set_flags(f);
-        // Children the node opened inline inherit read-only, as in QEMU.
-        let inline = |c: &Node| {
-            d.add_opts.borrow().get(node.name()).is_some_and(|m| {
-                m.values()
-                    .any(|v| v.get("node-name").and_then(Value::as_str) == Some(c.name()))
-            }) || c.is_auto_named()
-        };
-        if let Some(c) = node.storage_child().filter(|c| inline(c)) {
+        let child = inheriting_child(d, &node);
+        let child_old = child.as_ref().map(|c| c.flags());
+        if let Some(c) = &child {
             let mut cf = c.flags();
             cf.read_only = f.read_only;
             c.set_flags(cf);
@@ -476,11 +480,26 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         if old.read_only != f.read_only {
             if let Err(e) = refresh_child_perms(&node) {
                 node.set_flags(old);
+                if let (Some(c), Some(cf)) = (&child, child_old) {
+                    c.set_flags(cf);
+                }
                 return Err(errors::block(&e));
             }
         }
     }
     Ok(())
+}
+
+/// The storage child that inherits `node`'s read-only flag on reopen: one
+/// the node opened inline, as in QEMU.
+fn inheriting_child(d: &Daemon, node: &Node) -> Option<Rc<Node>> {
+    let inline = |c: &Node| {
+        d.add_opts.borrow().get(node.name()).is_some_and(|m| {
+            m.values()
+                .any(|v| v.get("node-name").and_then(Value::as_str) == Some(c.name()))
+        }) || c.is_auto_named()
+    };
+    node.storage_child().filter(|c| inline(c))
 }
 
 /// Recomputes the permissions `node` takes on its children after its

@@ -63,6 +63,13 @@ pub fn blk_perm(e: &Error) -> QmpError {
     ))
 }
 
+/// Reopening read-only a node that has writers (an export, a parent).
+pub fn read_only_with_writers(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Read-only block node '{name}' cannot support read-write users"
+    ))
+}
+
 /// QEMU's `Failed to find node with node-name='x'` (blockdev-del, reopen).
 pub fn node_not_found(name: &str) -> QmpError {
     QmpError::generic(format!("Failed to find node with node-name='{name}'"))
