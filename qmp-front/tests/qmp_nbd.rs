@@ -1060,3 +1060,43 @@ fn reopen_read_only_refused_under_writable_export() {
         .collect();
     assert_eq!(ids, [json!("e3"), json!("e1")]);
 }
+
+/// Connections that get the NBD greeting, of `tries` opened at once.
+fn greeted(sock: &str, tries: usize) -> usize {
+    use std::io::Read;
+    let mut held = Vec::new();
+    let mut n = 0;
+    for _ in 0..tries {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut magic = [0u8; 8];
+        if s.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC" {
+            n += 1;
+        }
+        held.push(s);
+    }
+    n
+}
+
+/// Without max-connections the server admits 100 clients at a time, as
+/// qemu-storage-daemon does since 9.1; 0 lifts the limit.
+#[test]
+fn default_connection_limit_is_100() {
+    let d = Daemon::start("limit", &["--blockdev", "null-co,node-name=n0"]);
+    let mut c = d.connect();
+    start_unix(&mut c, &d);
+    c.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "n0"}),
+    );
+    assert_eq!(greeted(&d.nbd_sock(), 101), 100);
+    c.ok("nbd-server-stop", json!({}));
+    c.wait_event("BLOCK_EXPORT_DELETED");
+    c.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": d.nbd_sock()}},
+               "max-connections": 0}),
+    );
+    assert_eq!(greeted(&d.nbd_sock(), 105), 105);
+}

@@ -116,10 +116,11 @@ fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: R<NbdAddr>) -> 
         return Err(errors::nbd_tls_authz());
     }
     let addr = addr?;
+    // QEMU's default since its CVE-2024-7409 fix; 0 means unlimited.
     let max = opts
         .get("max-connections")
         .and_then(Value::as_u64)
-        .unwrap_or(0) as u32;
+        .unwrap_or(100) as u32;
     let server = NbdServer::start(&d.ctx, &addr, max).map_err(|e| errors::nbd_bind(&addr, &e))?;
     let weak: Weak<Daemon> = Rc::downgrade(d);
     server.set_on_deleted(Box::new(move |id: &str| {
