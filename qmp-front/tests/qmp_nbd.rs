@@ -533,14 +533,16 @@ fn server_stop_with_a_client() {
     let ev = c.wait_event("BLOCK_EXPORT_DELETED");
     assert!(deleted("e0")(&ev), "{ev}");
     assert_eq!(c.ok("query-block-exports", json!({})), json!([]));
-    assert!(client.run("read 0 512").contains("failed"));
-    client.quit();
-    // The server can be started again on the same path.
+    // The server can be started again on the same path, even before the
+    // old client has gone (its leaving must not remove the new socket).
     start_unix(&mut c, &d);
     c.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e0", "node-name": "r0", "name": "exp"}),
     );
+    assert!(client.run("read 0 512").contains("failed"));
+    client.quit();
+    std::thread::sleep(Duration::from_millis(100));
     qemu_io(&d.uri("exp"), true, &["read -P 0 0 4k"]);
 }
 
@@ -1099,4 +1101,71 @@ fn default_connection_limit_is_100() {
                "max-connections": 0}),
     );
     assert_eq!(greeted(&d.nbd_sock(), 105), 105);
+}
+
+/// `nbdinfo`'s flag lines for one export.
+fn nbd_flags(uri: &str) -> Vec<String> {
+    let (ok, out) = tool("nbdinfo", &[uri]);
+    assert!(ok, "{out}");
+    out.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("can_") || l.starts_with("is_read_only"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Transmission flags as qemu-storage-daemon advertises them: no
+/// write-type commands on read-only exports, no multi-conn with
+/// max-connections=1.
+#[test]
+fn export_flags_follow_qemu() {
+    if !tool("nbdinfo", &["--version"]).0 {
+        eprintln!("nbdinfo not installed: skipping");
+        return;
+    }
+    let dir = tmpdir("flags");
+    let nbd = dir.join("nbd.sock").display().to_string();
+    let d = Daemon::start_in(
+        dir,
+        &[
+            "--blockdev",
+            "null-co,node-name=n0",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={nbd},max-connections=1"),
+            "--export",
+            "nbd,id=e0,node-name=n0,name=ro",
+            "--export",
+            "nbd,id=e1,node-name=n0,name=rw,writable=on",
+        ],
+    );
+    let _c = d.connect();
+    let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        nbd_flags(&d.uri("ro")),
+        f(&[
+            "is_read_only: true",
+            "can_cache: true",
+            "can_df: true",
+            "can_fast_zero: false",
+            "can_flush: true",
+            "can_fua: true",
+            "can_multi_conn: false",
+            "can_trim: false",
+            "can_zero: false",
+        ])
+    );
+    assert_eq!(
+        nbd_flags(&d.uri("rw")),
+        f(&[
+            "is_read_only: false",
+            "can_cache: true",
+            "can_df: true",
+            "can_fast_zero: true",
+            "can_flush: true",
+            "can_fua: true",
+            "can_multi_conn: false",
+            "can_trim: true",
+            "can_zero: true",
+        ])
+    );
 }

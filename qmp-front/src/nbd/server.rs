@@ -100,7 +100,7 @@ pub struct NbdServer {
     pub(crate) ctx: Rc<AioContext>,
     listener: Rc<Listener>,
     exports: RefCell<BTreeMap<String, Rc<NbdExport>>>,
-    max_connections: u32,
+    pub(crate) max_connections: u32,
     pub(crate) connections: Cell<u32>,
     stopped: Cell<bool>,
     all_conns: RefCell<Vec<Weak<ConnHandle>>>,
@@ -325,7 +325,7 @@ impl Listener {
     /// Wakes the accept task (accept then fails) so the server can stop.
     fn shutdown(&self) {
         let fd = match self {
-            Listener::Unix(l, _) => std::os::fd::AsRawFd::as_raw_fd(l),
+            Listener::Unix(l, ..) => std::os::fd::AsRawFd::as_raw_fd(l),
             Listener::Tcp(l) => std::os::fd::AsRawFd::as_raw_fd(l),
         };
         // SAFETY: plain syscall on a listening socket we own.
