@@ -458,6 +458,12 @@ fn read_only_export_and_listing_order() {
         c.err("nbd-server-stop", json!({})),
         "NBD server not running"
     );
+    // As with qemu-storage-daemon, the socket file goes with the server.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Path::new(&d.nbd_sock()).exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!Path::new(&d.nbd_sock()).exists());
 }
 
 /// Safe removal is refused while a client is connected; hard removal

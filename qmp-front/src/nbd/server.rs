@@ -322,11 +322,34 @@ impl NbdServer {
 }
 
 impl Listener {
-    /// Wakes the accept task (accept then fails) so the server can stop.
+    /// Wakes the accept task so the server can stop (the task then drops
+    /// the listener, closing it and removing its socket file).
     fn shutdown(&self) {
+        // Shutting a listening socket down does not reliably wake a task
+        // waiting for it to become readable; a connection always does.
+        // Connecting to our own backlog completes without an accept.
         let fd = match self {
-            Listener::Unix(l, ..) => std::os::fd::AsRawFd::as_raw_fd(l),
-            Listener::Tcp(l) => std::os::fd::AsRawFd::as_raw_fd(l),
+            Listener::Unix(l, path, _) => {
+                let _ = std::os::unix::net::UnixStream::connect(path);
+                std::os::fd::AsRawFd::as_raw_fd(l)
+            }
+            Listener::Tcp(l) => {
+                if let Ok(mut a) = l.local_addr() {
+                    if a.ip().is_unspecified() {
+                        let lo: std::net::IpAddr = if a.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        };
+                        a.set_ip(lo);
+                    }
+                    let _ = std::net::TcpStream::connect_timeout(
+                        &a,
+                        std::time::Duration::from_millis(200),
+                    );
+                }
+                std::os::fd::AsRawFd::as_raw_fd(l)
+            }
         };
         // SAFETY: plain syscall on a listening socket we own.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
