@@ -446,7 +446,8 @@ fn read_only_export_and_listing_order() {
     );
     assert!(ok, "{out}");
     c.ok("nbd-server-stop", json!({}));
-    // Newest first, as qemu-storage-daemon closes them.
+    // Newest first, as qemu-storage-daemon closes them, before the reply.
+    assert_eq!(c.events.len(), 2, "{:?}", c.events);
     let a = c.wait_event("BLOCK_EXPORT_DELETED");
     let b = c.wait_event("BLOCK_EXPORT_DELETED");
     assert_eq!(
@@ -536,8 +537,10 @@ fn server_stop_with_a_client() {
     );
     let mut client = IoClient::open(&d.uri("exp"), true);
     c.ok("nbd-server-stop", json!({}));
-    let ev = c.wait_event("BLOCK_EXPORT_DELETED");
-    assert!(deleted("e0")(&ev), "{ev}");
+    // The reply waits for the client to be gone, so the event precedes it.
+    assert_eq!(c.events.len(), 1, "{:?}", c.events);
+    assert!(deleted("e0")(&c.events[0]), "{:?}", c.events);
+    c.events.clear();
     assert_eq!(c.ok("query-block-exports", json!({})), json!([]));
     // The server can be started again on the same path, even before the
     // old client has gone (its leaving must not remove the new socket).

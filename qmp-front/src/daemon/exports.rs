@@ -35,7 +35,13 @@ pub fn register(r: &mut Registry<Daemon>) {
         },
     );
     r.command("nbd-server-stop", |d: Rc<Daemon>, _: Empty| async move {
-        server_stop(&d).map(|_| Empty {})
+        if d.nbd.borrow().is_none() {
+            return Err(errors::nbd_not_running());
+        }
+        // QEMU waits for every export to be gone before it answers, so
+        // all BLOCK_EXPORT_DELETED events precede the reply.
+        shutdown(&d).await;
+        Ok(Empty {})
     });
     r.command(
         "block-export-add",
@@ -135,16 +141,6 @@ fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: R<NbdAddr>) -> 
     Ok(())
 }
 
-fn server_stop(d: &Daemon) -> R<()> {
-    let server = d
-        .nbd
-        .borrow_mut()
-        .take()
-        .ok_or_else(errors::nbd_not_running)?;
-    close_all(d, &server);
-    Ok(())
-}
-
 /// Removes every export newest first (QEMU's order for the events), then
 /// stops listening and disconnects all clients.
 fn close_all(d: &Daemon, server: &NbdServer) {
@@ -156,9 +152,9 @@ fn close_all(d: &Daemon, server: &NbdServer) {
     server.stop();
 }
 
-/// Stops the server at shutdown and gives departing clients a moment, so
+/// Stops the server (if started) and gives departing clients a moment, so
 /// that every `BLOCK_EXPORT_DELETED` is sent and no export still holds
-/// its node when the graph is closed.
+/// its node afterwards (`nbd-server-stop`, `quit`, shutdown).
 pub async fn shutdown(d: &Daemon) {
     let Some(server) = d.nbd.borrow_mut().take() else {
         return;
