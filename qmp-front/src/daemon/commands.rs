@@ -766,7 +766,7 @@ fn block_graph(d: &Daemon) -> BlockGraph {
         .export_ids
         .borrow()
         .iter()
-        .filter_map(|id| exports.iter().find(|e| &e.cfg.id == id).cloned())
+        .filter_map(|(id, _)| exports.iter().find(|e| &e.cfg.id == id).cloned())
         .collect::<Vec<_>>();
     for e in &ordered {
         let id = id_of(format!("blk:{}", e.cfg.id));

@@ -185,6 +185,11 @@ pub fn export_not_found(id: &str) -> QmpError {
     QmpError::generic(format!("Export '{id}' is not found"))
 }
 
+/// Removal of an export that is already being removed.
+pub fn export_shutting_down(id: &str) -> QmpError {
+    QmpError::generic(format!("Export '{id}' is already shutting down"))
+}
+
 /// Safe removal of an export with clients (QEMU's hint to use
 /// `mode=hard` goes to the human monitor only, not into QMP).
 pub fn export_in_use(id: &str) -> QmpError {

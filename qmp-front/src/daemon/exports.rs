@@ -131,7 +131,7 @@ fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: R<NbdAddr>) -> 
     let weak: Weak<Daemon> = Rc::downgrade(d);
     server.set_on_deleted(Box::new(move |id: &str| {
         let Some(d) = weak.upgrade() else { return };
-        d.export_ids.borrow_mut().retain(|x| x != id);
+        d.export_ids.borrow_mut().retain(|(x, _)| x != id);
         // Sent at once: qemu-storage-daemon's event for an export without
         // clients reaches the monitor before the reply to the removal.
         d.hub
@@ -144,7 +144,13 @@ fn server_start(d: &Rc<Daemon>, opts: &Map<String, Value>, addr: R<NbdAddr>) -> 
 /// Removes every export newest first (QEMU's order for the events), then
 /// stops listening and disconnects all clients.
 fn close_all(d: &Daemon, server: &NbdServer) {
-    let ids: Vec<String> = d.export_ids.borrow().iter().rev().cloned().collect();
+    let ids: Vec<String> = d
+        .export_ids
+        .borrow()
+        .iter()
+        .rev()
+        .map(|(i, _)| i.clone())
+        .collect();
     for id in ids {
         // Already-removed exports are only waiting for their clients.
         let _ = server.remove_export(&id, RemoveMode::Hard);
@@ -183,7 +189,7 @@ fn export_add(d: &Daemon, o: &Map<String, Value>) -> R<()> {
     if !block_core::graph::id_wellformed(id) {
         return Err(errors::export_bad_id());
     }
-    if d.export_ids.borrow().iter().any(|x| x == id) {
+    if d.export_ids.borrow().iter().any(|(x, _)| x == id) {
         return Err(errors::export_id_in_use(id));
     }
     let ty = str_of(o, "type").unwrap_or_default();
@@ -236,7 +242,9 @@ fn export_add(d: &Daemon, o: &Map<String, Value>) -> R<()> {
     server
         .add_export(&d.graph, cfg)
         .map_err(|e| errors::blk_perm(&e))?;
-    d.export_ids.borrow_mut().push(id.to_owned());
+    d.export_ids
+        .borrow_mut()
+        .push((id.to_owned(), node_name.to_owned()));
     Ok(())
 }
 
@@ -270,8 +278,14 @@ fn export_del(d: &Daemon, id: &str, mode: Option<BlockExportRemoveMode>) -> R<()
     let server = d.nbd.borrow().clone();
     let exp = server
         .as_ref()
-        .and_then(|s| s.exports().into_iter().find(|e| e.cfg.id == id))
-        .ok_or_else(|| errors::export_not_found(id))?;
+        .and_then(|s| s.exports().into_iter().find(|e| e.cfg.id == id));
+    let Some(exp) = exp else {
+        // Removed but still waiting for its clients to leave.
+        if d.export_ids.borrow().iter().any(|(x, _)| x == id) {
+            return Err(errors::export_shutting_down(id));
+        }
+        return Err(errors::export_not_found(id));
+    };
     let mode = match mode {
         Some(BlockExportRemoveMode::Hard) => RemoveMode::Hard,
         _ => RemoveMode::Safe,
@@ -285,22 +299,24 @@ fn export_del(d: &Daemon, id: &str, mode: Option<BlockExportRemoveMode>) -> R<()
     Ok(())
 }
 
-/// `query-block-exports`, newest first as in QEMU.
+/// `query-block-exports`, newest first as in QEMU; removed exports whose
+/// clients have not left yet are listed as shutting down.
 fn query(d: &Daemon) -> Vec<BlockExportInfo> {
-    let Some(server) = d.nbd.borrow().clone() else {
-        return Vec::new();
-    };
-    let live = server.exports();
+    let live: Vec<String> = d
+        .nbd
+        .borrow()
+        .as_ref()
+        .map(|s| s.exports().iter().map(|e| e.cfg.id.clone()).collect())
+        .unwrap_or_default();
     d.export_ids
         .borrow()
         .iter()
         .rev()
-        .filter_map(|id| live.iter().find(|e| &e.cfg.id == id))
-        .map(|e| BlockExportInfo {
-            id: e.cfg.id.clone(),
+        .map(|(id, node)| BlockExportInfo {
+            id: id.clone(),
             ty: BlockExportType::Nbd,
-            node_name: e.node().name().to_owned(),
-            shutting_down: false,
+            node_name: node.clone(),
+            shutting_down: !live.contains(id),
         })
         .collect()
 }

@@ -78,8 +78,9 @@ pub struct Daemon {
     pub opened_rw: RefCell<HashSet<String>>,
     /// The NBD server, while started.
     pub nbd: RefCell<Option<Rc<crate::nbd::NbdServer>>>,
-    /// Export ids in creation order, until each export is really gone.
-    pub export_ids: RefCell<Vec<String>>,
+    /// Exports (id, node name) in creation order, until each is really
+    /// gone (removed exports stay while clients linger).
+    pub export_ids: RefCell<Vec<(String, String)>>,
     /// Set by `quit`.
     pub quit: Cell<bool>,
 }
