@@ -680,6 +680,30 @@ fn error_texts_match_qemu_storage_daemon() {
     for (cmd, args, want) in cases_before {
         assert_eq!(c.err(cmd, args.clone()), want, "{cmd} {args}");
     }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let inet = |host: &str, port: &str| json!({"addr": {"type": "inet", "data": {"host": host, "port": port}}});
+    for (args, want) in [
+        (
+            inet("127.0.0.1", &port),
+            "Failed to find an available port: Address already in use".to_owned(),
+        ),
+        (
+            inet("127.0.0.1", "notaport"),
+            "address resolution failed for 127.0.0.1:notaport: Servname not supported for \
+             ai_socktype"
+                .to_owned(),
+        ),
+    ] {
+        assert_eq!(c.err("nbd-server-start", args.clone()), want, "{args}");
+    }
+    drop(busy);
+    // The resolver's reason depends on the host's DNS set-up.
+    let e = c.err("nbd-server-start", inet("nohost.invalid", "10809"));
+    assert!(
+        e.starts_with("address resolution failed for nohost.invalid:10809: "),
+        "{e}"
+    );
     add_raw(&mut c, "r0", &img, false);
     add_raw(&mut c, "ro", &img, true);
     assert_eq!(

@@ -147,10 +147,21 @@ pub fn nbd_bind(addr: &crate::nbd::NbdAddr, e: &Error) -> QmpError {
         crate::nbd::NbdAddr::Unix(p) => {
             QmpError::generic(format!("Failed to bind socket to {p}: {os}"))
         }
+        crate::nbd::NbdAddr::Inet { .. } if source.raw_os_error() == Some(libc::EADDRINUSE) => {
+            QmpError::generic(format!("Failed to find an available port: {os}"))
+        }
         crate::nbd::NbdAddr::Inet { .. } => {
             QmpError::generic(format!("Failed to bind socket: {os}"))
         }
     }
+}
+
+/// An inet listen address that does not resolve (`gai` is the resolver's
+/// text).
+pub fn nbd_resolve(host: &str, port: &str, gai: &str) -> QmpError {
+    QmpError::generic(format!(
+        "address resolution failed for {host}:{port}: {gai}"
+    ))
 }
 
 /// `Invalid block export id`.

@@ -97,10 +97,15 @@ fn flat_addr(ty: &str, data: &Value) -> R<NbdAddr> {
             }
             Ok(NbdAddr::Unix(s("path").to_owned()))
         }
-        "inet" => Ok(NbdAddr::Inet {
-            host: s("host").to_owned(),
-            port: s("port").to_owned(),
-        }),
+        "inet" => {
+            let (host, port) = (s("host"), s("port"));
+            let port = super::sys::resolve_listen_port(host, port)
+                .map_err(|e| errors::nbd_resolve(host, port, &e))?;
+            Ok(NbdAddr::Inet {
+                host: host.to_owned(),
+                port: port.to_string(),
+            })
+        }
         "fd" => Err(errors::nbd_fd_addr()),
         other => Err(errors::nbd_unsupported_addr(other)),
     }
