@@ -103,6 +103,11 @@ impl BlockBackend {
         }
     }
 
+    /// The permissions held on the root and those shared with others.
+    pub fn perm(&self) -> (Perm, Perm) {
+        self.perm.get()
+    }
+
     /// Changes the permissions held on the root.
     pub fn set_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
         if let Some((n, id)) = self.root.borrow().as_ref() {

@@ -4,6 +4,8 @@ generated node names and error texts. Also compares the argument schemas
 of every command both implement."""
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +102,97 @@ def conversation(binary, workdir):
     return out
 
 
+def qemu_io(args):
+    """Runs qemu-io; True when it ran and no command failed."""
+    try:
+        r = subprocess.run(["qemu-io", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    out = r.stdout + r.stderr
+    return r.returncode == 0 and "failed" not in out and "verification" not in out
+
+
+def nbd_conversation(binary, workdir):
+    """The NBD server and exports; error texts are kept (they match)."""
+    img = os.path.join(workdir, "img.raw")
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    sock = os.path.join(workdir, "nbd.sock")
+    unix = {"type": "unix", "data": {"path": sock}}
+    uri = f"nbd+unix:///exp?socket={sock}"
+    d = Daemon(binary)
+    out = []
+    try:
+        q = d.connect()
+
+        def step(_cmd, **args):
+            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
+
+        def event():
+            e = q.wait_event("BLOCK_EXPORT_DELETED")
+            e.pop("timestamp")
+            out.append(["event", e])
+
+        step("nbd-server-stop")
+        step("nbd-server-add", device="r0")
+        step("nbd-server-remove", name="x")
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "r0"})
+        step("blockdev-add", driver="raw", **{"node-name": "r0"},
+             file={"driver": "file", "filename": img})
+        step("blockdev-add", driver="raw", **{"node-name": "ro", "read-only": True},
+             file={"driver": "file", "filename": img, "locking": "off"})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "r0"})
+        step("nbd-server-start", addr=unix, **{"tls-creds": "x"})
+        step("nbd-server-start", addr={"type": "unix", "data": {"path": "/nonexistent/x"}})
+        step("nbd-server-start", addr={"type": "fd", "data": {"str": "x"}})
+        step("nbd-server-start", addr={"type": "unix", "path": sock})
+        step("nbd-server-start", addr=unix, **{"max-connections": 4})
+        step("nbd-server-start", addr=unix)
+        for extra in ({"node-name": "zz"}, {"node-name": "ro", "writable": True},
+                      {"node-name": "r0", "bitmaps": ["b"]},
+                      {"node-name": "r0", "iothread": "none"},
+                      {"node-name": "r0", "id": "0bad"},
+                      {"node-name": "r0", "type": "bogus"}):
+            step("block-export-add", **{"type": "nbd", "id": "e0", **extra})
+        step("block-export-add", type="nbd", id="e0", name="exp", description="d",
+             writable=True, writethrough=True, **{"node-name": "r0", "allocation-depth": True})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "r0"})
+        step("block-export-add", type="nbd", id="e1", name="exp", **{"node-name": "r0"})
+        step("block-export-add", type="nbd", id="e1", name="n1",
+             **{"node-name": "r0", "fixed-iothread": True})
+        step("query-block-exports")
+        step("blockdev-del", **{"node-name": "r0"})
+        step("block_resize", size=2 << 20, **{"node-name": "r0"})
+        out.append(["write", qemu_io(["-f", "raw", "-c", "write -P 0xa5 0 64k", uri])])
+        out.append(["read", qemu_io(["-f", "raw", "-r", "-c", "read -P 0xa5 0 64k", uri])])
+        step("block-export-del", id="e0")
+        event()
+        step("block-export-del", id="e0", mode="hard")
+        step("query-block-exports")
+        step("nbd-server-add", device="r0")
+        step("nbd-server-add", device="r0")
+        step("nbd-server-add", device="ro", name="legro", writable=True)
+        step("query-block-exports")
+        out.append(["ro-write", qemu_io(["-f", "raw", "-c", "write 0 512",
+                                         f"nbd+unix:///legro?socket={sock}"])])
+        step("nbd-server-remove", name="r0")
+        event()
+        step("nbd-server-remove", name="r0")
+        step("block-export-add", type="nbd", id="e4", name="n4", **{"node-name": "r0"})
+        step("nbd-server-remove", name="n4")
+        step("nbd-server-remove", name="e4", mode="hard")
+        event()
+        step("nbd-server-stop")
+        event()
+        event()
+        step("query-block-exports")
+        step("nbd-server-stop")
+        q.close()
+    finally:
+        d.stop()
+    return out
+
+
 def strip_versions(convo):
     # package strings and the version triple's micro may differ by build.
     for step in convo:
@@ -116,6 +209,15 @@ class Differential(unittest.TestCase):
             got = normalise(strip_versions(conversation(stratad_path(), b)))
         want = json.loads(json.dumps(want).replace(a, "<dir>"))
         got = json.loads(json.dumps(got).replace(b, "<dir>"))
+        self.assertEqual(len(want), len(got))
+        for w, g in zip(want, got):
+            self.assertEqual(w, g, f"step {w[0]}")
+
+    @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
+    def test_same_nbd_conversation(self):
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            want = json.loads(json.dumps(nbd_conversation(qsd_path(), a)).replace(a, "<dir>"))
+            got = json.loads(json.dumps(nbd_conversation(stratad_path(), b)).replace(b, "<dir>"))
         self.assertEqual(len(want), len(got))
         for w, g in zip(want, got):
             self.assertEqual(w, g, f"step {w[0]}")

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::errors;
 use super::qapi::*;
-use super::{cli::Item, Daemon, IoThread};
+use super::{Daemon, IoThread};
 use crate::qmp::dispatch::Registry;
 use crate::qmp::protocol::QmpError;
 use crate::qmp::schema::Empty;
@@ -24,7 +24,11 @@ pub fn registry() -> Registry<Daemon> {
     r.event::<JobStatusChange>("JOB_STATUS_CHANGE");
     r.event::<WriteThresholdEvent>("BLOCK_WRITE_THRESHOLD");
     r.event::<ExportDeletedEvent>("BLOCK_EXPORT_DELETED");
+    super::exports::register(&mut r);
     r.command("quit", |d: Rc<Daemon>, _: Empty| async move {
+        // qemu-storage-daemon's BLOCK_EXPORT_DELETED events precede its
+        // reply to quit.
+        super::exports::shutdown(&d).await;
         d.quit.set(true);
         Ok(Empty {})
     });
@@ -94,7 +98,7 @@ pub fn registry() -> Registry<Daemon> {
                 return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
             }
             let be = block_core::BlockBackend::new("", &node, Perm::RESIZE, Perm::ALL)
-                .map_err(|e| errors::block(&e))?;
+                .map_err(|e| errors::blk_perm(&e))?;
             let r = be.truncate(a.size as u64, false, Prealloc::Off).await;
             be.detach();
             r.map_err(|e| errors::block(&e))?;
@@ -447,9 +451,18 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         if f.read_only && !node.is_read_only() {
             let (perm, _) = node.cumulative_perm();
             if perm.contains(Perm::WRITE) {
-                return Err(QmpError::generic(format!(
-                    "Cannot make node '{name}' read-only: it has a writer"
-                )));
+                return Err(errors::read_only_with_writers(name));
+            }
+            // The inheriting child must not keep a writer of its own (an
+            // export, say); the node's own edge drops write with it.
+            if let Some(c) = inheriting_child(d, &node).filter(|c| !c.is_read_only()) {
+                let writes = c
+                    .users()
+                    .iter()
+                    .any(|u| u.who != node.name() && u.perm.contains(Perm::WRITE));
+                if writes {
+                    return Err(errors::read_only_with_writers(c.name()));
+                }
             }
         }
         plan.push((node, f));
@@ -457,14 +470,9 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
     for (node, f) in plan {
         let old = node.flags();
         node.set_flags(f);
-        // Children the node opened inline inherit read-only, as in QEMU.
-        let inline = |c: &Node| {
-            d.add_opts.borrow().get(node.name()).is_some_and(|m| {
-                m.values()
-                    .any(|v| v.get("node-name").and_then(Value::as_str) == Some(c.name()))
-            }) || c.is_auto_named()
-        };
-        if let Some(c) = node.storage_child().filter(|c| inline(c)) {
+        let child = inheriting_child(d, &node);
+        let child_old = child.as_ref().map(|c| c.flags());
+        if let Some(c) = &child {
             let mut cf = c.flags();
             cf.read_only = f.read_only;
             c.set_flags(cf);
@@ -472,11 +480,26 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
         if old.read_only != f.read_only {
             if let Err(e) = refresh_child_perms(&node) {
                 node.set_flags(old);
+                if let (Some(c), Some(cf)) = (&child, child_old) {
+                    c.set_flags(cf);
+                }
                 return Err(errors::block(&e));
             }
         }
     }
     Ok(())
+}
+
+/// The storage child that inherits `node`'s read-only flag on reopen: one
+/// the node opened inline, as in QEMU.
+fn inheriting_child(d: &Daemon, node: &Node) -> Option<Rc<Node>> {
+    let inline = |c: &Node| {
+        d.add_opts.borrow().get(node.name()).is_some_and(|m| {
+            m.values()
+                .any(|v| v.get("node-name").and_then(Value::as_str) == Some(c.name()))
+        }) || c.is_auto_named()
+    };
+    node.storage_child().filter(|c| inline(c))
 }
 
 /// Recomputes the permissions `node` takes on its children after its
@@ -722,41 +745,67 @@ fn perm_list(p: Perm) -> Vec<BlockPermission> {
     v
 }
 
+/// QEMU's `x-debug-query-block-graph`: BlockBackends (the exports' here)
+/// first, then nodes in creation order; ids are handed out as each
+/// vertex is first met, and both lists come out newest first.
 fn block_graph(d: &Daemon) -> BlockGraph {
-    let nodes = d.nodes_in_order();
-    let id_of = |name: &str| {
-        nodes
-            .iter()
-            .position(|n| n.name() == name)
-            .map(|i| i as u64 + 1)
-            .unwrap_or(0)
+    let mut ids: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut id_of = |key: String| {
+        let next = ids.len() as u64 + 1;
+        *ids.entry(key).or_insert(next)
     };
-    let mut gnodes: Vec<GraphNode> = nodes
+    let mut gnodes = Vec::new();
+    let mut edges = Vec::new();
+    let exports = d
+        .nbd
+        .borrow()
+        .as_ref()
+        .map(|s| s.exports())
+        .unwrap_or_default();
+    let ordered = d
+        .export_ids
+        .borrow()
         .iter()
-        .enumerate()
-        .map(|(i, n)| GraphNode {
-            id: i as u64 + 1,
+        .filter_map(|(id, _)| exports.iter().find(|e| &e.cfg.id == id).cloned())
+        .collect::<Vec<_>>();
+    for e in &ordered {
+        let id = id_of(format!("blk:{}", e.cfg.id));
+        gnodes.push(GraphNode {
+            id,
+            ty: GraphNodeType::BlockBackend,
+            name: String::new(),
+        });
+        let (perm, shared) = e.blk.perm();
+        edges.push(GraphEdge {
+            parent: id,
+            child: id_of(e.node().name().to_owned()),
+            name: "root".into(),
+            perm: perm_list(perm),
+            shared_perm: perm_list(shared),
+        });
+    }
+    for n in d.nodes_in_order() {
+        let id = id_of(n.name().to_owned());
+        gnodes.push(GraphNode {
+            id,
             ty: GraphNodeType::BlockDriver,
             name: n.name().to_owned(),
-        })
-        .collect();
-    gnodes.reverse();
-    let mut edges = Vec::new();
-    for n in &nodes {
+        });
         for c in n.children() {
             let u = c.node.users().into_iter().find(|u| u.id == c.user_id);
             let (perm, shared) = u
                 .map(|u| (u.perm, u.shared))
                 .unwrap_or((Perm::NONE, Perm::ALL));
             edges.push(GraphEdge {
-                parent: id_of(n.name()),
-                child: id_of(c.node.name()),
+                parent: id,
+                child: id_of(c.node.name().to_owned()),
                 name: c.name.clone(),
                 perm: perm_list(perm),
                 shared_perm: perm_list(shared),
             });
         }
     }
+    gnodes.reverse();
     edges.reverse();
     BlockGraph {
         nodes: gnodes,
@@ -954,31 +1003,4 @@ fn qom_set(d: &Daemon, path: &str, property: &str, value: Value) -> R<()> {
         ))
     })?;
     Ok(())
-}
-
-/// `--nbd-server` / `--export`: parsed and checked with QEMU's option
-/// types and errors; serving them waits for the NBD module (see the
-/// report in the daemon's README section). Until then a valid option is
-/// refused with a clear error rather than silently ignored.
-pub fn cli_nbd(d: &Daemon, item: &Item, _el: &block_core::EventLoop) -> Result<(), String> {
-    use crate::qmp::keyval::parse_option;
-    match item {
-        Item::Export(a) => {
-            let o: BlockExportOptions = parse_option(a, Some("type")).map_err(|e| e.0)?;
-            let node = o
-                .map
-                .get("node-name")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            if d.graph.node(node).is_none() {
-                return Err(format!("Cannot find device='' nor node-name='{node}'"));
-            }
-            Err("NBD exports are not available in this build of stratad yet".into())
-        }
-        Item::NbdServer(a) => {
-            let _o: NbdServerOptions = parse_option(a, None).map_err(|e| e.0)?;
-            Err("the NBD server is not available in this build of stratad yet".into())
-        }
-        _ => Ok(()),
-    }
 }

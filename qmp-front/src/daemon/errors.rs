@@ -38,6 +38,38 @@ pub fn job(e: &jobs::JobError) -> QmpError {
     QmpError::generic(e.to_string())
 }
 
+/// An error of a request made through a BlockBackend (export, resize):
+/// permission conflicts worded as QEMU's, where the requester is always
+/// an unnamed block device using the node as its `root` child.
+pub fn blk_perm(e: &Error) -> QmpError {
+    let Error::PermissionConflict {
+        node,
+        user,
+        role,
+        perm,
+    } = e
+    else {
+        return block(e);
+    };
+    let holder = if user.starts_with("block device") {
+        "an unnamed block device".to_owned()
+    } else {
+        format!("node '{user}'")
+    };
+    QmpError::generic(format!(
+        "Permission conflict on node '{node}': permissions '{perm}' are both required by \
+         an unnamed block device (uses node '{node}' as 'root' child) and unshared by \
+         {holder} (uses node '{node}' as '{role}' child)."
+    ))
+}
+
+/// Reopening read-only a node that has writers (an export, a parent).
+pub fn read_only_with_writers(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Read-only block node '{name}' cannot support read-write users"
+    ))
+}
+
 /// QEMU's `Failed to find node with node-name='x'` (blockdev-del, reopen).
 pub fn node_not_found(name: &str) -> QmpError {
     QmpError::generic(format!("Failed to find node with node-name='{name}'"))
@@ -69,6 +101,110 @@ pub fn device_not_found(name: &str) -> QmpError {
         QmpErrorClass::DeviceNotFound,
         format!("Device '{name}' not found"),
     )
+}
+
+/// `NBD server already running`.
+pub fn nbd_running() -> QmpError {
+    QmpError::generic("NBD server already running")
+}
+
+/// `NBD server not running`.
+pub fn nbd_not_running() -> QmpError {
+    QmpError::generic("NBD server not running")
+}
+
+/// `tls-creds` naming an object that does not exist (the daemon has no
+/// TLS credential objects at all).
+pub fn nbd_no_tls_creds(id: &str) -> QmpError {
+    QmpError::generic(format!("No TLS credentials with id '{id}'"))
+}
+
+/// `tls-authz`: QEMU would check clients against an authorization
+/// object; silently serving everyone instead would be a security hole.
+pub fn nbd_tls_authz() -> QmpError {
+    QmpError::generic("NBD server TLS authorization (tls-authz) is not supported by stratad")
+}
+
+/// `addr.type=fd`, worded as qemu-storage-daemon (no fd passing).
+pub fn nbd_fd_addr() -> QmpError {
+    QmpError::generic("only QEMU supports file descriptor passing")
+}
+
+/// Listen address kinds the NBD server cannot bind (vsock, abstract unix).
+pub fn nbd_unsupported_addr(kind: &str) -> QmpError {
+    QmpError::generic(format!(
+        "NBD server addresses of type '{kind}' are not supported by stratad"
+    ))
+}
+
+/// The NBD server's bind failure, worded as QEMU's socket layer.
+pub fn nbd_bind(addr: &crate::nbd::NbdAddr, e: &Error) -> QmpError {
+    let Error::Io { source, .. } = e else {
+        return block(e);
+    };
+    let os = jobs::create::os_text(source);
+    match addr {
+        crate::nbd::NbdAddr::Unix(p) => {
+            QmpError::generic(format!("Failed to bind socket to {p}: {os}"))
+        }
+        crate::nbd::NbdAddr::Inet { .. } if source.raw_os_error() == Some(libc::EADDRINUSE) => {
+            QmpError::generic(format!("Failed to find an available port: {os}"))
+        }
+        crate::nbd::NbdAddr::Inet { .. } => {
+            QmpError::generic(format!("Failed to bind socket: {os}"))
+        }
+    }
+}
+
+/// An inet listen address that does not resolve (`gai` is the resolver's
+/// text).
+pub fn nbd_resolve(host: &str, port: &str, gai: &str) -> QmpError {
+    QmpError::generic(format!(
+        "address resolution failed for {host}:{port}: {gai}"
+    ))
+}
+
+/// `Invalid block export id`.
+pub fn export_bad_id() -> QmpError {
+    QmpError::generic("Invalid block export id")
+}
+
+/// An export id that is taken.
+pub fn export_id_in_use(id: &str) -> QmpError {
+    QmpError::generic(format!("Block export id '{id}' is already in use"))
+}
+
+/// Export types QEMU knows but this daemon cannot serve.
+pub fn export_type_unsupported(ty: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Export type '{ty}' is not supported by stratad (only 'nbd' is)"
+    ))
+}
+
+/// A writable export of a read-only node.
+pub fn export_read_only() -> QmpError {
+    QmpError::generic("Cannot export read-only node as writable")
+}
+
+/// An `iothread` id that names no iothread object.
+pub fn iothread_not_found(id: &str) -> QmpError {
+    QmpError::generic(format!("iothread \"{id}\" not found"))
+}
+
+/// `block-export-del`/`nbd-server-remove` of an unknown id.
+pub fn export_not_found(id: &str) -> QmpError {
+    QmpError::generic(format!("Export '{id}' is not found"))
+}
+
+/// Removal of an export that is already being removed.
+pub fn export_shutting_down(id: &str) -> QmpError {
+    QmpError::generic(format!("Export '{id}' is already shutting down"))
+}
+
+/// Safe removal of an export with clients (QEMU's hint to use
+/// `mode=hard` goes to the human monitor only, not into QMP).
+pub fn export_in_use(id: &str) -> QmpError {
+    QmpError::generic(format!("export '{id}' still in use"))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod commands;
 pub mod errors;
+pub mod exports;
 pub mod monitor;
 pub mod qapi;
 #[allow(unsafe_code)]
@@ -75,6 +76,11 @@ pub struct Daemon {
     /// Nodes opened read-write (their files have writable descriptors,
     /// so reopening them read-write again is possible).
     pub opened_rw: RefCell<HashSet<String>>,
+    /// The NBD server, while started.
+    pub nbd: RefCell<Option<Rc<crate::nbd::NbdServer>>>,
+    /// Exports (id, node name) in creation order, until each is really
+    /// gone (removed exports stay while clients linger).
+    pub export_ids: RefCell<Vec<(String, String)>>,
     /// Set by `quit`.
     pub quit: Cell<bool>,
 }
@@ -126,6 +132,7 @@ impl Daemon {
         for (_, t) in self.iothreads.borrow_mut().drain(..) {
             t.handle.stop();
         }
+        exports::shutdown(self).await;
         if let Err(e) = self.graph.close_all().await {
             eprintln!("stratad: error while closing images: {e}");
         }
@@ -390,6 +397,8 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         chardevs: RefCell::new(Vec::new()),
         add_opts: RefCell::new(std::collections::HashMap::new()),
         opened_rw: RefCell::new(HashSet::new()),
+        nbd: RefCell::new(None),
+        export_ids: RefCell::new(Vec::new()),
         quit: Cell::new(false),
     });
     let registry = commands::registry();
@@ -518,7 +527,7 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
                 }
             }
             Item::NbdServer(_) | Item::Export(_) => {
-                commands::cli_nbd(&daemon, item, &el).map_err(fail)?;
+                exports::cli(&daemon, item).map_err(fail)?;
             }
         }
     }

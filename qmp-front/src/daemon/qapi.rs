@@ -1026,7 +1026,7 @@ qmp_struct! {
         /// Id.
         "id" => pub id: String,
         /// Type.
-        "type" => pub ty: String,
+        "type" => pub ty: BlockExportType,
         /// Node.
         "node-name" => pub node_name: String,
         /// Shutting down.
@@ -1153,20 +1153,45 @@ impl Describe for NbdServerOptionsD {
 pub type NbdServerOptions = Checked<NbdServerOptionsD>;
 
 qmp_enum! {
-    /// `BlockExportType` (the types this daemon can serve).
+    /// `BlockExportType`. Every type QEMU knows parses, so that the ones
+    /// this daemon cannot serve get a clear refusal instead of a schema
+    /// error about their members.
     pub enum BlockExportType("BlockExportType") {
         /// NBD.
         Nbd = "nbd",
+        /// vhost-user-blk (not served by stratad).
+        VhostUserBlk = "vhost-user-blk",
+        /// FUSE (not served by stratad).
+        Fuse = "fuse",
+        /// VDUSE (not served by stratad).
+        VduseBlk = "vduse-blk",
+    }
+}
+
+qmp_enum! {
+    /// `BlockExportRemoveMode`.
+    pub enum BlockExportRemoveMode("BlockExportRemoveMode") {
+        /// Refuse while clients are connected.
+        Safe = "safe",
+        /// Disconnect clients.
+        Hard = "hard",
     }
 }
 
 qmp_struct! {
-    /// `BlockDirtyBitmapOrStr` is kept as a name.
+    /// `BlockDirtyBitmap`, the object branch of `BlockDirtyBitmapOrStr`.
     pub struct ExportBitmap("BlockDirtyBitmap") {
         /// Node.
         "node" => pub node: String,
         /// Bitmap name.
         "name" => pub name: String,
+    }
+}
+
+fn bitmap_or_str() -> TypeDesc {
+    TypeDesc::Alternate {
+        name: "BlockDirtyBitmapOrStr",
+        members: vec![String::describe, ExportBitmap::describe],
     }
 }
 
@@ -1176,10 +1201,140 @@ fn export_nbd() -> TypeDesc {
         vec![
             m("name", String::describe, true),
             m("description", String::describe, true),
-            m("bitmaps", Vec::<String>::describe, true),
+            m("bitmaps", || TypeDesc::Array(bitmap_or_str), true),
             m("allocation-depth", bool::describe, true),
         ],
     )
+}
+
+fn export_vhost_user_blk() -> TypeDesc {
+    obj(
+        "BlockExportOptionsVhostUserBlk",
+        vec![
+            m("addr", socket_address, false),
+            m("logical-block-size", u64::describe, true),
+            m("num-queues", u16::describe, true),
+        ],
+    )
+}
+
+qmp_enum! {
+    /// `FuseExportAllowOther`.
+    pub enum FuseAllowOther("FuseExportAllowOther") {
+        /// off
+        Off = "off",
+        /// on
+        On = "on",
+        /// auto
+        Auto = "auto",
+    }
+}
+
+fn export_fuse() -> TypeDesc {
+    obj(
+        "BlockExportOptionsFuse",
+        vec![
+            m("mountpoint", String::describe, false),
+            m("growable", bool::describe, true),
+            m("allow-other", FuseAllowOther::describe, true),
+        ],
+    )
+}
+
+fn export_vduse_blk() -> TypeDesc {
+    obj(
+        "BlockExportOptionsVduseBlk",
+        vec![
+            m("name", String::describe, false),
+            m("num-queues", u16::describe, true),
+            m("queue-size", u16::describe, true),
+            m("logical-block-size", u64::describe, true),
+            m("serial", String::describe, true),
+        ],
+    )
+}
+
+fn wrapper(name: &'static str, data: DescFn) -> TypeDesc {
+    TypeDesc::Object {
+        name,
+        members: vec![m("data", data, false)],
+        union: None,
+    }
+}
+
+/// `SocketAddressLegacy` (`nbd-server-start`'s `addr`): each variant's
+/// members sit under `data`.
+pub fn socket_address_legacy() -> TypeDesc {
+    TypeDesc::Object {
+        name: "SocketAddressLegacy",
+        members: vec![m("type", SocketAddressType::describe, false)],
+        union: Some(Union {
+            tag: "type",
+            variants: vec![
+                ("inet", || wrapper("InetSocketAddressWrapper", inet_addr)),
+                ("unix", || wrapper("UnixSocketAddressWrapper", unix_addr)),
+                ("vsock", || wrapper("VsockSocketAddressWrapper", vsock_addr)),
+                ("fd", || wrapper("FdSocketAddressWrapper", fd_addr)),
+            ],
+        }),
+    }
+}
+
+/// Marker for `nbd-server-start`'s arguments (`NbdServerOptionsLegacy`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbdServerStartD;
+impl Describe for NbdServerStartD {
+    fn describe() -> TypeDesc {
+        obj(
+            "NbdServerOptionsLegacy",
+            vec![
+                m("handshake-max-seconds", u32::describe, true),
+                m("tls-creds", String::describe, true),
+                m("tls-authz", String::describe, true),
+                m("max-connections", u32::describe, true),
+                m("addr", socket_address_legacy, false),
+            ],
+        )
+    }
+}
+
+/// `nbd-server-start`'s arguments.
+pub type NbdServerStartArgs = Checked<NbdServerStartD>;
+
+qmp_struct! {
+    /// Arguments of `nbd-server-add`.
+    pub struct NbdServerAddArgs("NbdServerAddOptions") {
+        /// Export name (defaults to the device).
+        "name" => pub name: Option<String>,
+        /// Free-form description.
+        "description" => pub description: Option<String>,
+        /// Node (or device) to export.
+        "device" => pub device: String,
+        /// Whether clients may write.
+        "writable" => pub writable: Option<bool>,
+        /// Dirty bitmap to export.
+        "bitmap" => pub bitmap: Option<String>,
+    }
+}
+
+qmp_struct! {
+    /// Arguments of `nbd-server-remove`.
+    pub struct NbdServerRemoveArgs("q_obj_nbd-server-remove-arg") {
+        /// Export id (the name `nbd-server-add` was given).
+        "name" => pub name: String,
+        /// Removal mode.
+        "mode" => pub mode: Option<BlockExportRemoveMode>,
+    }
+}
+
+qmp_struct! {
+    /// Arguments of `block-export-del`.
+    pub struct BlockExportDelArgs("q_obj_block-export-del-arg") {
+        /// Export id.
+        "id" => pub id: String,
+        /// Removal mode.
+        "mode" => pub mode: Option<BlockExportRemoveMode>,
+    }
 }
 
 /// Marker for `BlockExportOptions` (`--export`, `block-export-add`).
@@ -1201,13 +1356,18 @@ impl Describe for BlockExportOptionsD {
             ],
             union: Some(Union {
                 tag: "type",
-                variants: vec![("nbd", export_nbd as DescFn)],
+                variants: vec![
+                    ("nbd", export_nbd as DescFn),
+                    ("vhost-user-blk", export_vhost_user_blk),
+                    ("fuse", export_fuse),
+                    ("vduse-blk", export_vduse_blk),
+                ],
             }),
         }
     }
 }
 
-/// `--export`'s argument.
+/// `--export`'s and `block-export-add`'s argument.
 pub type BlockExportOptions = Checked<BlockExportOptionsD>;
 
 qmp_struct! {

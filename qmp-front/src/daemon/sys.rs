@@ -117,3 +117,44 @@ pub fn gettid() -> i64 {
     // SAFETY: gettid has no preconditions.
     i64::from(unsafe { libc::gettid() })
 }
+
+/// Resolves a listen address as QEMU's socket layer does (`getaddrinfo`
+/// with `AI_PASSIVE`, so service names such as `nbd` work) and returns
+/// the numeric port. The error is `gai_strerror`'s text, which QEMU quotes.
+pub fn resolve_listen_port(host: &str, port: &str) -> Result<u16, String> {
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|_| "Invalid argument".to_owned());
+    let (chost, cport) = (c(host)?, c(port)?);
+    // SAFETY: addrinfo is plain data; all-zero is a valid "no hints" value
+    // before the fields below are set.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_flags = libc::AI_PASSIVE;
+    hints.ai_family = libc::AF_UNSPEC;
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    let host_ptr = if host.is_empty() {
+        std::ptr::null()
+    } else {
+        chost.as_ptr()
+    };
+    // SAFETY: the strings are NUL-terminated and outlive the call; `res`
+    // receives a list that is freed below and only read before that.
+    let rc = unsafe { libc::getaddrinfo(host_ptr, cport.as_ptr(), &hints, &mut res) };
+    if rc != 0 {
+        // SAFETY: gai_strerror returns a static NUL-terminated string.
+        let msg = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(rc)) };
+        return Err(msg.to_string_lossy().into_owned());
+    }
+    // SAFETY: on success `res` is a valid list with at least one entry,
+    // whose ai_addr points at a sockaddr of its family.
+    let port = unsafe {
+        let ai = &*res;
+        let p = match ai.ai_family {
+            libc::AF_INET => (*(ai.ai_addr as *const libc::sockaddr_in)).sin_port,
+            libc::AF_INET6 => (*(ai.ai_addr as *const libc::sockaddr_in6)).sin6_port,
+            _ => 0,
+        };
+        libc::freeaddrinfo(res);
+        u16::from_be(p)
+    };
+    Ok(port)
+}

@@ -164,21 +164,22 @@ pub(crate) async fn serve(server: Rc<NbdServer>, conn: Rc<ConnHandle>) {
     conn.sock.shutdown();
 }
 
-fn tflags(exp: &NbdExport, structured: bool) -> u16 {
-    let mut f = tflag::HAS_FLAGS
-        | tflag::SEND_FLUSH
-        | tflag::SEND_FUA
-        | tflag::SEND_WRITE_ZEROES
-        | tflag::SEND_FAST_ZERO
-        | tflag::SEND_TRIM
-        | tflag::SEND_CACHE
+/// Transmission flags as QEMU's server sets them: write-type commands only
+/// on writable exports, and no multi-conn when the server admits a single
+/// client (`max-connections=1`).
+fn tflags(exp: &NbdExport, structured: bool, single_client: bool) -> u16 {
+    let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_FUA | tflag::SEND_CACHE;
+    if !single_client {
         // Flush goes to the node, which all connections share: a flush on
         // any connection makes every connection's completed writes stable.
-        | tflag::CAN_MULTI_CONN;
+        f |= tflag::CAN_MULTI_CONN;
+    }
     if structured {
         f |= tflag::SEND_DF;
     }
-    if !exp.cfg.writable {
+    if exp.cfg.writable {
+        f |= tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO | tflag::SEND_TRIM;
+    } else {
         f |= tflag::READ_ONLY;
     }
     f
@@ -247,7 +248,9 @@ async fn negotiate(
                 };
                 let mut b = Vec::with_capacity(10 + 124);
                 b.extend_from_slice(&exp.blk.size().to_be_bytes());
-                b.extend_from_slice(&tflags(&exp, structured).to_be_bytes());
+                b.extend_from_slice(
+                    &tflags(&exp, structured, server.max_connections == 1).to_be_bytes(),
+                );
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -421,7 +424,9 @@ async fn negotiate(
                 send_rep(conn, option, rep::INFO, &p).await?;
                 let mut p = info::EXPORT.to_be_bytes().to_vec();
                 p.extend_from_slice(&exp.blk.size().to_be_bytes());
-                p.extend_from_slice(&tflags(&exp, structured).to_be_bytes());
+                p.extend_from_slice(
+                    &tflags(&exp, structured, server.max_connections == 1).to_be_bytes(),
+                );
                 send_rep(conn, option, rep::INFO, &p).await?;
                 send_rep(conn, option, rep::ACK, &[]).await?;
                 if option == opt::GO {

@@ -100,7 +100,7 @@ pub struct NbdServer {
     pub(crate) ctx: Rc<AioContext>,
     listener: Rc<Listener>,
     exports: RefCell<BTreeMap<String, Rc<NbdExport>>>,
-    max_connections: u32,
+    pub(crate) max_connections: u32,
     pub(crate) connections: Cell<u32>,
     stopped: Cell<bool>,
     all_conns: RefCell<Vec<Weak<ConnHandle>>>,
@@ -130,6 +130,21 @@ impl NbdServer {
         let lctx = Rc::clone(ctx);
         ctx.spawn_detached(async move {
             loop {
+                // At the limit, stop accepting: further clients wait in the
+                // listen backlog until a slot frees, as with QEMU.
+                loop {
+                    let Some(server) = weak.upgrade() else { return };
+                    if server.stopped.get() {
+                        return;
+                    }
+                    if server.max_connections == 0
+                        || server.connections.get() < server.max_connections
+                    {
+                        break;
+                    }
+                    drop(server);
+                    lctx.sleep(std::time::Duration::from_millis(20)).await;
+                }
                 let stream = match listener.accept(&lctx).await {
                     Ok(s) => s,
                     Err(_) => {
@@ -145,11 +160,6 @@ impl NbdServer {
                 let Some(server) = weak.upgrade() else { return };
                 if server.stopped.get() {
                     return;
-                }
-                if server.max_connections > 0 && server.connections.get() >= server.max_connections
-                {
-                    drop(stream);
-                    continue;
                 }
                 let Ok(sock) = Socket::new(stream, Rc::clone(&lctx)) else {
                     continue;
@@ -195,7 +205,10 @@ impl NbdServer {
             .as_ref()
             .is_some_and(|d| d.len() > super::proto::MAX_STRING)
         {
-            return Err(Error::invalid("description too long"));
+            return Err(Error::invalid(format!(
+                "description '{}' too long",
+                cfg.description.as_deref().unwrap_or_default()
+            )));
         }
         if self.exports.borrow().contains_key(&name) {
             return Err(Error::invalid(format!(
@@ -212,10 +225,7 @@ impl NbdServer {
             return Err(Error::invalid(format!("Bitmap '{b}' is not found")));
         }
         if cfg.writable && node.is_read_only() {
-            return Err(Error::invalid(format!(
-                "Cannot export read-only node '{}' as writable",
-                node.name()
-            )));
+            return Err(Error::invalid("Cannot export read-only node as writable"));
         }
         let perm = if cfg.writable {
             Perm::CONSISTENT_READ | Perm::WRITE
@@ -312,11 +322,34 @@ impl NbdServer {
 }
 
 impl Listener {
-    /// Wakes the accept task (accept then fails) so the server can stop.
+    /// Wakes the accept task so the server can stop (the task then drops
+    /// the listener, closing it and removing its socket file).
     fn shutdown(&self) {
+        // Shutting a listening socket down does not reliably wake a task
+        // waiting for it to become readable; a connection always does.
+        // Connecting to our own backlog completes without an accept.
         let fd = match self {
-            Listener::Unix(l, _) => std::os::fd::AsRawFd::as_raw_fd(l),
-            Listener::Tcp(l) => std::os::fd::AsRawFd::as_raw_fd(l),
+            Listener::Unix(l, path, _) => {
+                let _ = std::os::unix::net::UnixStream::connect(path);
+                std::os::fd::AsRawFd::as_raw_fd(l)
+            }
+            Listener::Tcp(l) => {
+                if let Ok(mut a) = l.local_addr() {
+                    if a.ip().is_unspecified() {
+                        let lo: std::net::IpAddr = if a.is_ipv4() {
+                            std::net::Ipv4Addr::LOCALHOST.into()
+                        } else {
+                            std::net::Ipv6Addr::LOCALHOST.into()
+                        };
+                        a.set_ip(lo);
+                    }
+                    let _ = std::net::TcpStream::connect_timeout(
+                        &a,
+                        std::time::Duration::from_millis(200),
+                    );
+                }
+                std::os::fd::AsRawFd::as_raw_fd(l)
+            }
         };
         // SAFETY: plain syscall on a listening socket we own.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };

@@ -117,8 +117,10 @@ impl Socket {
 
 /// A listening socket.
 pub enum Listener {
-    /// Unix domain, with its path (removed on drop).
-    Unix(UnixListener, String),
+    /// Unix domain, with its path and the socket file's (device, inode):
+    /// the file is removed on drop unless another server has bound the
+    /// path since (a restarted server whose old clients outlived it).
+    Unix(UnixListener, String, (u64, u64)),
     /// TCP.
     Tcp(TcpListener),
 }
@@ -134,7 +136,8 @@ impl Listener {
         }
         let l = UnixListener::bind(path)?;
         l.set_nonblocking(true)?;
-        Ok(Listener::Unix(l, path.to_owned()))
+        let id = file_id(path).unwrap_or_default();
+        Ok(Listener::Unix(l, path.to_owned(), id))
     }
 
     /// Binds a TCP socket.
@@ -154,7 +157,7 @@ impl Listener {
 
     fn fd(&self) -> RawFd {
         match self {
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, ..) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
@@ -163,7 +166,7 @@ impl Listener {
     pub async fn accept(&self, ctx: &AioContext) -> io::Result<Stream> {
         loop {
             let r = match self {
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Unix(l, ..) => l.accept().map(|(s, _)| Stream::Unix(s)),
                 Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
             };
             match r {
@@ -177,8 +180,17 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
+        if let Listener::Unix(_, path, id) = self {
+            if file_id(path) == Some(*id) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+}
+
+fn file_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
