@@ -33,7 +33,8 @@ fn qemu_img(args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .expect("qemu-img is required (the test command installs it)");
-    let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     (o.status.code().unwrap_or(-1), text)
 }
 
@@ -54,7 +55,10 @@ fn kill_and_check(img: &str, bench: &[&str], ms: u64) {
     assert!(finished || st.code().is_none(), "writer failed: {st:?}");
     let (code, out) = qemu_img(&["check", "--output=json", img]);
     // 0: clean, 3: leaks only. 2 would be corruption, 1 a check error.
-    assert!(code == 0 || code == 3, "after a kill at {ms} ms ({bench:?}): exit {code}\n{out}");
+    assert!(
+        code == 0 || code == 3,
+        "after a kill at {ms} ms ({bench:?}): exit {code}\n{out}"
+    );
     assert!(out.contains("\"check-errors\": 0"), "{out}");
     assert!(!out.contains("\"corruptions\": "), "{out}");
     let (code, out) = qemu_img(&["check", "-r", "leaks", img]);
@@ -70,18 +74,50 @@ fn killed_writers_leave_consistent_qcow2_images() {
         // Allocating 4 KiB writes spread over fresh clusters, deep queue.
         (
             "cluster_size=65536",
-            &["-w", "-f", "qcow2", "-c", "2000000", "-s", "4k", "-S", "64k", "-d", "32", "-t", "none"],
+            &[
+                "-w", "-f", "qcow2", "-c", "2000000", "-s", "4k", "-S", "64k", "-d", "32", "-t",
+                "none",
+            ],
         ),
         // Small clusters: L2 tables and refcount blocks allocated often,
         // refcount table growth.
         (
             "cluster_size=4096",
-            &["-w", "-f", "qcow2", "-c", "2000000", "-s", "4k", "-S", "12k", "-d", "16", "-i", "threads", "-t", "writeback"],
+            &[
+                "-w",
+                "-f",
+                "qcow2",
+                "-c",
+                "2000000",
+                "-s",
+                "4k",
+                "-S",
+                "12k",
+                "-d",
+                "16",
+                "-i",
+                "threads",
+                "-t",
+                "writeback",
+            ],
         ),
         // Whole-cluster and multi-cluster writes with flushes in between.
         (
             "cluster_size=65536,refcount_bits=64",
-            &["-w", "-f", "qcow2", "-c", "2000000", "-s", "192k", "-d", "8", "-t", "none", "--flush-interval=7"],
+            &[
+                "-w",
+                "-f",
+                "qcow2",
+                "-c",
+                "2000000",
+                "-s",
+                "192k",
+                "-d",
+                "8",
+                "-t",
+                "none",
+                "--flush-interval=7",
+            ],
         ),
     ];
     for (i, (opts, bench)) in cases.iter().enumerate() {

@@ -289,8 +289,8 @@ impl Qcow2 {
             return Err(e);
         }
         let gc = off >> self.cluster_bits;
-        let prezero = first >> self.cluster_bits >= self.zero_from.get()
-            && self.allocating.busy(0, u64::MAX);
+        let prezero =
+            first >> self.cluster_bits >= self.zero_from.get() && self.allocating.busy(0, u64::MAX);
         let _pin = self.allocating.pin(gc, gc + n - 1);
         drop(g);
         if prezero {

@@ -462,6 +462,8 @@ mod tests {
                 Box::new(|| {}),
             )
         });
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let mut rd = BufReader::new(ours.try_clone().unwrap());
         let mut line = String::new();
         rd.read_line(&mut line).unwrap();
@@ -474,16 +476,26 @@ mod tests {
         line.clear();
         rd.read_line(&mut line).unwrap();
         assert_eq!(line, "{\"return\": {}}\r\n");
-        super::super::forward_event(
-            &hub,
-            block_core::BlockEvent::WriteThreshold {
-                node_name: "n".into(),
-                amount_exceeded: 4096,
-                write_threshold: 65536,
-            },
-        );
+        // The reply can overtake the session's subscription to events, so
+        // the event is sent again until it arrives (never a blocking read
+        // without a deadline: a lost event must fail, not hang).
+        ours.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
         line.clear();
-        rd.read_line(&mut line).unwrap();
+        for _ in 0..100 {
+            super::super::forward_event(
+                &hub,
+                block_core::BlockEvent::WriteThreshold {
+                    node_name: "n".into(),
+                    amount_exceeded: 4096,
+                    write_threshold: 65536,
+                },
+            );
+            if rd.read_line(&mut line).is_ok() && line.ends_with('\n') {
+                break;
+            }
+        }
+        assert!(line.ends_with('\n'), "no event: {line:?}");
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["event"], "BLOCK_WRITE_THRESHOLD");
         assert_eq!(
