@@ -13,9 +13,13 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod common;
+pub mod create;
 pub mod getopt;
+pub mod info;
 pub mod num;
 pub mod open;
+pub mod qjson;
 
 /// Program name used in messages.
 pub const PROG: &str = "strata-img";
@@ -24,8 +28,11 @@ pub const PROG: &str = "strata-img";
 pub type CommandFn = fn(&[String]) -> Result<(), Failure>;
 
 /// Every subcommand: name, entry point, one-line description.
-pub const COMMANDS: &[(&str, CommandFn, &str)] =
-    &[("bench", bench::run, "Run simple image benchmark")];
+pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
+    ("bench", bench::run, "Run simple image benchmark"),
+    ("create", create::run, "Create and format new image file"),
+    ("info", info::run, "Display information about image"),
+];
 
 /// How a subcommand failed; decides the message layout.
 #[derive(Debug, thiserror::Error)]

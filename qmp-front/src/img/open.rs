@@ -189,12 +189,24 @@ pub fn parse_keyval(s: &str) -> Result<Options, String> {
 #[error("{0}")]
 pub struct OpenError(pub String);
 
-fn describe(e: &Error) -> String {
+/// The message qemu-img prints for an open error (without the "Could not
+/// open" prefix).
+pub fn describe(e: &Error) -> String {
     match e {
         Error::Open { path, source } => {
             format!("Could not open '{path}': {}", strerror(source))
         }
-        other => other.to_string(),
+        other => {
+            let s = other.to_string();
+            // The qcow2 driver names the node; QEMU's message does not.
+            match (
+                s.strip_prefix("Image '"),
+                s.ends_with("' is not in qcow2 format"),
+            ) {
+                (Some(_), true) => "Image is not in qcow2 format".to_owned(),
+                _ => s,
+            }
+        }
     }
 }
 
