@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod check;
 pub mod common;
 pub mod create;
 pub mod getopt;
 pub mod info;
+pub mod map;
 pub mod num;
 pub mod open;
 pub mod qjson;
@@ -32,6 +34,8 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("bench", bench::run, "Run simple image benchmark"),
     ("create", create::run, "Create and format new image file"),
     ("info", info::run, "Display information about image"),
+    ("check", check::run, "Check basic image integrity"),
+    ("map", map::run, "Dump image metadata"),
 ];
 
 /// How a subcommand failed; decides the message layout.
