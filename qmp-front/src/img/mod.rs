@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod check;
 pub mod common;
+pub mod compare;
 pub mod create;
 pub mod getopt;
 pub mod info;
@@ -36,6 +37,11 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
     ("info", info::run, "Display information about image"),
     ("check", check::run, "Check basic image integrity"),
     ("map", map::run, "Dump image metadata"),
+    (
+        "compare",
+        compare::run,
+        "Check if two images have the same contents",
+    ),
 ];
 
 /// How a subcommand failed; decides the message layout.
