@@ -221,6 +221,9 @@ impl Qcow2 {
                     if active {
                         cnt.report.allocated_clusters += 1;
                         cnt.report.compressed_clusters += 1;
+                        // QEMU counts compressed clusters as fragmented:
+                        // reading neighbours re-reads shared sectors.
+                        cnt.report.fragmented_clusters += 1;
                     }
                     continue;
                 }
