@@ -144,7 +144,8 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
     if fmt != "qcow2" {
         let size = env.block_on(async {
             let blk = env.open(filename, Some(&fmt), false, force_share).await?;
-            let s = blk.size();
+            // QEMU sizes raw images in whole sectors.
+            let s = blk.size().div_ceil(512) * 512;
             super::common::release(blk);
             Ok::<_, Failure>(s)
         })?;
