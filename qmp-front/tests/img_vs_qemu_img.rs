@@ -726,3 +726,177 @@ fn images_cross_check() {
         }
     }
 }
+
+#[test]
+fn convert_matches_qemu_img() {
+    let d = Scratch::new("convert");
+    let dir = d.q();
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "m1.qcow2", "4M"],
+        &dir,
+    );
+    qemu_io(
+        "m1.qcow2",
+        "qcow2",
+        &[
+            "write -P 0xaa 0 128k",
+            "write -z 1M 64k",
+            "write 3M 64k",
+            "write -c 2M 64k",
+        ],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "m1.qcow2", "-F", "qcow2", "m2.qcow2", "8M",
+        ],
+        &dir,
+    );
+    qemu_io(
+        "m2.qcow2",
+        "qcow2",
+        &["write -P 1 64k 64k", "write -z 3M 64k", "write -P 5 6M 10k"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "r.raw", "10M"],
+        &dir,
+    );
+    qemu_io(
+        "r.raw",
+        "raw",
+        &["write -P 1 64k 64k", "write -P 2 5M 1M", "write -z 5M 4k"],
+        &dir,
+    );
+    // Command-line and setup errors.
+    let errors: &[&[&str]] = &[
+        &["convert", "-c", "-O", "raw", "m2.qcow2", "out"],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "m2.qcow2",
+            "out",
+        ],
+        &["convert", "-O", "foo", "m2.qcow2", "out"],
+        &["convert", "-O", "qcow2", "missing", "out"],
+        &["convert", "-O", "qcow2", "m2.qcow2"],
+        &["convert", "-O", "qcow2", "-o", "bogus=1", "m2.qcow2", "out"],
+        &["convert", "-O", "qcow2", "-S", "3", "m2.qcow2", "out"],
+    ];
+    for args in errors {
+        same(args, &dir);
+        let _ = std::fs::remove_file(dir.join("out"));
+    }
+    let modes: &[&[&str]] = &[
+        &["-O", "qcow2"],
+        &["-O", "raw"],
+        &["-c", "-O", "qcow2"],
+        &["-O", "qcow2", "-S", "0"],
+        &[
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,compression_type=zstd",
+            "-c",
+        ],
+        &["-q", "-O", "qcow2", "-o", "compat=0.10"],
+    ];
+    for mode in modes {
+        for src in ["m1.qcow2", "m2.qcow2", "r.raw"] {
+            let mut qa = vec!["convert"];
+            qa.extend_from_slice(mode);
+            let mut sa = qa.clone();
+            qa.extend_from_slice(&[src, "outq"]);
+            sa.extend_from_slice(&[src, "outs"]);
+            let q = qemu_img(&qa, &dir);
+            let s = strata(&sa, &dir);
+            assert_eq!(s, q, "{sa:?}");
+            assert_eq!(s.code, 0, "{sa:?}");
+            assert_eq!(
+                qemu_img(&["compare", "outq", "outs"], &dir).code,
+                0,
+                "{sa:?}"
+            );
+            assert_eq!(qemu_img(&["compare", src, "outs"], &dir).code, 0, "{sa:?}");
+            assert_eq!(strata(&["compare", src, "outs"], &dir).code, 0, "{sa:?}");
+            if mode.contains(&"qcow2") {
+                assert_eq!(qemu_img(&["check", "outs"], &dir).code, 0, "{sa:?}");
+            }
+            // Same allocation as qemu-img's output (compressed layouts
+            // differ: one host cluster per compressed cluster).
+            if !mode.contains(&"-c") {
+                assert_eq!(
+                    strata(&["map", "--output=json", "outs"], &dir).stdout,
+                    qemu_img(&["map", "--output=json", "outq"], &dir).stdout,
+                    "{sa:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Data written by qemu-io into images of every kind reads back through
+/// strata-img convert unchanged.
+#[test]
+fn convert_reads_qemu_io_data() {
+    let d = Scratch::new("readback");
+    let dir = d.q();
+    for o in [
+        "cluster_size=512",
+        "cluster_size=2M",
+        "extended_l2=on",
+        "compression_type=zstd",
+    ] {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", o, "src.qcow2", "6M"],
+            &dir,
+        );
+        qemu_io(
+            "src.qcow2",
+            "qcow2",
+            &[
+                "write -P 0x5a 1000 70000",
+                "write -c 4M 2M",
+                "write -z 100k 8k",
+                "write -P 9 5999k 1k",
+            ],
+            &dir,
+        );
+        let _ = std::fs::remove_file(dir.join("out.raw"));
+        must(
+            STRATA,
+            &["convert", "-O", "raw", "src.qcow2", "out.raw"],
+            &dir,
+        );
+        must(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x5a 1000 70000",
+                "-c",
+                "read -P 9 5999k 1k",
+                "out.raw",
+            ],
+            &dir,
+        );
+        assert_eq!(
+            qemu_img(&["compare", "src.qcow2", "out.raw"], &dir).code,
+            0,
+            "{o}"
+        );
+        assert_eq!(
+            strata(&["compare", "src.qcow2", "out.raw"], &dir).code,
+            0,
+            "{o}"
+        );
+    }
+}

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod check;
 pub mod common;
 pub mod compare;
+pub mod convert;
 pub mod create;
 pub mod getopt;
 pub mod info;
@@ -41,6 +42,11 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
         "compare",
         compare::run,
         "Check if two images have the same contents",
+    ),
+    (
+        "convert",
+        convert::run,
+        "Convert one or more images to a different format",
     ),
 ];
 
