@@ -900,3 +900,145 @@ fn convert_reads_qemu_io_data() {
         );
     }
 }
+
+/// Masks the creation dates in snapshot lists (the two tools create their
+/// snapshots at different times).
+fn mask_dates(o: Out) -> Out {
+    let stdout = o
+        .stdout
+        .lines()
+        .map(|l| {
+            // "ID TAG VM_SIZE YYYY-MM-DD HH:MM:SS VM_CLOCK ICOUNT"
+            match l.find(" 20") {
+                Some(i) if l.len() >= i + 20 && l.as_bytes()[i + 5] == b'-' => {
+                    format!("{}DATE{}", &l[..i + 1], &l[i + 20..])
+                }
+                _ => l.to_owned(),
+            }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Out { stdout, ..o }
+}
+
+#[test]
+fn snapshot_matches_qemu_img() {
+    let d = Scratch::new("snapshot");
+    // The same sequence of commands on two copies of one image, one copy
+    // per tool.
+    for dir in [d.q(), d.s()] {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "sn.qcow2", "1M"],
+            &dir,
+        );
+        qemu_io("sn.qcow2", "qcow2", &["write -P 1 0 64k"], &dir);
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "r.raw", "1M"],
+            &dir,
+        );
+    }
+    let steps: &[&[&str]] = &[
+        &["snapshot", "sn.qcow2"],
+        &["snapshot", "-c", "s1", "sn.qcow2"],
+        &["snapshot", "-c", "s1", "sn.qcow2"],
+        &["snapshot", "-l", "-c", "x", "sn.qcow2"],
+        &["snapshot", "-d", "nope", "sn.qcow2"],
+        &["snapshot", "-a", "nope", "sn.qcow2"],
+        &["snapshot", "-c", "s2", "r.raw"],
+        &["snapshot", "-l", "r.raw"],
+        &["snapshot", "-d", "s2", "-f", "raw", "r.raw"],
+        &["snapshot", "-a", "s2", "-f", "raw", "r.raw"],
+        &["snapshot", "-d", "s1", "sn.qcow2"],
+        &["snapshot", "-l", "sn.qcow2"],
+        &["snapshot", "-c", "s3", "sn.qcow2"],
+        &["snapshot", "-a", "2", "sn.qcow2"],
+        &["snapshot", "-d", "2", "sn.qcow2"],
+        &["snapshot", "-l", "sn.qcow2"],
+        &["snapshot", "-l", "-U", "sn.qcow2"],
+        &["snapshot"],
+        &["snapshot", "-l", "missing"],
+        &["info", "sn.qcow2"],
+    ];
+    for args in steps {
+        let q = mask_dates(qemu_img(args, &d.q()));
+        let s = mask_dates(strata(args, &d.s()));
+        // The tools place snapshot tables differently: sizes on disk differ.
+        if args[0] == "info" {
+            assert_eq!(s.code, q.code);
+            let cut = |o: &Out| {
+                o.stdout.split("Format specific").next().map(|x| {
+                    x.lines()
+                        .filter(|l| !l.starts_with("disk size"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+            };
+            assert_eq!(cut(&s), cut(&q), "{args:?}");
+        } else {
+            assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        }
+    }
+    assert_eq!(qemu_img(&["check", "sn.qcow2"], &d.s()).code, 0);
+}
+
+#[test]
+fn snapshots_cross_tools() {
+    let d = Scratch::new("snapcross");
+    let dir = d.q();
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "x.qcow2", "4M"],
+        &dir,
+    );
+    qemu_io("x.qcow2", "qcow2", &["write -P 1 0 1M"], &dir);
+    must("qemu-img", &["snapshot", "-c", "by-qemu", "x.qcow2"], &dir);
+    qemu_io("x.qcow2", "qcow2", &["write -P 2 0 1M"], &dir);
+    must(STRATA, &["snapshot", "-c", "by-strata", "x.qcow2"], &dir);
+    qemu_io("x.qcow2", "qcow2", &["write -P 3 0 64k"], &dir);
+    // Both tools list both snapshots the same way.
+    let q = mask_dates(must("qemu-img", &["snapshot", "-l", "x.qcow2"], &dir));
+    let s = mask_dates(must(STRATA, &["snapshot", "-l", "x.qcow2"], &dir));
+    assert_eq!(s, q);
+    assert!(s.stdout.contains("by-qemu") && s.stdout.contains("by-strata"));
+    let q = must("qemu-img", &["info", "--output=json", "x.qcow2"], &dir);
+    let s = must(STRATA, &["info", "--output=json", "x.qcow2"], &dir);
+    let snaps = |o: &Out| {
+        o.stdout
+            .split("\"snapshots\"")
+            .nth(1)
+            .and_then(|x| x.split(']').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(snaps(&s), snaps(&q));
+    // Applying either one with the other tool restores its data.
+    must(STRATA, &["snapshot", "-a", "by-qemu", "x.qcow2"], &dir);
+    must(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 1 0 1M", "x.qcow2"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["snapshot", "-a", "by-strata", "x.qcow2"],
+        &dir,
+    );
+    must(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 2 0 1M", "x.qcow2"],
+        &dir,
+    );
+    must(STRATA, &["snapshot", "-d", "by-qemu", "x.qcow2"], &dir);
+    must(
+        "qemu-img",
+        &["snapshot", "-d", "by-strata", "x.qcow2"],
+        &dir,
+    );
+    assert_eq!(
+        must(STRATA, &["snapshot", "-l", "x.qcow2"], &dir).stdout,
+        ""
+    );
+    assert_eq!(qemu_img(&["check", "x.qcow2"], &dir).code, 0);
+    assert_eq!(strata(&["check", "x.qcow2"], &dir).code, 0);
+}

@@ -24,6 +24,7 @@ pub mod map;
 pub mod num;
 pub mod open;
 pub mod qjson;
+pub mod snapshot;
 
 /// Program name used in messages.
 pub const PROG: &str = "strata-img";
@@ -47,6 +48,11 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
         "convert",
         convert::run,
         "Convert one or more images to a different format",
+    ),
+    (
+        "snapshot",
+        snapshot::run,
+        "List, apply, create or delete snapshots in image",
     ),
 ];
 
