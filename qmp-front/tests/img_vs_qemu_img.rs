@@ -1042,3 +1042,88 @@ fn snapshots_cross_tools() {
     assert_eq!(qemu_img(&["check", "x.qcow2"], &dir).code, 0);
     assert_eq!(strata(&["check", "x.qcow2"], &dir).code, 0);
 }
+
+#[test]
+fn resize_matches_qemu_img() {
+    let d = Scratch::new("resize");
+    for dir in [d.q(), d.s()] {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "rz.qcow2", "4M"],
+            &dir,
+        );
+        qemu_io(
+            "rz.qcow2",
+            "qcow2",
+            &["write -P 1 0 1M", "write -P 2 3M 64k"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "rz.raw", "4M"],
+            &dir,
+        );
+        qemu_io("rz.raw", "raw", &["write -P 3 0 8k"], &dir);
+    }
+    let steps: &[&[&str]] = &[
+        &["resize", "rz.qcow2", "8M"],
+        &["resize", "rz.qcow2", "+1M"],
+        &["resize", "rz.qcow2", "-1M"],
+        &["resize", "--shrink", "rz.qcow2", "-1M"],
+        &["resize", "--shrink", "rz.qcow2", "3584k"],
+        &["resize", "-q", "rz.qcow2", "6M"],
+        &["resize", "rz.qcow2", "1000"],
+        &["resize", "--shrink", "rz.qcow2", "1000"],
+        &["resize", "rz.qcow2", "0x"],
+        &["resize", "rz.qcow2", "-5G"],
+        &["resize", "rz.qcow2"],
+        &["resize"],
+        &["resize", "missing", "1M"],
+        &["resize", "rz.raw", "1M"],
+        &["resize", "-f", "raw", "rz.raw", "1M"],
+        &["resize", "--shrink", "-f", "raw", "rz.raw", "1M"],
+        &["resize", "-f", "raw", "rz.raw", "+3000"],
+        &["resize", "rz.raw", "1M", "2M"],
+        &["resize", "-f", "qcow2", "rz.raw", "1M"],
+        &["info", "--output=json", "-f", "raw", "rz.raw"],
+        &["map", "--output=json", "rz.qcow2"],
+        &["check", "rz.qcow2"],
+        &["compare", "../q/rz.qcow2", "../s/rz.qcow2"],
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            "../q/rz.raw",
+            "../s/rz.raw",
+        ],
+    ];
+    for args in steps {
+        let q = qemu_img(args, &d.q());
+        let s = strata(args, &d.s());
+        let s = Out {
+            stdout: s.stdout.replace("../q/", "X/").replace("../s/", "X/"),
+            ..s
+        };
+        let q = Out {
+            stdout: q.stdout.replace("../q/", "X/").replace("../s/", "X/"),
+            ..q
+        };
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+    }
+    // Data below the new end survives, and qemu-io reads it back.
+    must(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 1 0 1M",
+            "-c",
+            "read -P 2 3M 64k",
+            "rz.qcow2",
+        ],
+        &d.s(),
+    );
+}

@@ -24,6 +24,7 @@ pub mod map;
 pub mod num;
 pub mod open;
 pub mod qjson;
+pub mod resize;
 pub mod snapshot;
 
 /// Program name used in messages.
@@ -54,6 +55,7 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
         snapshot::run,
         "List, apply, create or delete snapshots in image",
     ),
+    ("resize", resize::run, "Resize a disk image"),
 ];
 
 /// How a subcommand failed; decides the message layout.
