@@ -1127,3 +1127,25 @@ fn resize_matches_qemu_img() {
         &d.s(),
     );
 }
+
+#[test]
+fn help_matches_qemu_img() {
+    let d = Scratch::new("help");
+    for cmd in [
+        "create", "info", "check", "map", "compare", "convert", "snapshot", "resize",
+    ] {
+        same(&[cmd, "--help"], &d.q());
+        same(&[cmd, "-h"], &d.q());
+        same(&[cmd, "--bogus-option"], &d.q());
+        same(&[cmd, "-Y"], &d.q());
+    }
+    for args in [
+        &["resize", "-1M"][..],
+        &["resize", "x.img", "-q"],
+        &["resize", "x.img", "--shrink", "-1M"],
+        &["resize", "x.img", "-f"],
+        &["resize", "x.img", "-h"],
+    ] {
+        same(args, &d.q());
+    }
+}

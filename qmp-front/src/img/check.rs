@@ -78,7 +78,7 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         match p.id {
             id if id == 'h' as u32 => {
-                print!("Usage:\nCheck basic image integrity.  Usage:\n\n  {PROG} check [-f FMT | --image-opts] [-T CACHE_MODE] [-r] [-u]\n        [--output human|json] [--object OBJDEF] FILENAME\n");
+                print!("{}", super::help::text("check"));
                 return Ok(0);
             }
             id if id == 'f' as u32 => fmt = Some(arg),

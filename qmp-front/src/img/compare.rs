@@ -109,7 +109,7 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         match p.id {
             id if id == 'h' as u32 => {
-                print!("Usage:\nCheck if two images have the same contents.  Usage:\n\n  {PROG} compare [--image-opts | [-f FMT] [-F FMT]] [-s]\n        [-T CACHE] [-U] [--object OBJDEF] FILENAME1 FILENAME2\n");
+                print!("{}", super::help::text("compare"));
                 return Ok(0);
             }
             id if id == 'f' as u32 => fmt1 = Some(arg),

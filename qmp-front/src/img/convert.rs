@@ -13,7 +13,7 @@ use super::create::{create, CreateArgs};
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::map::block_status;
 use super::num::parse_size;
-use super::{Failure, PROG};
+use super::Failure;
 
 use block_core::{BlockBackend, IoBuf, WriteFlags};
 
@@ -21,6 +21,12 @@ const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
 const OPT_TARGET_IMAGE_OPTS: u32 = 258;
 
+const OPT_TARGET_IS_ZERO: u32 = 259;
+const OPT_BITMAPS: u32 = 260;
+const OPT_SKIP_BROKEN: u32 = 261;
+const OPT_SALVAGE: u32 = 262;
+
+/// qemu-img 10's long options for convert, in its table order.
 const LONGS: &[LongOpt] = &[
     LongOpt {
         name: "help",
@@ -28,9 +34,24 @@ const LONGS: &[LongOpt] = &[
         id: 'h' as u32,
     },
     LongOpt {
-        name: "object",
+        name: "quiet",
+        has_arg: HasArg::No,
+        id: 'q' as u32,
+    },
+    LongOpt {
+        name: "progress",
+        has_arg: HasArg::No,
+        id: 'p' as u32,
+    },
+    LongOpt {
+        name: "source-format",
         has_arg: HasArg::Required,
-        id: OPT_OBJECT,
+        id: 'f' as u32,
+    },
+    LongOpt {
+        name: "source-image-opts",
+        has_arg: HasArg::No,
+        id: OPT_IMAGE_OPTS,
     },
     LongOpt {
         name: "image-opts",
@@ -38,14 +59,109 @@ const LONGS: &[LongOpt] = &[
         id: OPT_IMAGE_OPTS,
     },
     LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
+        name: "source-snapshot",
+        has_arg: HasArg::Required,
+        id: 'l' as u32,
+    },
+    LongOpt {
+        name: "source-cache",
+        has_arg: HasArg::Required,
+        id: 'T' as u32,
+    },
+    LongOpt {
+        name: "target-format",
+        has_arg: HasArg::Required,
+        id: 'O' as u32,
     },
     LongOpt {
         name: "target-image-opts",
         has_arg: HasArg::No,
         id: OPT_TARGET_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "target-options",
+        has_arg: HasArg::Required,
+        id: 'o' as u32,
+    },
+    LongOpt {
+        name: "compress",
+        has_arg: HasArg::No,
+        id: 'c' as u32,
+    },
+    LongOpt {
+        name: "target-cache",
+        has_arg: HasArg::Required,
+        id: 't' as u32,
+    },
+    LongOpt {
+        name: "backing",
+        has_arg: HasArg::Required,
+        id: 'B' as u32,
+    },
+    LongOpt {
+        name: "backing-format",
+        has_arg: HasArg::Required,
+        id: 'F' as u32,
+    },
+    LongOpt {
+        name: "no-create",
+        has_arg: HasArg::No,
+        id: 'n' as u32,
+    },
+    LongOpt {
+        name: "target-is-zero",
+        has_arg: HasArg::No,
+        id: OPT_TARGET_IS_ZERO,
+    },
+    LongOpt {
+        name: "sparse-size",
+        has_arg: HasArg::Required,
+        id: 'S' as u32,
+    },
+    LongOpt {
+        name: "bitmaps",
+        has_arg: HasArg::No,
+        id: OPT_BITMAPS,
+    },
+    LongOpt {
+        name: "skip-broken-bitmaps",
+        has_arg: HasArg::No,
+        id: OPT_SKIP_BROKEN,
+    },
+    LongOpt {
+        name: "force-share",
+        has_arg: HasArg::No,
+        id: 'U' as u32,
+    },
+    LongOpt {
+        name: "rate",
+        has_arg: HasArg::Required,
+        id: 'r' as u32,
+    },
+    LongOpt {
+        name: "parallel",
+        has_arg: HasArg::Required,
+        id: 'm' as u32,
+    },
+    LongOpt {
+        name: "copy-range-offloading",
+        has_arg: HasArg::No,
+        id: 'C' as u32,
+    },
+    LongOpt {
+        name: "salvage",
+        has_arg: HasArg::No,
+        id: OPT_SALVAGE,
+    },
+    LongOpt {
+        name: "oob-writes",
+        has_arg: HasArg::No,
+        id: 'W' as u32,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: HasArg::Required,
+        id: OPT_OBJECT,
     },
 ];
 
@@ -84,7 +200,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         match char::from_u32(p.id).unwrap_or('\0') {
             'h' => {
-                print!("Usage:\nConvert one or more images to a different format.  Usage:\n\n  {PROG} convert [-f FMT] [-O OUTPUT_FMT] [-c] [-o OPTIONS] [-S SPARSE_SIZE] [-q]\n        SOURCE_FILENAME OUTPUT_FILENAME\n");
+                print!("{}", super::help::text("convert"));
                 return Ok(());
             }
             'f' => o.src_fmt = Some(arg),
@@ -116,10 +232,18 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             }
             _ => {}
         }
-        if p.id == OPT_IMAGE_OPTS || p.id == OPT_TARGET_IMAGE_OPTS {
-            return Err(Failure::Error(
-                "--image-opts is not supported by convert".into(),
-            ));
+        match p.id {
+            OPT_IMAGE_OPTS | OPT_TARGET_IMAGE_OPTS => {
+                return Err(Failure::Error(
+                    "--image-opts is not supported by convert".into(),
+                ))
+            }
+            OPT_BITMAPS | OPT_SKIP_BROKEN | OPT_SALVAGE | OPT_TARGET_IS_ZERO => {
+                return Err(Failure::Error(
+                    "this option of convert is not supported by this build".into(),
+                ))
+            }
+            _ => {}
         }
     }
     match m.operands.as_slice() {

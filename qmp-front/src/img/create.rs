@@ -16,7 +16,7 @@ use super::common::{release, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::num::parse_size;
 use super::open::strerror;
-use super::{Failure, PROG};
+use super::Failure;
 
 const OPT_OBJECT: u32 = 256;
 
@@ -286,9 +286,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 }
 
 fn help() -> String {
-    format!(
-        "Usage:\nCreate and format new image file.  Usage:\n\n  {PROG} create [-f FMT] [-o FMT_OPTS] [-b BACKING_FILENAME [-F BACKING_FMT]]\n        [--object OBJDEF] [-u] FILENAME [SIZE[bkKMGTPE]]\n"
-    )
+    super::help::text("create")
 }
 
 /// Creates the image `a` describes (`bdrv_img_create`); the error is the

@@ -15,7 +15,7 @@ use super::common::{
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::open::probe_format;
 use super::qjson::QValue;
-use super::{Failure, PROG};
+use super::Failure;
 
 const OPT_OUTPUT: u32 = 256;
 const OPT_OBJECT: u32 = 257;
@@ -90,7 +90,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         match p.id {
             id if id == 'h' as u32 => {
-                print!("Usage:\nDisplay information about image.  Usage:\n\n  {PROG} info [-f FMT | --image-opts] [-b] [-U] [--object OBJDEF]\n        [--output human|json] FILENAME\n");
+                print!("{}", super::help::text("info"));
                 return Ok(());
             }
             id if id == 'f' as u32 => fmt = Some(arg),

@@ -16,7 +16,7 @@ use block_core::{Graph, Node};
 use super::common::{parse_output, release, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::num::parse_size;
-use super::{Failure, PROG};
+use super::Failure;
 
 const OPT_OUTPUT: u32 = 256;
 const OPT_OBJECT: u32 = 257;
@@ -164,7 +164,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         match p.id {
             id if id == 'h' as u32 => {
-                print!("Usage:\nDump image metadata.  Usage:\n\n  {PROG} map [-f FMT | --image-opts] [--object OBJDEF] [--output human|json]\n        [--start-offset OFFSET] [--max-length LENGTH] [-U] FILENAME\n");
+                print!("{}", super::help::text("map"));
                 return Ok(());
             }
             id if id == 'f' as u32 => fmt = Some(arg),

@@ -19,6 +19,7 @@ pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod getopt;
+pub mod help;
 pub mod info;
 pub mod map;
 pub mod num;

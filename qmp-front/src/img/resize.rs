@@ -55,13 +55,18 @@ const LONGS: &[LongOpt] = &[
 
 /// The `resize` subcommand.
 pub fn run(args: &[String]) -> Result<(), Failure> {
-    let Some((size_arg, rest)) = args.split_last() else {
-        return Err(Failure::Usage("Expecting image file name and size".into()));
+    // A negative size right after an operand is taken off before option
+    // parsing, so that getopt does not read it as an option.
+    let n = args.len();
+    let negative_last = n >= 2
+        && args[n - 1].starts_with('-')
+        && args[n - 1][1..].starts_with(|c: char| c.is_ascii_digit())
+        && !args[n - 2].starts_with('-');
+    let (rest, taken) = if negative_last {
+        (&args[..n - 1], Some(args[n - 1].clone()))
+    } else {
+        (args, None)
     };
-    if size_arg == "-h" || size_arg == "--help" {
-        print!("{}", help());
-        return Ok(());
-    }
     let m = getopt_long(rest, "f:hq", LONGS)?;
     let mut fmt = None;
     let mut quiet = false;
@@ -98,9 +103,11 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             _ => {}
         }
     }
-    let filename = match m.operands.as_slice() {
-        [] => return Err(Failure::Usage("Expecting image file name and size".into())),
-        [f] => f.clone(),
+    let mut operands = m.operands.clone();
+    operands.extend(taken);
+    let (filename, size_arg) = match operands.as_slice() {
+        [f, s] => (f.clone(), s.clone()),
+        [] | [_] => return Err(Failure::Usage("Expecting image file name and size".into())),
         _ => return Err(Failure::Usage("Extra argument(s) in command line".into())),
     };
     let (relative, num) = match size_arg.as_bytes().first() {
@@ -166,5 +173,5 @@ fn qemu_wording(msg: &str) -> String {
 }
 
 fn help() -> String {
-    format!("Usage:\nResize a disk image.  Usage:\n\n  {PROG} resize [-f FMT | --image-opts] [-q] [--shrink]\n        [--preallocation PREALLOC] FILENAME [+-]SIZE[bkKMGTPE]\n")
+    super::help::text("resize")
 }

@@ -6,7 +6,7 @@
 use super::common::{open_qcow2, release, snapshot_row, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::open::probe_format;
-use super::{Failure, PROG};
+use super::Failure;
 
 const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
@@ -82,7 +82,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         let arg = p.arg.clone().unwrap_or_default();
         let new = match char::from_u32(p.id).unwrap_or('\0') {
             'h' => {
-                print!("Usage:\nList, apply, create or delete snapshots in image.  Usage:\n\n  {PROG} snapshot [-f FMT | --image-opts] [-U] [-q]\n        [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT]\n        [--object OBJDEF] FILENAME\n");
+                print!("{}", super::help::text("snapshot"));
                 return Ok(());
             }
             'f' => {
