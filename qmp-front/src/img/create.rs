@@ -242,6 +242,8 @@ pub struct CreateArgs {
     pub size: Option<u64>,
     /// `-q`.
     pub quiet: bool,
+    /// `-u`: do not open the backing file.
+    pub backing_unsafe: bool,
 }
 
 /// The `create` subcommand.
@@ -259,6 +261,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
                 return Ok(());
             }
             'q' => a.quiet = true,
+            'u' => a.backing_unsafe = true,
             'f' => a.fmt = arg,
             'b' => a.backing = Some(arg),
             'F' => a.backing_fmt = Some(arg),
@@ -349,30 +352,38 @@ pub fn create(a: &CreateArgs) -> Result<(), String> {
         if b.is_empty() {
             return Err("Expected backing file name, got empty string".into());
         }
-        let full = formats::qcow2::resolve_backing_path(&a.filename, b);
-        let (fmt, size) = env.block_on(async {
-            let blk = env
-                .open(&full, backing_fmt.as_deref(), false, true)
-                .await
-                .map_err(|e| {
-                    format!(
-                        "{}\nCould not open backing image.",
-                        strip_could_not(&e.0, &full)
-                    )
-                })?;
-            let fmt = blk.root().map(|n| n.format_name()).unwrap_or("raw");
-            let size = blk.size();
-            release(blk);
-            Ok::<_, String>((fmt, size))
-        })?;
-        if backing_fmt.is_none() {
-            return Err(format!(
-                "Backing file specified without backing format\nDetected format of {fmt}."
-            ));
+    }
+    match &backing {
+        Some(_) if a.backing_unsafe && backing_fmt.is_none() => {
+            return Err("Backing file specified without backing format".into());
         }
-        if o.get("size").is_none() {
-            o.set("size", &size.to_string())?;
+        Some(b) if !a.backing_unsafe => {
+            let full = formats::qcow2::resolve_backing_path(&a.filename, b);
+            let (fmt, size) = env.block_on(async {
+                let blk = env
+                    .open(&full, backing_fmt.as_deref(), false, true)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "{}\nCould not open backing image.",
+                            strip_could_not(&e.0, &full)
+                        )
+                    })?;
+                let fmt = blk.root().map(|n| n.format_name()).unwrap_or("raw");
+                let size = blk.size();
+                release(blk);
+                Ok::<_, String>((fmt, size))
+            })?;
+            if backing_fmt.is_none() {
+                return Err(format!(
+                    "Backing file specified without backing format\nDetected format of {fmt}."
+                ));
+            }
+            if o.get("size").is_none() {
+                o.set("size", &size.to_string())?;
+            }
         }
+        _ => {}
     }
     let Some(size) = o.num("size") else {
         return Err("Image creation needs a size parameter".into());

@@ -86,6 +86,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let mut fmt = None;
     let mut json = false;
     let mut force_share = false;
+    let mut chain = false;
     for p in &m.opts {
         let arg = p.arg.clone().unwrap_or_default();
         match p.id {
@@ -95,6 +96,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             }
             id if id == 'f' as u32 => fmt = Some(arg),
             id if id == 'U' as u32 => force_share = true,
+            id if id == 'b' as u32 => chain = true,
             OPT_OUTPUT => json = parse_output(&arg)?,
             OPT_IMAGE_OPTS => {
                 return Err(Failure::Error(
@@ -107,11 +109,28 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
     let [filename] = m.operands.as_slice() else {
         return Err(Failure::Usage("Expecting one image file name".into()));
     };
-    let info = collect(filename, fmt.as_deref(), force_share)?;
+    let mut infos = vec![collect(filename, fmt.as_deref(), force_share)?];
+    // With --backing-chain, every image down the chain, top first.
+    while let Some((_, full, bfmt)) = infos
+        .last()
+        .and_then(|i| i.backing.clone())
+        .filter(|_| chain)
+    {
+        if infos.len() > 64 {
+            return Err(Failure::Error("Backing file chain is too deep".into()));
+        }
+        infos.push(collect(&full, bfmt.as_deref(), force_share)?);
+    }
     if json {
-        println!("{}", to_json(&info).pretty());
+        let v = if chain {
+            QValue::List(infos.iter().map(to_json).collect())
+        } else {
+            to_json(&infos[0])
+        };
+        println!("{}", v.pretty());
     } else {
-        print!("{}", human(&info, 0, ""));
+        let texts: Vec<String> = infos.iter().map(|i| human(i, 0, "")).collect();
+        print!("{}", texts.join("\n"));
     }
     Ok(())
 }
