@@ -5,11 +5,16 @@
 //! with a `run(args) -> Result<(), Failure>` entry point; to add one, write
 //! the module and add a line to the table. Shared pieces: [`getopt`]
 //! (qemu-img's command-line parsing and its error texts), [`num`] (numeric
-//! arguments), [`open`] (opening an image as `img_open` does).
+//! arguments), [`open`] (opening an image as `img_open` does), [`common`]
+//! (an event loop with a graph, qcow2 helpers, QEMU's size and snapshot
+//! formatting), [`qjson`] (JSON in QEMU's key order), [`help`] (the help
+//! texts).
 //!
 //! Output follows qemu-img byte for byte where scripts read it; errors go to
 //! stderr as `strata-img: MESSAGE`, and command-line mistakes add the
-//! "Try ... --help" line, with exit status 1.
+//! "Try ... --help" line, with exit status 1. `check` and `compare` have
+//! more exit statuses (leaks, corruptions, differences) and leave through
+//! `process::exit` after cleaning up.
 #![forbid(unsafe_code)]
 
 pub mod bench;
