@@ -369,6 +369,8 @@ fn create_matches_qemu_img() {
         &["create", "-f", "qcow2", "img", "1M", "extra"],
         &["create"],
         &["create", "--bogus"],
+        &["create", "-f", "raw", "img", "1E"],
+        &["create", "-f", "qcow2", "img", "9E"],
     ];
     for args in cases {
         for dir in [d.q(), d.s()] {
@@ -482,6 +484,17 @@ fn info_matches_qemu_img() {
     same(&["info", "-f", "raw", "a.qcow2"], &dir);
     same(&["info", "--output=xml", "b.raw"], &dir);
     same(&["info"], &dir);
+    same(&["check", "-U", "-r", "leaks", "a.qcow2"], &dir);
+    same(&["snapshot", "-U", "-c", "x", "a.qcow2"], &dir);
+    same(&["compare", "-T", "bogus", "a.qcow2", "a.qcow2"], &dir);
+    same(
+        &["convert", "-T", "bogus", "-O", "raw", "a.qcow2", "out.raw"],
+        &dir,
+    );
+    same(
+        &["convert", "-t", "bogus", "-O", "raw", "a.qcow2", "out.raw"],
+        &dir,
+    );
     same(&["info", "a.qcow2", "b.raw"], &dir);
 }
 

@@ -132,6 +132,11 @@ pub async fn open_qcow2<'g>(
     writable: bool,
     force_share: bool,
 ) -> Result<formats::qcow2::image::Image<'g>, Failure> {
+    if force_share && writable {
+        return Err(Failure::Error(format!(
+            "Could not open '{path}': force-share=on can only be used with read-only images"
+        )));
+    }
     let mut file = block_core::Options::new()
         .with("driver", "file")
         .with("filename", path);

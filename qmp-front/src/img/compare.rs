@@ -118,9 +118,8 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
             id if id == 'q' as u32 => quiet = true,
             id if id == 'U' as u32 => force_share = true,
             id if id == 'T' as u32 && super::open::CacheMode::parse(&arg).is_none() => {
-                return Err(Failure::Error(format!(
-                    "Invalid source cache option: {arg}"
-                )));
+                eprintln!("{PROG}: Invalid source cache option: {arg}");
+                return Ok(2);
             }
             OPT_IMAGE_OPTS => {
                 return Err(Failure::Error(

@@ -208,6 +208,14 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             'c' => o.compress = true,
             'q' => o.quiet = true,
             'U' => o.force_share = true,
+            'T' if super::open::CacheMode::parse(&arg).is_none() => {
+                return Err(Failure::Error(format!(
+                    "Invalid source cache option: {arg}"
+                )))
+            }
+            't' if super::open::CacheMode::parse(&arg).is_none() => {
+                return Err(Failure::Error(format!("Invalid cache option: {arg}")))
+            }
             'o' => {
                 o.options = Some(match o.options.take() {
                     Some(prev) => format!("{prev},{arg}"),

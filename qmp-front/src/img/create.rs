@@ -495,10 +495,15 @@ fn create_raw(env: &Env, path: &str, size: u64, p: block_core::Prealloc) -> Resu
                 block_core::Perm::ALL,
             )
             .map_err(|e| e.to_string())?;
-        let r = node
-            .truncate(size, false, p)
-            .await
-            .map_err(|e| e.to_string());
+        let r = node.truncate(size, false, p).await.map_err(|e| {
+            let m = e.to_string();
+            // bdrv_img_create words EFBIG this way.
+            if m.contains("File too large") {
+                "The image size is too large for file format 'raw'".to_owned()
+            } else {
+                m
+            }
+        });
         node.remove_user(user);
         r
     })?;
