@@ -136,6 +136,9 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
     let img = env.block_on(open_qcow2(&env.graph, filename, fix, force_share))?;
     let result = env.block_on(async {
         let first = img.check(repair).await;
+        if let Ok(r) = &first {
+            report_mismatches(r, fix);
+        }
         let r = match first {
             Ok(r) if r.leaks_fixed > 0 || r.corruptions_fixed > 0 => {
                 if !json {
@@ -197,6 +200,30 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             std::process::exit(n)
         }
     }
+}
+
+/// The per-cluster lines qemu-img prints on stderr: a first pass that
+/// repairs nothing, then, when repairing and something was found, the
+/// repairing pass.
+fn report_mismatches(r: &CheckReport, fix: bool) {
+    let line = |m: &formats::qcow2::check::RefcountMismatch, repairing: bool| {
+        let what = if repairing && m.fixed {
+            "Repairing"
+        } else if m.refcount < m.reference {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        format!(
+            "{what} cluster {} refcount={} reference={}\n",
+            m.cluster, m.refcount, m.reference
+        )
+    };
+    let mut s: String = r.mismatches.iter().map(|m| line(m, false)).collect();
+    if fix && !r.mismatches.is_empty() {
+        s.extend(r.mismatches.iter().map(|m| line(m, true)));
+    }
+    eprint!("{s}");
 }
 
 fn qprint(quiet: bool, s: &str) {
