@@ -44,6 +44,22 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// One past the highest host offset in use.
     pub image_end_offset: u64,
+    /// Every cluster whose stored refcount differs from its use, in
+    /// cluster order (what `qemu-img check` reports line by line).
+    pub mismatches: Vec<RefcountMismatch>,
+}
+
+/// A cluster whose stored refcount is not the number of its references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefcountMismatch {
+    /// Host cluster index.
+    pub cluster: u64,
+    /// Stored refcount.
+    pub refcount: u64,
+    /// References found in the metadata.
+    pub reference: u64,
+    /// Whether it was repaired.
+    pub fixed: bool,
 }
 
 /// What `check` may repair.
@@ -165,6 +181,12 @@ impl Qcow2 {
                 cnt.report.corruptions += 1;
                 repair.errors && !self.read_only
             };
+            cnt.report.mismatches.push(RefcountMismatch {
+                cluster: c,
+                refcount: have,
+                reference: want,
+                fixed: fix,
+            });
             if fix {
                 let delta = want as i64 - have as i64;
                 self.update_refcount(c, delta, DiscardKind::Other).await?;
@@ -221,6 +243,9 @@ impl Qcow2 {
                     if active {
                         cnt.report.allocated_clusters += 1;
                         cnt.report.compressed_clusters += 1;
+                        // QEMU counts compressed clusters as fragmented:
+                        // reading neighbours re-reads shared sectors.
+                        cnt.report.fragmented_clusters += 1;
                     }
                     continue;
                 }

@@ -131,17 +131,29 @@ impl Qcow2 {
 
     /// Creates an internal snapshot of the current disk state (no VM state).
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_as(name, false).await
+    }
+
+    /// Creates an internal snapshot as `qemu-img snapshot -c` does: the
+    /// name may be empty or repeat an existing one, the id is one past the
+    /// highest numeric id, the time has microsecond precision and the guest
+    /// instruction count is stored as 0.
+    pub async fn create_snapshot_qemu_img(&self, name: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_as(name, true).await
+    }
+
+    async fn create_snapshot_as(&self, name: &str, qemu_img: bool) -> Result<SnapshotInfo> {
         if self.read_only {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });
         }
-        if name.is_empty() || name.len() > 1023 {
+        if (name.is_empty() && !qemu_img) || name.len() > 1023 {
             return Err(Error::invalid("invalid snapshot name"));
         }
         let _g = self.lock_meta_idle().await;
         let mut snaps = self.read_snapshots().await?;
-        if snaps.iter().any(|s| s.name == name) {
+        if !qemu_img && snaps.iter().any(|s| s.name == name) {
             return Err(Error::invalid(format!(
                 "Snapshot with name '{name}' already exists"
             )));
@@ -149,10 +161,19 @@ impl Qcow2 {
         if snaps.len() as u32 >= super::header::MAX_SNAPSHOTS {
             return Err(Error::invalid("too many snapshots"));
         }
-        let id = (1..)
-            .map(|i: u64| i.to_string())
-            .find(|c| !snaps.iter().any(|s| &s.id == c))
-            .unwrap_or_default();
+        let id = if qemu_img {
+            let max = snaps
+                .iter()
+                .filter_map(|s| s.id.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0);
+            (max + 1).to_string()
+        } else {
+            (1..)
+                .map(|i: u64| i.to_string())
+                .find(|c| !snaps.iter().any(|s| &s.id == c))
+                .unwrap_or_default()
+        };
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
         self.flush_caches().await?;
@@ -225,14 +246,15 @@ impl Qcow2 {
             .unwrap_or_default();
         let mut extra = vec![0u8; 24];
         put64(&mut extra, 8, self.size.get());
-        put64(&mut extra, 16, u64::MAX);
+        put64(&mut extra, 16, if qemu_img { 0 } else { u64::MAX });
+        let nsec = now.subsec_nanos();
         let info = SnapshotInfo {
             id,
             name: name.to_owned(),
             l1_table_offset: l1_off,
             l1_size: l1.len() as u32,
             date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
+            date_nsec: if qemu_img { nsec / 1000 * 1000 } else { nsec },
             vm_clock_nsec: 0,
             vm_state_size: 0,
             extra,

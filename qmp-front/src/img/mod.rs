@@ -5,17 +5,33 @@
 //! with a `run(args) -> Result<(), Failure>` entry point; to add one, write
 //! the module and add a line to the table. Shared pieces: [`getopt`]
 //! (qemu-img's command-line parsing and its error texts), [`num`] (numeric
-//! arguments), [`open`] (opening an image as `img_open` does).
+//! arguments), [`open`] (opening an image as `img_open` does), [`common`]
+//! (an event loop with a graph, qcow2 helpers, QEMU's size and snapshot
+//! formatting), [`qjson`] (JSON in QEMU's key order), [`help`] (the help
+//! texts).
 //!
 //! Output follows qemu-img byte for byte where scripts read it; errors go to
 //! stderr as `strata-img: MESSAGE`, and command-line mistakes add the
-//! "Try ... --help" line, with exit status 1.
+//! "Try ... --help" line, with exit status 1. `check` and `compare` have
+//! more exit statuses (leaks, corruptions, differences) and leave through
+//! `process::exit` after cleaning up.
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod check;
+pub mod common;
+pub mod compare;
+pub mod convert;
+pub mod create;
 pub mod getopt;
+pub mod help;
+pub mod info;
+pub mod map;
 pub mod num;
 pub mod open;
+pub mod qjson;
+pub mod resize;
+pub mod snapshot;
 
 /// Program name used in messages.
 pub const PROG: &str = "strata-img";
@@ -24,8 +40,29 @@ pub const PROG: &str = "strata-img";
 pub type CommandFn = fn(&[String]) -> Result<(), Failure>;
 
 /// Every subcommand: name, entry point, one-line description.
-pub const COMMANDS: &[(&str, CommandFn, &str)] =
-    &[("bench", bench::run, "Run simple image benchmark")];
+pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
+    ("bench", bench::run, "Run simple image benchmark"),
+    ("create", create::run, "Create and format new image file"),
+    ("info", info::run, "Display information about image"),
+    ("check", check::run, "Check basic image integrity"),
+    ("map", map::run, "Dump image metadata"),
+    (
+        "compare",
+        compare::run,
+        "Check if two images have the same contents",
+    ),
+    (
+        "convert",
+        convert::run,
+        "Convert one or more images to a different format",
+    ),
+    (
+        "snapshot",
+        snapshot::run,
+        "List, apply, create or delete snapshots in image",
+    ),
+    ("resize", resize::run, "Resize a disk image"),
+];
 
 /// How a subcommand failed; decides the message layout.
 #[derive(Debug, thiserror::Error)]

@@ -122,7 +122,8 @@ const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 pub fn probe_format(path: &str) -> std::io::Result<&'static str> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
-    let mut head = [0u8; 4];
+    // Zero-padded like QEMU's probe buffer.
+    let mut head = [0u8; 8];
     let mut got = 0;
     while got < head.len() {
         match f.read(&mut head[got..])? {
@@ -130,7 +131,9 @@ pub fn probe_format(path: &str) -> std::io::Result<&'static str> {
             n => got += n,
         }
     }
-    Ok(if got == 4 && &head == QCOW2_MAGIC {
+    // QEMU's qcow2_probe: the magic and a version of at least 2.
+    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    Ok(if got >= 4 && &head[..4] == QCOW2_MAGIC && version >= 2 {
         "qcow2"
     } else {
         "raw"
@@ -189,12 +192,26 @@ pub fn parse_keyval(s: &str) -> Result<Options, String> {
 #[error("{0}")]
 pub struct OpenError(pub String);
 
-fn describe(e: &Error) -> String {
+/// The message qemu-img prints for an open error (without the "Could not
+/// open" prefix).
+pub fn describe(e: &Error) -> String {
     match e {
         Error::Open { path, source } => {
             format!("Could not open '{path}': {}", strerror(source))
         }
-        other => other.to_string(),
+        // QEMU reports a malformed image on open without naming the node.
+        Error::Corrupt { detail, .. } => detail.clone(),
+        other => {
+            let s = other.to_string();
+            // The qcow2 driver names the node; QEMU's message does not.
+            match (
+                s.strip_prefix("Image '"),
+                s.ends_with("' is not in qcow2 format"),
+            ) {
+                (Some(_), true) => "Image is not in qcow2 format".to_owned(),
+                _ => s,
+            }
+        }
     }
 }
 

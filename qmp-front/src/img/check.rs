@@ -1,0 +1,302 @@
+//! `strata-img check`: qemu-img's `check` on qcow2 images (raw images
+//! cannot be checked: exit status 63, as in QEMU). Report wording, the
+//! repair summary with its second pass, and the exit statuses (0 clean,
+//! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
+
+use formats::qcow2::check::{CheckReport, Repair};
+
+use super::common::{open_qcow2, parse_output, Env};
+use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::open::probe_format;
+use super::qjson::QValue;
+use super::{Failure, PROG};
+
+const OPT_OUTPUT: u32 = 256;
+const OPT_OBJECT: u32 = 257;
+const OPT_IMAGE_OPTS: u32 = 258;
+
+const LONGS: &[LongOpt] = &[
+    LongOpt {
+        name: "help",
+        has_arg: HasArg::No,
+        id: 'h' as u32,
+    },
+    LongOpt {
+        name: "format",
+        has_arg: HasArg::Required,
+        id: 'f' as u32,
+    },
+    LongOpt {
+        name: "image-opts",
+        has_arg: HasArg::No,
+        id: OPT_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "cache",
+        has_arg: HasArg::Required,
+        id: 'T' as u32,
+    },
+    LongOpt {
+        name: "repair",
+        has_arg: HasArg::Required,
+        id: 'r' as u32,
+    },
+    LongOpt {
+        name: "force-share",
+        has_arg: HasArg::No,
+        id: 'U' as u32,
+    },
+    LongOpt {
+        name: "output",
+        has_arg: HasArg::Required,
+        id: OPT_OUTPUT,
+    },
+    LongOpt {
+        name: "quiet",
+        has_arg: HasArg::No,
+        id: 'q' as u32,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: HasArg::Required,
+        id: OPT_OBJECT,
+    },
+];
+
+/// Exit status for a format without checks.
+const EXIT_UNSUPPORTED: i32 = 63;
+
+/// The `check` subcommand; returns the exit status.
+pub fn run_status(args: &[String]) -> Result<i32, Failure> {
+    let m = getopt_long(args, "hf:r:T:qU", LONGS)?;
+    let mut fmt = None;
+    let mut json = false;
+    let mut quiet = false;
+    let mut force_share = false;
+    let mut repair = Repair::default();
+    for p in &m.opts {
+        let arg = p.arg.clone().unwrap_or_default();
+        match p.id {
+            id if id == 'h' as u32 => {
+                print!("{}", super::help::text("check"));
+                return Ok(0);
+            }
+            id if id == 'f' as u32 => fmt = Some(arg),
+            id if id == 'q' as u32 => quiet = true,
+            id if id == 'U' as u32 => force_share = true,
+            id if id == 'r' as u32 => {
+                repair = match arg.as_str() {
+                    "leaks" => Repair {
+                        leaks: true,
+                        errors: false,
+                    },
+                    "all" => Repair {
+                        leaks: true,
+                        errors: true,
+                    },
+                    _ => {
+                        return Err(Failure::Usage(format!(
+                            "--repair (-r) expects 'leaks' or 'all' not '{arg}'"
+                        )))
+                    }
+                }
+            }
+            id if id == 'T' as u32 && super::open::CacheMode::parse(&arg).is_none() => {
+                return Err(Failure::Error(format!(
+                    "Invalid source cache option: {arg}"
+                )));
+            }
+            OPT_OUTPUT => json = parse_output(&arg)?,
+            OPT_IMAGE_OPTS => {
+                return Err(Failure::Error(
+                    "--image-opts is not supported by check".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    let [filename] = m.operands.as_slice() else {
+        return Err(Failure::Usage("Expecting one image file name".into()));
+    };
+    let fix = repair.leaks || repair.errors;
+    let env = Env::new()?;
+    let fmt = match fmt {
+        Some(f) => f,
+        None => probe_format(filename).unwrap_or("raw").to_owned(),
+    };
+    if fmt != "qcow2" {
+        env.block_on(async {
+            let blk = env.open(filename, Some(&fmt), fix, force_share).await?;
+            super::common::release(blk);
+            Ok::<_, Failure>(())
+        })?;
+        eprintln!("{PROG}: This image format does not support checks");
+        return Ok(EXIT_UNSUPPORTED);
+    }
+    let img = env.block_on(open_qcow2(&env.graph, filename, fix, force_share))?;
+    let result = env.block_on(async {
+        let first = img.check(repair).await;
+        if let Ok(r) = &first {
+            report_mismatches(r, fix);
+        }
+        let r = match first {
+            Ok(r) if r.leaks_fixed > 0 || r.corruptions_fixed > 0 => {
+                if !json {
+                    qprint(
+                        quiet,
+                        &format!(
+                            "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                            r.leaks_fixed, r.corruptions_fixed
+                        ),
+                    );
+                }
+                img.check(Repair::default()).await.map(|again| CheckReport {
+                    leaks_fixed: r.leaks_fixed,
+                    corruptions_fixed: r.corruptions_fixed,
+                    ..again
+                })
+            }
+            other => other,
+        };
+        let c = img.close().await;
+        match (r, c) {
+            (Ok(r), Ok(())) => Ok(r),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    });
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{PROG}: Check failed: {e}");
+            return Ok(1);
+        }
+    };
+    if json {
+        qprint(quiet, &format!("{}\n", to_json(&report, filename).pretty()));
+    } else {
+        qprint(quiet, &human(&report));
+    }
+    if report.check_errors > 0 {
+        eprintln!("{PROG}: Check failed");
+        return Ok(1);
+    }
+    Ok(if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}
+
+/// The `check` subcommand for the command table (statuses other than 0
+/// and 1 leave through `process::exit`).
+pub fn run(args: &[String]) -> Result<(), Failure> {
+    use std::io::Write;
+    match run_status(args)? {
+        0 => Ok(()),
+        n => {
+            let _ = std::io::stdout().flush();
+            std::process::exit(n)
+        }
+    }
+}
+
+/// The per-cluster lines qemu-img prints on stderr: a first pass that
+/// repairs nothing, then, when repairing and something was found, the
+/// repairing pass.
+fn report_mismatches(r: &CheckReport, fix: bool) {
+    let line = |m: &formats::qcow2::check::RefcountMismatch, repairing: bool| {
+        let what = if repairing && m.fixed {
+            "Repairing"
+        } else if m.refcount < m.reference {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        format!(
+            "{what} cluster {} refcount={} reference={}\n",
+            m.cluster, m.refcount, m.reference
+        )
+    };
+    let mut s: String = r.mismatches.iter().map(|m| line(m, false)).collect();
+    if fix && !r.mismatches.is_empty() {
+        s.extend(r.mismatches.iter().map(|m| line(m, true)));
+    }
+    eprint!("{s}");
+}
+
+fn qprint(quiet: bool, s: &str) {
+    if !quiet {
+        print!("{s}");
+    }
+}
+
+fn human(c: &CheckReport) -> String {
+    let mut s = String::new();
+    if c.corruptions == 0 && c.leaks == 0 && c.check_errors == 0 {
+        s.push_str("No errors were found on the image.\n");
+    } else {
+        if c.corruptions > 0 {
+            s.push_str(&format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                c.corruptions
+            ));
+        }
+        if c.leaks > 0 {
+            s.push_str(&format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                c.leaks
+            ));
+        }
+        if c.check_errors > 0 {
+            s.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                c.check_errors
+            ));
+        }
+    }
+    if c.total_clusters != 0 && c.allocated_clusters != 0 {
+        let a = c.allocated_clusters as f64;
+        s.push_str(&format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            c.allocated_clusters,
+            c.total_clusters,
+            a * 100.0 / c.total_clusters as f64,
+            c.fragmented_clusters as f64 * 100.0 / a,
+            c.compressed_clusters as f64 * 100.0 / a
+        ));
+    }
+    if c.image_end_offset != 0 {
+        s.push_str(&format!("Image end offset: {}\n", c.image_end_offset));
+    }
+    s
+}
+
+/// QAPI `ImageCheck`; optional counters appear only when non-zero.
+fn to_json(c: &CheckReport, filename: &str) -> QValue {
+    let mut v = vec![
+        ("filename".to_owned(), QValue::str(filename)),
+        ("format".to_owned(), QValue::str("qcow2")),
+        (
+            "check-errors".to_owned(),
+            QValue::Int(c.check_errors as i64),
+        ),
+    ];
+    for (k, n) in [
+        ("image-end-offset", c.image_end_offset),
+        ("corruptions", c.corruptions),
+        ("leaks", c.leaks),
+        ("corruptions-fixed", c.corruptions_fixed),
+        ("leaks-fixed", c.leaks_fixed),
+        ("total-clusters", c.total_clusters),
+        ("allocated-clusters", c.allocated_clusters),
+        ("fragmented-clusters", c.fragmented_clusters),
+        ("compressed-clusters", c.compressed_clusters),
+    ] {
+        if n != 0 {
+            v.push((k.to_owned(), QValue::Int(n as i64)));
+        }
+    }
+    QValue::Dict(v)
+}
