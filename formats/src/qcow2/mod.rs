@@ -132,6 +132,9 @@ pub struct Qcow2 {
     /// Set after a metadata write failed: no more writes (QEMU marks the
     /// image corrupt or fails requests the same way).
     broken: Cell<bool>,
+    /// BLOCK_IMAGE_CORRUPTED was sent: later corruption stays quiet, as
+    /// in QEMU.
+    corruption_signalled: Cell<bool>,
 }
 
 fn take_discard_opt(opts: &mut Options, key: &str, default: bool) -> Result<bool> {
@@ -429,6 +432,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         pass_discard,
         no_flush: flags.cache_no_flush,
         broken: Cell::new(false),
+        corruption_signalled: Cell::new(false),
         inflight: cache::InFlight::default(),
         allocating: cache::InFlight::default(),
         zero_from: Cell::new(zero_from),

@@ -24,37 +24,82 @@ impl Qcow2 {
     /// QEMU's "constant" overlap check: guest data must never be written
     /// over the header, the active L1 table, the refcount table or the
     /// snapshot table. A violation means corrupt metadata: the request
-    /// fails and the image takes no more writes.
-    fn check_overlap(&self, host: u64, len: u64) -> Result<()> {
+    /// fails, the image is marked corrupt and takes no more writes.
+    async fn check_overlap(&self, host: u64, len: u64) -> Result<()> {
         if !Rc::ptr_eq(&self.data, &self.file) || len == 0 {
             return Ok(());
         }
         let cs = self.cluster_size;
-        let h = self.hdr.borrow();
-        let areas = [
-            (0, cs, "qcow2 header"),
-            (h.l1_table_offset, h.l1_size as u64 * 8, "active L1 table"),
-            (
-                h.refcount_table_offset,
-                h.refcount_table_clusters as u64 * cs,
-                "refcount table",
-            ),
-            (
-                h.snapshots_offset,
-                if h.nb_snapshots > 0 { cs } else { 0 },
-                "snapshot table",
-            ),
-        ];
-        for (start, alen, what) in areas {
-            if alen > 0 && host < start + alen && start < host + len {
-                drop(h);
-                self.broken.set(true);
-                return Err(self.corrupt(format!(
-                    "Preventing invalid write on metadata (overlaps with {what}): data write at host offset {host:#x} ({len} bytes)"
-                )));
+        let hit = {
+            let h = self.hdr.borrow();
+            let areas = [
+                (0, cs, "qcow2_header"),
+                (h.l1_table_offset, h.l1_size as u64 * 8, "active L1 table"),
+                (
+                    h.refcount_table_offset,
+                    h.refcount_table_clusters as u64 * cs,
+                    "refcount table",
+                ),
+                (
+                    h.snapshots_offset,
+                    if h.nb_snapshots > 0 { cs } else { 0 },
+                    "snapshot table",
+                ),
+            ];
+            areas
+                .into_iter()
+                .find(|&(start, alen, _)| alen > 0 && host < start + alen && start < host + len)
+                .map(|(_, _, what)| what)
+        };
+        let Some(what) = hit else {
+            return Ok(());
+        };
+        let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
+        self.signal_corruption(&msg, host, len).await;
+        Err(self.corrupt(format!(
+            "{msg}: data write at host offset {host:#x} ({len} bytes)"
+        )))
+    }
+
+    /// QEMU's `qcow2_signal_corruption` for fatal cases: sets the corrupt
+    /// bit in the header (version 3), refuses further writes and emits
+    /// BLOCK_IMAGE_CORRUPTED once.
+    pub(crate) async fn signal_corruption(&self, msg: &str, offset: u64, size: u64) {
+        self.broken.set(true);
+        if self.corruption_signalled.replace(true) {
+            return;
+        }
+        let v3 = self.hdr.borrow().version >= 3;
+        if v3 {
+            let features = {
+                let mut h = self.hdr.borrow_mut();
+                h.incompatible_features |= super::header::INCOMPAT_CORRUPT;
+                h.incompatible_features
+            };
+            // Best effort: the image is already unusable for writes.
+            if self
+                .file
+                .pwrite(
+                    72,
+                    IoBuf::from_slice(&features.to_be_bytes()),
+                    WriteFlags::default(),
+                )
+                .await
+                .is_ok()
+            {
+                let _ = self.file.flush().await;
             }
         }
-        Ok(())
+        self.file
+            .events()
+            .emit(block_core::BlockEvent::ImageCorrupted {
+                device: String::new(),
+                node_name: self.node_name.clone(),
+                msg: msg.to_owned(),
+                offset: Some(offset),
+                size: Some(size),
+                fatal: true,
+            });
     }
 
     fn check_write(&self) -> Result<()> {
@@ -120,7 +165,7 @@ impl Qcow2 {
                 Some((host, n)) => {
                     // Keep the clusters from being freed while the data
                     // write runs without `meta`.
-                    self.check_overlap(host, n)?;
+                    self.check_overlap(host, n).await?;
                     let _pin = self.inflight.pin(
                         host >> self.cluster_bits,
                         (host + n - 1) >> self.cluster_bits,
@@ -284,7 +329,7 @@ impl Qcow2 {
             }
             n += 1;
         }
-        if let Err(e) = self.check_overlap(first, n * cs) {
+        if let Err(e) = self.check_overlap(first, n * cs).await {
             drop(g);
             return Err(e);
         }
@@ -400,7 +445,7 @@ impl Qcow2 {
             // likely written next, and those writes must not extend either.
             prezero = b - a < cs || self.allocating.busy(0, u64::MAX);
         }
-        if let Err(e) = self.check_overlap(host + ra, rb - ra) {
+        if let Err(e) = self.check_overlap(host + ra, rb - ra).await {
             drop(g);
             return Err(e);
         }

@@ -793,6 +793,7 @@ fn data_writes_never_land_on_metadata() {
         // cluster 0 at the refcount table (cluster 1), COPIED set.
         patch(&img, 4 * 65536, &(0x8000_0000_0001_0000u64).to_be_bytes());
         let before = std::fs::read(&img).unwrap()[65536..131072].to_vec();
+        let events = g.events().subscribe();
         run(g, async {
             let n = open(g, &img, false).await;
             let e = n
@@ -811,5 +812,25 @@ fn data_writes_never_land_on_metadata() {
         });
         let after = std::fs::read(&img).unwrap()[65536..131072].to_vec();
         assert!(before == after, "the refcount table was overwritten");
+        // One event, QEMU's wording, and the corrupt bit for QEMU to see.
+        let evs: Vec<_> = events
+            .try_iter()
+            .filter(|e| matches!(e, block_core::BlockEvent::ImageCorrupted { .. }))
+            .collect();
+        assert_eq!(evs.len(), 1, "{mode:?} {evs:?}");
+        let block_core::BlockEvent::ImageCorrupted {
+            msg, offset, fatal, ..
+        } = &evs[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            msg,
+            "Preventing invalid write on metadata (overlaps with refcount table)"
+        );
+        assert_eq!(*offset, Some(65536));
+        assert!(*fatal);
+        let info = qemu_img(&["info", "--output=json", "-U", &img]);
+        assert!(info.contains("\"corrupt\": true"), "{info}");
     });
 }
