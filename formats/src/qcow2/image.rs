@@ -168,17 +168,17 @@ impl Qcow2 {
         let (l2_off, table) = self.l2_table_for_write(offset).await?;
         let idx = self.l2_index(offset);
         let old = self.l2_entry_at(&table.borrow(), idx);
-        // One cluster per compressed cluster (QEMU packs several into one;
-        // both are valid layouts).
-        let host = self.alloc_cluster().await?;
+        let len = packed.len() as u64;
+        let host = self.alloc_compressed_bytes(len).await?;
         self.file
             .pwrite(host, IoBuf::from_slice(&packed), WriteFlags::default())
             .await?;
         self.l2_needs_rc().await?;
         let shift = 62 - (self.cluster_bits - 8);
-        let sectors = (packed.len() as u64).div_ceil(512).max(1);
+        // Additional 512-byte sectors touched after the first one.
+        let more = ((host + len.max(1) - 1) >> 9) - (host >> 9);
         let ne = L2Entry {
-            entry: OFLAG_COMPRESSED | ((sectors - 1) << shift) | host,
+            entry: OFLAG_COMPRESSED | (more << shift) | host,
             bitmap: 0,
         };
         self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);

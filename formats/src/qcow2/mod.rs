@@ -135,6 +135,9 @@ pub struct Qcow2 {
     /// BLOCK_IMAGE_CORRUPTED was sent: later corruption stays quiet, as
     /// in QEMU.
     corruption_signalled: Cell<bool>,
+    /// Next free byte after the last compressed cluster written (0: start
+    /// a new host cluster), so compressed clusters share host clusters.
+    compressed_cursor: Cell<u64>,
 }
 
 fn take_discard_opt(opts: &mut Options, key: &str, default: bool) -> Result<bool> {
@@ -433,6 +436,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         no_flush: flags.cache_no_flush,
         broken: Cell::new(false),
         corruption_signalled: Cell::new(false),
+        compressed_cursor: Cell::new(0),
         inflight: cache::InFlight::default(),
         allocating: cache::InFlight::default(),
         zero_from: Cell::new(zero_from),

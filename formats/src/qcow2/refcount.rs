@@ -121,6 +121,39 @@ impl Qcow2 {
         Ok(c << self.cluster_bits)
     }
 
+    /// Allocates `len` (< one cluster) bytes for a compressed cluster,
+    /// packed after the previous one as QEMU's `qcow2_alloc_bytes` does:
+    /// every host cluster a compressed cluster touches holds one reference
+    /// for it, and data may run on into the next cluster when that one is
+    /// allocated right behind.
+    pub(crate) async fn alloc_compressed_bytes(&self, len: u64) -> Result<u64> {
+        let cs = self.cluster_size;
+        let cb = self.cluster_bits;
+        let mut off = self.compressed_cursor.get();
+        if off != 0 && self.get_refcount(off >> cb).await? >= self.rc_max() {
+            off = 0;
+        }
+        let free_in = if off == 0 { 0 } else { cs - (off & (cs - 1)) };
+        let start = if off != 0 && free_in >= len {
+            self.update_refcount(off >> cb, 1, DiscardKind::Other)
+                .await?;
+            off
+        } else {
+            let fresh = self.alloc_cluster().await?;
+            if off != 0 && fresh == (off & !(cs - 1)) + cs {
+                self.update_refcount(off >> cb, 1, DiscardKind::Other)
+                    .await?;
+                off
+            } else {
+                fresh
+            }
+        };
+        let end = start + len;
+        self.compressed_cursor
+            .set(if end & (cs - 1) == 0 { 0 } else { end });
+        Ok(start)
+    }
+
     /// Allocates `n` contiguous clusters at the end of the image.
     pub(crate) async fn alloc_contiguous(&self, n: u64) -> Result<u64> {
         self.check_writable_meta()?;
@@ -188,6 +221,11 @@ impl Qcow2 {
         if new == 0 {
             if c < self.free_hint.get() {
                 self.free_hint.set(c);
+            }
+            let cur = self.compressed_cursor.get();
+            if cur != 0 && cur >> self.cluster_bits == c {
+                // Never append compressed data to a cluster given back.
+                self.compressed_cursor.set(0);
             }
             if c >= self.zero_from.get() {
                 // A freed cluster keeps its old bytes: only clusters never

@@ -316,24 +316,33 @@ fn convert_from(env: &Env, o: &Opts, src: &BlockBackend) -> Result<(), Failure> 
         let cs = read_qcow2_header(&o.dst)?.cluster_size();
         return env.block_on(async {
             let img = open_qcow2(&env.graph, &o.dst, true, false).await?;
-            let r = async {
-                let mut off = 0;
-                while off < size {
+            // Several clusters in flight (qemu-img's -m, 8 by default), so
+            // compression keeps every worker thread busy while the loop
+            // reads and writes.
+            let next = std::cell::Cell::new(0u64);
+            let worker = || async {
+                loop {
+                    let off = next.get();
+                    if off >= size {
+                        return Ok::<_, block_core::Error>(());
+                    }
                     let len = cs.min(size - off);
+                    next.set(off + len);
                     let e = block_status(&env.graph, &top, off, len).await?;
                     if e.zero && e.length >= len {
-                        off += len;
                         continue;
                     }
                     let b = src.pread(off, IoBuf::zeroed(len as usize)).await?;
                     if b.iter().any(|&x| x != 0) {
                         img.write_compressed(off, &b).await?;
                     }
-                    off += len;
                 }
-                Ok::<_, block_core::Error>(())
-            }
-            .await;
+            };
+            let r = join_all((0..COMPRESS_IN_FLIGHT).map(|_| worker()).collect())
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>, _>>()
+                .map(|_| ());
             let c = img.close().await;
             r.and(c).map_err(fail)
         });
@@ -397,4 +406,32 @@ async fn write_sparse(
             .await?;
     }
     Ok(())
+}
+
+/// Clusters compressed at once by `convert -c` (qemu-img's default `-m`).
+const COMPRESS_IN_FLIGHT: usize = 8;
+
+/// Runs borrowed futures concurrently on the current task and returns
+/// their results in order.
+async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }

@@ -834,3 +834,85 @@ fn data_writes_never_land_on_metadata() {
         assert!(info.contains("\"corrupt\": true"), "{info}");
     });
 }
+
+/// Compressed clusters share host clusters as QEMU packs them (the image
+/// is about as small as qemu-img's), spanning into the next cluster when it
+/// is contiguous; overwriting and discarding them keeps refcounts exact.
+#[test]
+fn compressed_clusters_are_packed() {
+    use crate::qcow2::image::Image;
+    let d = Dir::new("cpack");
+    on_engines(|g, mode| {
+        let img = d.file("p.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+        // Semi-compressible clusters: about 40 KiB compressed each.
+        let mut r = Rng(7);
+        let clusters: Vec<Vec<u8>> = (0..48)
+            .map(|_| {
+                (0..65536)
+                    .map(|i| {
+                        if i % 3 == 0 {
+                            r.next() as u8
+                        } else {
+                            b'a' + (i % 7) as u8
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        run(g, async {
+            let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+            for (i, c) in clusters.iter().enumerate() {
+                im.write_compressed(i as u64 * 65536, c).await.unwrap();
+            }
+            im.close().await.unwrap();
+        });
+        check_clean(&img);
+        let len = std::fs::metadata(&img).unwrap().len();
+        // One host cluster each would take more than 48 clusters.
+        assert!(
+            len < 48 * 65536 * 3 / 4,
+            "{mode:?}: not packed, {len} bytes"
+        );
+        let raw = raw_of(&img, &d);
+        for (i, c) in clusters.iter().enumerate() {
+            assert!(
+                raw[i * 65536..(i + 1) * 65536] == c[..],
+                "{mode:?} cluster {i}"
+            );
+        }
+        // Overwrite every other compressed cluster, discard some more:
+        // shared host clusters lose one reference each time.
+        run(g, async {
+            let n = g
+                .open(q2_opts(&img).with("discard", "unmap"))
+                .await
+                .unwrap();
+            for i in (0..48u64).step_by(2) {
+                n.pwrite(
+                    i * 65536 + 100,
+                    IoBuf::filled(4096, 9),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+            }
+            n.pdiscard(65536, 8 * 65536).await.unwrap();
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let raw = raw_of(&img, &d);
+        for i in (0..48usize).step_by(2).filter(|i| !(1..9).contains(i)) {
+            assert!(raw[i * 65536 + 100..i * 65536 + 4196]
+                .iter()
+                .all(|&b| b == 9));
+            assert!(
+                raw[i * 65536 + 4196..(i + 1) * 65536] == clusters[i][4196..],
+                "{i}"
+            );
+        }
+        assert!(raw[65536..9 * 65536].iter().all(|&b| b == 0));
+        assert!(raw[11 * 65536..12 * 65536] == clusters[11][..]);
+    });
+}
