@@ -480,3 +480,38 @@ impl<T> Drop for RemoteFuture<T> {
             .dropped = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_cpu() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: fills a live timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// Regression: after a wake-up from another thread the io_uring loop
+    /// left its eventfd readable and spun at full CPU while idle.
+    #[test]
+    fn idle_loop_sleeps_after_a_remote_wake() {
+        for mode in [AioMode::IoUring, AioMode::Threads] {
+            let el = EventLoop::new(mode).unwrap();
+            let h = el.context().handle();
+            let t = std::thread::spawn(move || h.submit(|_ctx| async { 7 }));
+            let remote = t.join().unwrap();
+            assert_eq!(el.block_on(remote).unwrap(), 7);
+            let before = thread_cpu();
+            el.block_on(el.context().sleep(std::time::Duration::from_millis(300)));
+            let used = thread_cpu() - before;
+            assert!(
+                used < std::time::Duration::from_millis(100),
+                "{mode:?}: idle loop used {used:?} of CPU in 300 ms"
+            );
+        }
+    }
+}

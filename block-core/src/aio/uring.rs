@@ -329,6 +329,18 @@ impl Uring {
             let token = cqe.user_data();
             if token == NOTIFY_TOKEN {
                 self.notify_armed.set(false);
+                // Reset the eventfd: left readable, every later poll would
+                // complete at once and the idle loop would spin.
+                let mut v: u64 = 0;
+                // SAFETY: reads 8 bytes into a live u64 from our own
+                // non-blocking eventfd; EAGAIN (already reset) is fine.
+                unsafe {
+                    libc::read(
+                        self.notify_fd,
+                        (&mut v as *mut u64).cast(),
+                        std::mem::size_of::<u64>(),
+                    )
+                };
                 continue;
             }
             let idx = token as usize;
