@@ -247,6 +247,12 @@ impl BlockBackend {
         self.root_or_err()?.block_status(offset, len).await
     }
 
+    /// Block status of the root node with its backing chain
+    /// ([`Node::block_status_above`]).
+    pub async fn block_status_above(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.root_or_err()?.block_status_above(offset, len).await
+    }
+
     /// Resizes (needs the RESIZE permission).
     pub async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
         let node = self.root_or_err()?;

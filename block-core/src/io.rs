@@ -423,6 +423,37 @@ impl Node {
         Ok(st)
     }
 
+    /// Block status of what this node reads, backing chain included
+    /// (QEMU's `bdrv_block_status_above` down to the bottom): ranges not
+    /// allocated here answer from the backing node, and below the chain,
+    /// or past a shorter backing node, they read as zeros.
+    pub async fn block_status_above(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let st = self.block_status(offset, len).await?;
+        if st.allocated || st.zero {
+            return Ok(st);
+        }
+        let zeros = |len| BlockStatus {
+            len,
+            data: false,
+            zero: true,
+            allocated: false,
+            offset: None,
+            file_node: None,
+        };
+        let Some(backing) = self.backing() else {
+            return Ok(zeros(st.len));
+        };
+        let bsize = backing.size();
+        if offset >= bsize {
+            return Ok(zeros(st.len));
+        }
+        let n = st.len.min(bsize - offset);
+        let mut below = Box::pin(backing.block_status_above(offset, n)).await?;
+        below.len = below.len.min(n);
+        below.allocated = false;
+        Ok(below)
+    }
+
     /// Resizes the node; waits for in-flight requests first.
     pub async fn truncate(&self, size: u64, exact: bool, prealloc: Prealloc) -> Result<()> {
         self.writable()?;

@@ -348,3 +348,130 @@ mod serde_json_lite {
             .collect()
     }
 }
+
+/// Merges neighbouring map entries that read alike (data, zero), so maps
+/// with different extent boundaries (a backing chain locally, one export
+/// remotely) compare by meaning.
+fn merged(v: Vec<serde_json_lite::Entry>) -> Vec<(u64, u64, bool, bool)> {
+    let mut out: Vec<(u64, u64, bool, bool)> = Vec::new();
+    for e in v {
+        match out.last_mut() {
+            Some(l) if l.2 == e.data && l.3 == e.zero && l.0 + l.1 == e.start => l.1 += e.length,
+            _ => out.push((e.start, e.length, e.data, e.zero)),
+        }
+    }
+    out
+}
+
+#[test]
+fn qcow2_with_backing_chain_over_nbd() {
+    let s = Scratch::new("nbd-qcow2");
+    let base = s.path("base.qcow2");
+    let top = s.path("top.qcow2");
+    let o = run_tool("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (ok, out) = qemu_io("qcow2", &base, &["write -P 1 0 1M", "write -P 4 6M 64k"]);
+    assert!(ok, "{out}");
+    let local_map = |img: &str| {
+        let o = run_tool(
+            "qemu-img",
+            &["map", "--output=json", "-U", "-f", "qcow2", img],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        merged(serde_json_lite::parse(&String::from_utf8_lossy(&o.stdout)))
+    };
+    for mode in [AioMode::IoUring, AioMode::Threads] {
+        let _ = std::fs::remove_file(&top);
+        let o = run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &top,
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let (ok, out) = qemu_io("qcow2", &top, &["write -P 2 512k 256k", "write -z 6M 64k"]);
+        assert!(ok, "{out}");
+        let want = local_map(&top);
+        let node = block_core::Options::new()
+            .with("driver", "qcow2")
+            .with("node-name", "q0")
+            .with("discard", "unmap")
+            .with("file.driver", "file")
+            .with("file.filename", top.as_str());
+        let f = NbdFixture::start(
+            mode,
+            &s.path("q.sock"),
+            false,
+            vec![(node, export("q0", "q0", true))],
+        );
+        let uri = f.uri("q0");
+        let (ok, out) = qemu_io(
+            "raw",
+            &uri,
+            &[
+                "read -P 1 0 512k",
+                "read -P 2 512k 256k",
+                "read -P 1 768k 256k",
+                "read -P 0 1M 5M",
+                "read -P 0 6M 64k",
+            ],
+        );
+        assert!(ok, "{mode:?}: {out}");
+        // The map over NBD is the chain's map.
+        let o = run_tool("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+        assert!(o.status.success(), "{}", text(&o));
+        let got = merged(serde_json_lite::parse(&String::from_utf8_lossy(&o.stdout)));
+        assert_eq!(got, want, "{mode:?}");
+        let o = run_tool(
+            "qemu-img",
+            &["compare", "-U", "-f", "raw", "-F", "qcow2", &uri, &top],
+        );
+        assert!(o.status.success(), "{mode:?}: {}", text(&o));
+        // Allocation depth per layer, as qemu-nbd -A reports it.
+        let o = std::process::Command::new("timeout")
+            .args([
+                "-k",
+                "5",
+                "60",
+                "nbdinfo",
+                "--map=qemu:allocation-depth",
+                &uri,
+            ])
+            .output()
+            .expect("nbdinfo (libnbd-bin) is required; the test command installs it");
+        let depth: Vec<Vec<String>> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().take(3).map(str::to_owned).collect())
+            .collect();
+        let expect: Vec<Vec<String>> = [
+            ["0", "524288", "2"],
+            ["524288", "262144", "1"],
+            ["786432", "262144", "2"],
+            ["1048576", "5242880", "0"],
+            ["6291456", "65536", "1"],
+            ["6356992", "2031616", "0"],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|s| s.to_string()).collect())
+        .collect();
+        assert_eq!(depth, expect, "{mode:?}: {}", text(&o));
+        // Writes through the export land in the overlay only.
+        let (ok, out) = qemu_io("raw", &uri, &["write -P 3 4M 64k", "flush"]);
+        assert!(ok, "{mode:?}: {out}");
+        drop(f);
+        let o = run_tool("qemu-img", &["check", &top]);
+        assert!(o.status.success(), "{mode:?}: {}", text(&o));
+        let (ok, out) = qemu_io("qcow2", &top, &["read -P 3 4M 64k", "read -P 2 512k 256k"]);
+        assert!(ok, "{mode:?}: {out}");
+        let (ok, out) = qemu_io("qcow2", &base, &["read -P 0 4M 64k"]);
+        assert!(ok, "{mode:?}: base changed: {out}");
+    }
+}

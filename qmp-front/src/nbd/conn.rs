@@ -774,7 +774,7 @@ async fn sparse_read(conn: &ConnHandle, neg: &Negotiated, req: &Request) -> std:
     let end = req.offset + req.len;
     let mut off = req.offset;
     while off < end {
-        let st = match exp.blk.block_status(off, end - off).await {
+        let st = match exp.blk.block_status_above(off, end - off).await {
             Ok(s) => s,
             Err(e) => return reply_error(conn, neg, req, errno_of(&e), &e.to_string()).await,
         };
@@ -828,7 +828,7 @@ async fn extents(
     while off < end && out.len() < MAX_EXTENTS {
         let (n, flags) = match ctx {
             CTX_BASE_ALLOCATION => {
-                let st = exp.blk.block_status(off, end - off).await?;
+                let st = exp.blk.block_status_above(off, end - off).await?;
                 let mut f = 0;
                 if !st.data {
                     f |= proto::STATE_HOLE;
@@ -858,6 +858,9 @@ async fn extents(
 async fn allocation_depth(exp: &NbdExport, offset: u64, len: u64) -> BlockResult<(u64, u32)> {
     let mut node = Rc::clone(&exp.node);
     let mut depth = 1u32;
+    // Each layer answers only within the run the layer above left
+    // unallocated.
+    let mut len = len;
     loop {
         if offset >= node.size() {
             return Ok((len, 0));
@@ -866,12 +869,13 @@ async fn allocation_depth(exp: &NbdExport, offset: u64, len: u64) -> BlockResult
         if st.allocated {
             return Ok((st.len, depth));
         }
+        len = st.len.clamp(1, len);
         match node.backing() {
             Some(b) => {
                 node = b;
                 depth += 1;
             }
-            None => return Ok((st.len, 0)),
+            None => return Ok((len, 0)),
         }
     }
 }

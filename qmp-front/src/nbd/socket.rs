@@ -64,6 +64,20 @@ impl Socket {
                 s.set_nodelay(true)?;
             }
         }
+        // Large read replies (up to 32 MiB) otherwise go out in the
+        // default ~200 KiB pieces, each costing a readiness round trip.
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: sets an int socket option on our own connected socket
+        // from a live c_int; failure only leaves the default size.
+        unsafe {
+            libc::setsockopt(
+                stream.fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         Ok(Socket { stream, ctx })
     }
 
