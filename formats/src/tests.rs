@@ -42,7 +42,7 @@ mod tempdir {
     }
 }
 
-fn on_engines(f: impl Fn(&Rc<Graph>, AioMode)) {
+pub(crate) fn on_engines(f: impl Fn(&Rc<Graph>, AioMode)) {
     for mode in [AioMode::IoUring, AioMode::Threads] {
         let el = EventLoop::new(mode).expect("event loop");
         let g = Rc::new(Graph::new(
@@ -56,7 +56,7 @@ fn on_engines(f: impl Fn(&Rc<Graph>, AioMode)) {
     }
 }
 
-fn run<T>(g: &Rc<Graph>, fut: impl std::future::Future<Output = T>) -> T {
+pub(crate) fn run<T>(g: &Rc<Graph>, fut: impl std::future::Future<Output = T>) -> T {
     Rc::clone(g.context()).block_on(fut)
 }
 

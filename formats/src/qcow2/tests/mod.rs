@@ -78,23 +78,8 @@ fn check_clean(img: &str) {
     assert!(!text.contains("leaked"), "qemu-img check {img}: {text}");
 }
 
-fn on_engines(f: impl Fn(&Rc<Graph>, AioMode)) {
-    for mode in [AioMode::IoUring, AioMode::Threads] {
-        let el = EventLoop::new(mode).expect("event loop");
-        let g = Rc::new(Graph::new(
-            Rc::clone(el.context()),
-            crate::registry(),
-            EventBus::new(),
-        ));
-        f(&g, mode);
-        drop(g);
-        drop(el);
-    }
-}
-
-fn run<T>(g: &Rc<Graph>, fut: impl std::future::Future<Output = T>) -> T {
-    Rc::clone(g.context()).block_on(fut)
-}
+// Every test body runs on both engines, like the other driver tests.
+use crate::tests::{on_engines, run};
 
 fn q2_opts(path: &str) -> Options {
     Options::new()
