@@ -515,6 +515,13 @@ impl Qcow2 {
         node.driver().as_any()?.downcast_ref::<Qcow2>()
     }
 
+    /// A copy of the header as last written: feature bits set while the
+    /// image is open (corrupt, dirty) show here, unlike in the file's
+    /// header as first read.
+    pub fn header(&self) -> Header {
+        self.hdr.borrow().clone()
+    }
+
     pub(crate) fn corrupt(&self, detail: impl Into<String>) -> Error {
         Error::Corrupt {
             node: self.node_name.clone(),

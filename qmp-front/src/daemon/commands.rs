@@ -54,11 +54,10 @@ pub fn registry() -> Registry<Daemon> {
         "query-named-block-nodes",
         |d: Rc<Daemon>, a: QueryNodesArgs| async move {
             let flat = a.flat.unwrap_or(false);
-            let mut v: Vec<BlockDeviceInfo> = d
-                .nodes_in_order()
-                .iter()
-                .map(|n| device_info(&d, n, flat))
-                .collect();
+            let mut v: Vec<BlockDeviceInfo> = Vec::new();
+            for n in d.nodes_in_order() {
+                v.push(device_info(&d, &n, flat).await);
+            }
             v.reverse();
             Ok(v)
         },
@@ -540,32 +539,85 @@ fn actual_size(n: &Node) -> i64 {
     }
 }
 
-fn image_info(n: &Node, nested: bool) -> ImageInfo {
+/// `ImageInfo` of `n` alone (no `backing-image`), as QEMU's
+/// `bdrv_query_block_node_info` fills it.
+async fn node_image_info(n: &Node) -> ImageInfo {
     let drv = n.format_name();
     let has_info = drv != "null-co";
-    let backing = n.backing();
-    ImageInfo {
+    let mut info = ImageInfo {
         filename: n.filename(),
         format: drv.to_owned(),
         dirty_flag: has_info.then_some(false),
         actual_size: Some(actual_size(n)),
-        virtual_size: n.size() as i64,
+        // QEMU keeps lengths in whole sectors (`bdrv_getlength`).
+        virtual_size: n.size().div_ceil(512) as i64 * 512,
         cluster_size: None,
         encrypted: None,
         compressed: None,
-        backing_filename: backing.as_ref().map(|b| b.filename()),
-        full_backing_filename: backing.as_ref().map(|b| b.filename()),
-        backing_filename_format: backing.as_ref().map(|b| b.format_name().to_owned()),
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: None,
         format_specific: (drv == "file").then(|| ImageInfoSpecific {
             ty: "file".into(),
             data: json!({}),
         }),
-        backing_image: if nested {
-            backing.as_ref().map(|b| Box::new(image_info(b, true)))
-        } else {
-            None
-        },
+        backing_image: None,
+    };
+    if let Some(q) = formats::qcow2::Qcow2::of(n) {
+        qcow2_image_info(q, &mut info).await;
     }
+    info
+}
+
+/// What a qcow2 driver adds to its node's `ImageInfo`. The backing names
+/// come from the image header, not from the backing node: QEMU reports the
+/// name as written in the image even when another node was attached.
+async fn qcow2_image_info(q: &formats::qcow2::Qcow2, info: &mut ImageInfo) {
+    use formats::qcow2::header::INCOMPAT_DIRTY;
+    let h = q.header();
+    info.cluster_size = Some(h.cluster_size() as i64);
+    info.dirty_flag = Some(h.incompatible_features & INCOMPAT_DIRTY != 0);
+    if let Some(b) = h.backing_file.clone().filter(|b| !b.is_empty()) {
+        info.full_backing_filename = Some(formats::qcow2::resolve_backing_path(&info.filename, &b));
+        info.backing_filename = Some(b);
+        info.backing_filename_format = h.backing_format.clone().filter(|f| !f.is_empty());
+    }
+    let data = crate::img::qjson::QValue::Dict(crate::img::info::qcow2_specific(&h));
+    info.format_specific = Some(ImageInfoSpecific {
+        ty: "qcow2".into(),
+        data: data.to_value(),
+    });
+    // An unreadable snapshot table leaves the list out, as in QEMU.
+    if let Ok(list) = q.snapshots().await {
+        let list: Vec<SnapshotInfoQ> = list
+            .iter()
+            .filter_map(|s| {
+                serde_json::from_value(crate::img::info::snapshot_json(s).to_value()).ok()
+            })
+            .collect();
+        info.snapshots = (!list.is_empty()).then_some(list);
+    }
+}
+
+/// `ImageInfo` of `n`; with `nested`, its backing chain hangs below it as
+/// `backing-image`.
+async fn image_info(n: &Node, nested: bool) -> ImageInfo {
+    let mut chain = Vec::new();
+    let mut b = if nested { n.backing() } else { None };
+    while let Some(x) = b {
+        b = x.backing();
+        chain.push(x);
+    }
+    let mut below: Option<ImageInfo> = None;
+    for x in chain.iter().rev() {
+        let mut i = node_image_info(x).await;
+        i.backing_image = below.take().map(Box::new);
+        below = Some(i);
+    }
+    let mut top = node_image_info(n).await;
+    top.backing_image = below.map(Box::new);
+    top
 }
 
 /// Options that are not driver-specific (QEMU leaves them out of `json:`
@@ -634,15 +686,16 @@ fn display_filename(d: &Daemon, n: &Node) -> String {
     n.filename()
 }
 
-fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
+async fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
     let f = n.flags();
+    // QEMU counts the chain only while it gathers it, so flat answers say 0.
     let mut depth = 0;
-    let mut b = n.backing();
+    let mut b = if flat { None } else { n.backing() };
     while let Some(x) = b {
         depth += 1;
         b = x.backing();
     }
-    let mut image = image_info(n, !flat);
+    let mut image = image_info(n, !flat).await;
     image.filename = display_filename(d, n);
     BlockDeviceInfo {
         file: image.filename.clone(),
@@ -791,7 +844,8 @@ fn block_graph(d: &Daemon) -> BlockGraph {
             ty: GraphNodeType::BlockDriver,
             name: n.name().to_owned(),
         });
-        for c in n.children() {
+        // QEMU keeps a node's children newest first.
+        for c in n.children().iter().rev() {
             let u = c.node.users().into_iter().find(|u| u.id == c.user_id);
             let (perm, shared) = u
                 .map(|u| (u.perm, u.shared))

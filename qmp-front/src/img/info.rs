@@ -210,8 +210,10 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
     })
 }
 
-/// `ImageInfoSpecificQCow2`, in QAPI field order.
-fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
+/// `ImageInfoSpecificQCow2` for an image with header `h`, in QAPI field
+/// order. Shared with the daemon's `query-named-block-nodes`, so that both
+/// report an image the same way.
+pub fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
     let mut v = Vec::new();
     v.push((
         "compat".into(),
@@ -220,6 +222,10 @@ fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
     if h.version >= 3 {
         if let Some(d) = &h.data_file {
             v.push(("data-file".into(), QValue::str(d.clone())));
+        }
+        // QEMU reports the raw flag whenever an external data file is in
+        // use, even one given only by option with no name in the header.
+        if h.has_data_file() {
             v.push((
                 "data-file-raw".into(),
                 QValue::Bool(
@@ -254,7 +260,8 @@ fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
     v
 }
 
-fn snapshot_json(s: &SnapshotInfo) -> QValue {
+/// QAPI `SnapshotInfo` of one internal snapshot (shared with the daemon).
+pub fn snapshot_json(s: &SnapshotInfo) -> QValue {
     let mut v = vec![
         ("id".into(), QValue::str(s.id.clone())),
         ("name".into(), QValue::str(s.name.clone())),

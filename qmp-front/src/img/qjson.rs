@@ -74,6 +74,24 @@ impl QValue {
         QValue::Str(s.into())
     }
 
+    /// The same value for serde users (the daemon's QMP answers), keys in
+    /// insertion order.
+    pub fn to_value(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            QValue::Int(i) => Value::from(*i),
+            QValue::Bool(b) => Value::Bool(*b),
+            QValue::Str(s) => Value::String(s.clone()),
+            QValue::List(items) => Value::Array(items.iter().map(QValue::to_value).collect()),
+            QValue::Dict(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_value()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// The pretty-printed text (no trailing newline).
     pub fn pretty(&self) -> String {
         let mut s = String::new();
