@@ -57,6 +57,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
+pub use bitmaps::BitmapInfo;
 use cache::{CoMutex, TableCache};
 use header::Header;
 use l2::SubType;

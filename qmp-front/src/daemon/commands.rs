@@ -583,7 +583,9 @@ async fn qcow2_image_info(q: &formats::qcow2::Qcow2, info: &mut ImageInfo) {
         info.backing_filename = Some(b);
         info.backing_filename_format = h.backing_format.clone().filter(|f| !f.is_empty());
     }
-    let data = crate::img::qjson::QValue::Dict(crate::img::info::qcow2_specific(&h));
+    // Unreadable bitmaps leave the list out rather than fail the query.
+    let bitmaps = q.bitmaps().await.unwrap_or_default();
+    let data = crate::img::qjson::QValue::Dict(crate::img::info::qcow2_specific(&h, &bitmaps));
     info.format_specific = Some(ImageInfoSpecific {
         ty: "qcow2".into(),
         data: data.to_value(),

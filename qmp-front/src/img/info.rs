@@ -7,6 +7,7 @@ use formats::qcow2::header::{
     Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 use formats::qcow2::snapshot::SnapshotInfo;
+use formats::qcow2::BitmapInfo;
 
 use super::common::{
     allocated_size, open_qcow2, parse_output, read_qcow2_header, size_to_str, snapshot_icount,
@@ -182,13 +183,15 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
             children: vec![("file".into(), child)],
         });
     }
-    let (size, snapshots) = env.block_on(async {
+    let (size, snapshots, bitmaps) = env.block_on(async {
         let img = open_qcow2(&env.graph, filename, false, force_share).await?;
         let size = block_core::BlockDriver::size(img.driver());
         let snaps = img.driver().snapshots().await;
+        let bitmaps = img.driver().bitmaps().await;
         let _ = img.close().await;
         let snaps = snaps.map_err(|e| Failure::Error(e.to_string()))?;
-        Ok::<_, Failure>((size, snaps))
+        let bitmaps = bitmaps.map_err(|e| Failure::Error(e.to_string()))?;
+        Ok::<_, Failure>((size, snaps, bitmaps))
     })?;
     let h = read_qcow2_header(filename)?;
     let child = file_child(filename);
@@ -205,15 +208,15 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
         dirty: h.incompatible_features & INCOMPAT_DIRTY != 0,
         backing,
         snapshots,
-        specific: Some(("qcow2".into(), qcow2_specific(&h))),
+        specific: Some(("qcow2".into(), qcow2_specific(&h, &bitmaps))),
         children: vec![("file".into(), child)],
     })
 }
 
-/// `ImageInfoSpecificQCow2` for an image with header `h`, in QAPI field
-/// order. Shared with the daemon's `query-named-block-nodes`, so that both
-/// report an image the same way.
-pub fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
+/// `ImageInfoSpecificQCow2` for an image with header `h` and persistent
+/// `bitmaps`, in QAPI field order. Shared with the daemon's
+/// `query-named-block-nodes`, so that both report an image the same way.
+pub fn qcow2_specific(h: &Header, bitmaps: &[BitmapInfo]) -> Vec<(String, QValue)> {
     let mut v = Vec::new();
     v.push((
         "compat".into(),
@@ -250,6 +253,12 @@ pub fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
         "refcount-bits".into(),
         QValue::Int(h.refcount_bits() as i64),
     ));
+    if h.version >= 3 && !bitmaps.is_empty() {
+        v.push((
+            "bitmaps".into(),
+            QValue::List(bitmaps.iter().map(bitmap_json).collect()),
+        ));
+    }
     v.push((
         "compression-type".into(),
         QValue::str(match h.compression_type {
@@ -258,6 +267,22 @@ pub fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
         }),
     ));
     v
+}
+
+/// QAPI `Qcow2BitmapInfo` of one persistent bitmap.
+fn bitmap_json(b: &BitmapInfo) -> QValue {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push(QValue::str("in-use"));
+    }
+    if b.auto {
+        flags.push(QValue::str("auto"));
+    }
+    QValue::Dict(vec![
+        ("name".into(), QValue::str(b.name.clone())),
+        ("granularity".into(), QValue::Int(b.granularity as i64)),
+        ("flags".into(), QValue::List(flags)),
+    ])
 }
 
 /// QAPI `SnapshotInfo` of one internal snapshot (shared with the daemon).
