@@ -360,31 +360,39 @@ fn to_json(i: &NodeInfo) -> QValue {
     QValue::Dict(v)
 }
 
-/// `dump_qdict` for the format-specific data: keys in QDict order with
-/// dashes shown as spaces.
+/// QEMU's `dump_qobject` for the format-specific data: dict keys in QDict
+/// order with dashes shown as spaces, list items as `[i]`, composite
+/// values on the lines below their key, four spaces per level.
 fn dump_specific(data: &[(String, QValue)], ind: &str) -> String {
-    // Reuse the QDict ordering by printing through qjson and reading back
-    // the key order.
-    let ordered = QValue::Dict(data.to_vec()).pretty();
-    let mut out = String::new();
-    for line in ordered.lines().skip(1) {
-        let Some(rest) = line.trim_start().strip_prefix('"') else {
-            continue;
-        };
-        let Some((key, _)) = rest.split_once('"') else {
-            continue;
-        };
-        let Some((_, val)) = data.iter().find(|(k, _)| k == key) else {
-            continue;
-        };
-        let shown = match val {
-            QValue::Str(s) => s.clone(),
-            QValue::Int(n) => n.to_string(),
-            QValue::Bool(b) => b.to_string(),
-            _ => continue,
-        };
-        out.push_str(&format!("{ind}    {}: {shown}\n", key.replace('-', " ")));
+    fn value(v: &QValue, level: usize, ind: &str, out: &mut String) {
+        match v {
+            QValue::Str(s) => out.push_str(&format!("{s}\n")),
+            QValue::Int(n) => out.push_str(&format!("{n}\n")),
+            QValue::Bool(b) => out.push_str(&format!("{b}\n")),
+            QValue::Dict(d) => {
+                for i in super::qjson::dict_order(d) {
+                    let (k, v) = &d[i];
+                    item(&k.replace('-', " "), v, level, ind, out);
+                }
+            }
+            QValue::List(l) => {
+                for (i, v) in l.iter().enumerate() {
+                    item(&format!("[{i}]"), v, level, ind, out);
+                }
+            }
+        }
     }
+    fn item(label: &str, v: &QValue, level: usize, ind: &str, out: &mut String) {
+        let composite = matches!(v, QValue::Dict(_) | QValue::List(_));
+        let pad = " ".repeat(level * 4);
+        out.push_str(&format!(
+            "{ind}{pad}{label}:{}",
+            if composite { '\n' } else { ' ' }
+        ));
+        value(v, level + 1, ind, out);
+    }
+    let mut out = String::new();
+    value(&QValue::Dict(data.to_vec()), 1, ind, &mut out);
     out
 }
 
