@@ -414,3 +414,39 @@ fn qcow2_queries_match_qemu_storage_daemon() {
     assert_eq!(ours.graph_edges, qsd.graph_edges, "graph edges");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// File names of qcow2 nodes as QEMU refreshes them: options that are not
+/// "strong" (cache sizes) keep the plain name, while a backing node other
+/// than the header's (by reference, inline, or none at all) makes it a
+/// `json:` name.
+#[test]
+fn qcow2_file_names_match_qemu_storage_daemon() {
+    let dir = tmpdir("names");
+    make_images(&dir);
+    let file = |name: &str| json!({"driver": "file", "filename": dir.join(name)});
+    let adds = vec![
+        json!({"driver": "qcow2", "node-name": "opts", "cache-size": 1 << 20,
+               "file": file("top.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "nobacking", "backing": null,
+               "read-only": true, "file": file("overraw.qcow2")}),
+        json!({"driver": "file", "node-name": "bf", "filename": dir.join("ext.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "bq", "read-only": true, "file": "bf"}),
+        json!({"driver": "qcow2", "node-name": "byref", "backing": "bq", "read-only": true,
+               "file": file("overraw.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "inline", "read-only": true,
+               "backing": {"driver": "qcow2", "node-name": "inlb", "file": file("base.qcow2")},
+               "file": file("v2.qcow2")}),
+    ];
+    let qsd = converse("qemu-storage-daemon", &dir, "qsd", &adds);
+    let ours = converse(env!("CARGO_BIN_EXE_stratad"), &dir, "strata", &adds);
+    assert!(ours.flat["byref"]["file"]
+        .as_str()
+        .unwrap()
+        .starts_with("json:"));
+    assert_same_nodes("query-named-block-nodes", &qsd.nested, &ours.nested);
+    assert_same_nodes("query-named-block-nodes flat", &qsd.flat, &ours.flat);
+    assert_eq!(ours.order, qsd.order, "node order");
+    assert_eq!(ours.graph_nodes, qsd.graph_nodes, "graph nodes");
+    assert_eq!(ours.graph_edges, qsd.graph_edges, "graph edges");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -657,8 +657,31 @@ fn needs_json(d: &Daemon, n: &Node) -> bool {
     match n.format_name() {
         "file" => false,
         "null-co" => !driver_opts(d, n).is_empty(),
+        // None of qcow2's own options is one QEMU keeps in file names (its
+        // only "strong" option is an encryption secret).
+        "qcow2" => backing_overridden(d, n) || n.storage_child().is_some_and(|c| needs_json(d, &c)),
         _ => !driver_opts(d, n).is_empty() || n.storage_child().is_some_and(|c| needs_json(d, &c)),
     }
+}
+
+/// QEMU's `bdrv_backing_overridden`: the backing node differs from what
+/// the image header names. A backing node given by option is compared
+/// with the header's name as written, so a relative name always counts as
+/// overridden; no backing node at all counts if the header names one.
+fn backing_overridden(d: &Daemon, n: &Node) -> bool {
+    let Some(q) = formats::qcow2::Qcow2::of(n) else {
+        return false;
+    };
+    let header = q.header().backing_file.unwrap_or_default();
+    let Some(b) = n.backing() else {
+        return !header.is_empty();
+    };
+    let given = d
+        .add_opts
+        .borrow()
+        .get(n.name())
+        .is_some_and(|m| m.contains_key("backing"));
+    given && display_filename(d, &b) != header
 }
 
 /// The options QEMU puts in a `json:` file name.
@@ -669,8 +692,20 @@ fn json_dict(d: &Daemon, n: &Node) -> Value {
         m.insert("filename".into(), n.filename().into());
         return Value::Object(m);
     }
-    m.extend(driver_opts(d, n));
+    let overridden = backing_overridden(d, n);
+    if n.format_name() == "qcow2" {
+        if overridden && n.backing().is_none() {
+            m.insert("backing".into(), Value::Null);
+        }
+    } else {
+        m.extend(driver_opts(d, n));
+    }
+    // A backing file the header names is implied by the image.
+    let implied_backing = !overridden;
     for c in n.children() {
+        if c.role == ChildRole::Backing && implied_backing {
+            continue;
+        }
         m.insert(c.name.clone(), json_dict(d, &c.node));
     }
     Value::Object(m)
