@@ -272,10 +272,24 @@ fn assert_same_nodes(what: &str, qsd: &HashMap<String, Value>, ours: &HashMap<St
     }
 }
 
+/// Sets bit `bit` of a qcow2 v3 header's incompatible features.
+fn set_incompatible_bit(path: &Path, bit: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 72).unwrap();
+    let v = u64::from_be_bytes(b) | (1 << bit);
+    f.write_all_at(&v.to_be_bytes(), 72).unwrap();
+}
+
 /// Images and `blockdev-add` arguments exercising what a qcow2 node
 /// reports: backing chains (qcow2 and raw), lazy refcounts, an internal
 /// snapshot, compat 0.10, an external raw data file, extended L2 with zstd,
-/// persistent bitmaps.
+/// persistent bitmaps, corrupt and dirty flags.
 fn make_images(dir: &Path) -> Vec<Value> {
     qemu_img(dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
     qemu_img(
@@ -367,8 +381,29 @@ fn make_images(dir: &Path) -> Vec<Value> {
         dir,
         &["bitmap", "--add", "--disable", "bitmaps.qcow2", "disabled"],
     );
+    // Header flags QEMU reports as they are on disk when opened read-only.
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "corrupt.qcow2", "1M"]);
+    set_incompatible_bit(&dir.join("corrupt.qcow2"), 1);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "dirty.qcow2",
+            "1M",
+        ],
+    );
+    set_incompatible_bit(&dir.join("dirty.qcow2"), 0);
     let file = |name: &str| json!({"driver": "file", "filename": dir.join(name)});
     vec![
+        json!({"driver": "qcow2", "node-name": "corrupt", "read-only": true,
+               "file": file("corrupt.qcow2")}),
+        json!({"driver": "qcow2", "node-name": "dirty", "read-only": true,
+               "file": file("dirty.qcow2")}),
         json!({"driver": "qcow2", "node-name": "top", "file": file("top.qcow2")}),
         json!({"driver": "qcow2", "node-name": "v2", "file": file("v2.qcow2")}),
         json!({"driver": "qcow2", "node-name": "ovr", "read-only": true,
@@ -401,6 +436,11 @@ fn qcow2_queries_match_qemu_storage_daemon() {
         ours.nested["df"]["image"]["format-specific"]["data"]["data-file-raw"],
         true
     );
+    assert_eq!(
+        ours.nested["corrupt"]["image"]["format-specific"]["data"]["corrupt"],
+        true
+    );
+    assert_eq!(ours.nested["dirty"]["image"]["dirty-flag"], true);
     assert_eq!(
         ours.nested["bm"]["image"]["format-specific"]["data"]["bitmaps"][0],
         json!({"name": "enabled", "granularity": 131072, "flags": ["auto"]})
