@@ -463,6 +463,14 @@ fn qcow2_queries_match_qemu_storage_daemon() {
 fn qcow2_file_names_match_qemu_storage_daemon() {
     let dir = tmpdir("names");
     make_images(&dir);
+    for (img, backing) in [("mid.qcow2", "base.qcow2"), ("up.qcow2", "mid.qcow2")] {
+        qemu_img(
+            &dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", img,
+            ],
+        );
+    }
     let file = |name: &str| json!({"driver": "file", "filename": dir.join(name)});
     let adds = vec![
         json!({"driver": "qcow2", "node-name": "opts", "cache-size": 1 << 20,
@@ -476,10 +484,19 @@ fn qcow2_file_names_match_qemu_storage_daemon() {
         json!({"driver": "qcow2", "node-name": "inline", "read-only": true,
                "backing": {"driver": "qcow2", "node-name": "inlb", "file": file("base.qcow2")},
                "file": file("v2.qcow2")}),
+        // The backing node's own name is a json: one, down the chain too.
+        json!({"driver": "qcow2", "node-name": "up", "read-only": true,
+               "file": file("up.qcow2"),
+               "backing": {"driver": "qcow2", "node-name": "mid", "backing": null,
+                           "file": file("mid.qcow2")}}),
     ];
     let qsd = converse("qemu-storage-daemon", &dir, "qsd", &adds);
     let ours = converse(env!("CARGO_BIN_EXE_stratad"), &dir, "strata", &adds);
     assert!(ours.flat["byref"]["file"]
+        .as_str()
+        .unwrap()
+        .starts_with("json:"));
+    assert!(ours.nested["up"]["image"]["backing-image"]["filename"]
         .as_str()
         .unwrap()
         .starts_with("json:"));

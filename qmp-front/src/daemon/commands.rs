@@ -541,11 +541,11 @@ fn actual_size(n: &Node) -> i64 {
 
 /// `ImageInfo` of `n` alone (no `backing-image`), as QEMU's
 /// `bdrv_query_block_node_info` fills it.
-async fn node_image_info(n: &Node) -> ImageInfo {
+async fn node_image_info(d: &Daemon, n: &Node) -> ImageInfo {
     let drv = n.format_name();
     let has_info = drv != "null-co";
     let mut info = ImageInfo {
-        filename: n.filename(),
+        filename: display_filename(d, n),
         format: drv.to_owned(),
         dirty_flag: has_info.then_some(false),
         actual_size: Some(actual_size(n)),
@@ -565,7 +565,7 @@ async fn node_image_info(n: &Node) -> ImageInfo {
         backing_image: None,
     };
     if let Some(q) = formats::qcow2::Qcow2::of(n) {
-        qcow2_image_info(q, &mut info).await;
+        qcow2_image_info(q, &n.filename(), &mut info).await;
     }
     info
 }
@@ -573,13 +573,15 @@ async fn node_image_info(n: &Node) -> ImageInfo {
 /// What a qcow2 driver adds to its node's `ImageInfo`. The backing names
 /// come from the image header, not from the backing node: QEMU reports the
 /// name as written in the image even when another node was attached.
-async fn qcow2_image_info(q: &formats::qcow2::Qcow2, info: &mut ImageInfo) {
+/// Relative backing names are resolved against `file`, the image's host
+/// file name (never its `json:` name).
+async fn qcow2_image_info(q: &formats::qcow2::Qcow2, file: &str, info: &mut ImageInfo) {
     use formats::qcow2::header::INCOMPAT_DIRTY;
     let h = q.header();
     info.cluster_size = Some(h.cluster_size() as i64);
     info.dirty_flag = Some(h.incompatible_features & INCOMPAT_DIRTY != 0);
     if let Some(b) = h.backing_file.clone().filter(|b| !b.is_empty()) {
-        info.full_backing_filename = Some(formats::qcow2::resolve_backing_path(&info.filename, &b));
+        info.full_backing_filename = Some(formats::qcow2::resolve_backing_path(file, &b));
         info.backing_filename = Some(b);
         info.backing_filename_format = h.backing_format.clone().filter(|f| !f.is_empty());
     }
@@ -604,7 +606,7 @@ async fn qcow2_image_info(q: &formats::qcow2::Qcow2, info: &mut ImageInfo) {
 
 /// `ImageInfo` of `n`; with `nested`, its backing chain hangs below it as
 /// `backing-image`.
-async fn image_info(n: &Node, nested: bool) -> ImageInfo {
+async fn image_info(d: &Daemon, n: &Node, nested: bool) -> ImageInfo {
     let mut chain = Vec::new();
     let mut b = if nested { n.backing() } else { None };
     while let Some(x) = b {
@@ -613,11 +615,11 @@ async fn image_info(n: &Node, nested: bool) -> ImageInfo {
     }
     let mut below: Option<ImageInfo> = None;
     for x in chain.iter().rev() {
-        let mut i = node_image_info(x).await;
+        let mut i = node_image_info(d, x).await;
         i.backing_image = below.take().map(Box::new);
         below = Some(i);
     }
-    let mut top = node_image_info(n).await;
+    let mut top = node_image_info(d, n).await;
     top.backing_image = below.map(Box::new);
     top
 }
@@ -732,14 +734,13 @@ async fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
         depth += 1;
         b = x.backing();
     }
-    let mut image = image_info(n, !flat).await;
-    image.filename = display_filename(d, n);
+    let image = image_info(d, n, !flat).await;
     BlockDeviceInfo {
         file: image.filename.clone(),
         node_name: Some(n.name().to_owned()),
         ro: f.read_only,
         drv: n.format_name().to_owned(),
-        backing_file: n.backing().map(|b| b.filename()),
+        backing_file: n.backing().map(|b| display_filename(d, &b)),
         backing_file_depth: depth,
         active: true,
         encrypted: false,
