@@ -283,7 +283,20 @@ pub fn default_child_perm(
 ) -> (Perm, Perm) {
     match role {
         ChildRole::Filtered | ChildRole::Primary => (perm, shared),
-        ChildRole::File | ChildRole::Data => {
+        ChildRole::Data => {
+            // Guest data only: the parent's own needs pass through, but the
+            // driver may have to grow the file for any write and no one
+            // else may resize it under the driver.
+            let mut p = perm;
+            if p.contains(Perm::WRITE_UNCHANGED) {
+                p = p | Perm::WRITE;
+            }
+            if p.contains(Perm::WRITE) {
+                p = p | Perm::RESIZE;
+            }
+            (p, shared.without(Perm::RESIZE))
+        }
+        ChildRole::File => {
             let mut p = perm;
             let mut s = shared;
             if writable {

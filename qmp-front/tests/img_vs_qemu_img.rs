@@ -443,6 +443,21 @@ fn info_matches_qemu_img() {
         ],
         &dir,
     );
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "g.qcow2", "1M"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "128k", "g.qcow2", "b1"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", "g.qcow2", "b0"],
+        &dir,
+    );
     let abs = dir.join("b.raw").to_string_lossy().into_owned();
     for f in [
         "a.qcow2",
@@ -450,6 +465,7 @@ fn info_matches_qemu_img() {
         "c.qcow2",
         "sub/d.qcow2",
         "e.qcow2",
+        "g.qcow2",
         &abs,
         "missing",
     ] {

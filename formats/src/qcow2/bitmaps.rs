@@ -32,7 +32,52 @@ struct Entry {
     flags: u32,
 }
 
+/// Bitmap flag: enabled, tracking guest writes.
+const FLAG_AUTO: u32 = 2;
+
+/// One persistent bitmap as its directory entry describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Guest bytes per bit.
+    pub granularity: u64,
+    /// Not saved consistently (or opened read-write right now).
+    pub in_use: bool,
+    /// Enabled: follows guest writes.
+    pub auto: bool,
+}
+
 impl Qcow2 {
+    /// The persistent bitmaps in directory order. Without the bitmaps
+    /// autoclear bit the directory is stale and QEMU ignores it, so the
+    /// list is empty then.
+    pub async fn bitmaps(&self) -> Result<Vec<BitmapInfo>> {
+        if self.hdr.borrow().autoclear_features & super::header::AUTOCLEAR_BITMAPS == 0 {
+            return Ok(Vec::new());
+        }
+        let Some((_, dir, entries)) = self.read_bitmap_directory().await? else {
+            return Ok(Vec::new());
+        };
+        entries
+            .iter()
+            .map(|e| {
+                let extra = be32(&dir, e.pos + 20) as usize;
+                let len = be16(&dir, e.pos + 18) as usize;
+                let start = e.pos + 24 + extra;
+                let name = dir
+                    .get(start..start + len)
+                    .ok_or_else(|| self.corrupt("bitmap name beyond the directory"))?;
+                Ok(BitmapInfo {
+                    name: String::from_utf8_lossy(name).into_owned(),
+                    granularity: 1u64 << dir[e.pos + 17].min(63),
+                    in_use: e.flags & FLAG_IN_USE != 0,
+                    auto: e.flags & FLAG_AUTO != 0,
+                })
+            })
+            .collect()
+    }
+
     /// The bitmap directory (offset, bytes), if the extension is present
     /// and valid.
     fn bitmap_directory(&self) -> Result<Option<(u64, u64, u32)>> {

@@ -57,6 +57,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
+pub use bitmaps::BitmapInfo;
 use cache::{CoMutex, TableCache};
 use header::Header;
 use l2::SubType;
@@ -513,6 +514,13 @@ impl Qcow2 {
     /// The qcow2 driver of `node`, if it is a qcow2 node.
     pub fn of(node: &Node) -> Option<&Qcow2> {
         node.driver().as_any()?.downcast_ref::<Qcow2>()
+    }
+
+    /// A copy of the header as last written: feature bits set while the
+    /// image is open (corrupt, dirty) show here, unlike in the file's
+    /// header as first read.
+    pub fn header(&self) -> Header {
+        self.hdr.borrow().clone()
     }
 
     pub(crate) fn corrupt(&self, detail: impl Into<String>) -> Error {

@@ -54,11 +54,10 @@ pub fn registry() -> Registry<Daemon> {
         "query-named-block-nodes",
         |d: Rc<Daemon>, a: QueryNodesArgs| async move {
             let flat = a.flat.unwrap_or(false);
-            let mut v: Vec<BlockDeviceInfo> = d
-                .nodes_in_order()
-                .iter()
-                .map(|n| device_info(&d, n, flat))
-                .collect();
+            let mut v: Vec<BlockDeviceInfo> = Vec::new();
+            for n in d.nodes_in_order() {
+                v.push(device_info(&d, &n, flat).await);
+            }
             v.reverse();
             Ok(v)
         },
@@ -540,32 +539,89 @@ fn actual_size(n: &Node) -> i64 {
     }
 }
 
-fn image_info(n: &Node, nested: bool) -> ImageInfo {
+/// `ImageInfo` of `n` alone (no `backing-image`), as QEMU's
+/// `bdrv_query_block_node_info` fills it.
+async fn node_image_info(d: &Daemon, n: &Node) -> ImageInfo {
     let drv = n.format_name();
     let has_info = drv != "null-co";
-    let backing = n.backing();
-    ImageInfo {
-        filename: n.filename(),
+    let mut info = ImageInfo {
+        filename: display_filename(d, n),
         format: drv.to_owned(),
         dirty_flag: has_info.then_some(false),
         actual_size: Some(actual_size(n)),
-        virtual_size: n.size() as i64,
+        // QEMU keeps lengths in whole sectors (`bdrv_getlength`).
+        virtual_size: n.size().div_ceil(512) as i64 * 512,
         cluster_size: None,
         encrypted: None,
         compressed: None,
-        backing_filename: backing.as_ref().map(|b| b.filename()),
-        full_backing_filename: backing.as_ref().map(|b| b.filename()),
-        backing_filename_format: backing.as_ref().map(|b| b.format_name().to_owned()),
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: None,
         format_specific: (drv == "file").then(|| ImageInfoSpecific {
             ty: "file".into(),
             data: json!({}),
         }),
-        backing_image: if nested {
-            backing.as_ref().map(|b| Box::new(image_info(b, true)))
-        } else {
-            None
-        },
+        backing_image: None,
+    };
+    if let Some(q) = formats::qcow2::Qcow2::of(n) {
+        qcow2_image_info(q, &n.filename(), &mut info).await;
     }
+    info
+}
+
+/// What a qcow2 driver adds to its node's `ImageInfo`. The backing names
+/// come from the image header, not from the backing node: QEMU reports the
+/// name as written in the image even when another node was attached.
+/// Relative backing names are resolved against `file`, the image's host
+/// file name (never its `json:` name).
+async fn qcow2_image_info(q: &formats::qcow2::Qcow2, file: &str, info: &mut ImageInfo) {
+    use formats::qcow2::header::INCOMPAT_DIRTY;
+    let h = q.header();
+    info.cluster_size = Some(h.cluster_size() as i64);
+    info.dirty_flag = Some(h.incompatible_features & INCOMPAT_DIRTY != 0);
+    if let Some(b) = h.backing_file.clone().filter(|b| !b.is_empty()) {
+        info.full_backing_filename = Some(formats::qcow2::resolve_backing_path(file, &b));
+        info.backing_filename = Some(b);
+        info.backing_filename_format = h.backing_format.clone().filter(|f| !f.is_empty());
+    }
+    // Unreadable bitmaps leave the list out rather than fail the query.
+    let bitmaps = q.bitmaps().await.unwrap_or_default();
+    let data = crate::img::qjson::QValue::Dict(crate::img::info::qcow2_specific(&h, &bitmaps));
+    info.format_specific = Some(ImageInfoSpecific {
+        ty: "qcow2".into(),
+        data: data.to_value(),
+    });
+    // An unreadable snapshot table leaves the list out, as in QEMU.
+    if let Ok(list) = q.snapshots().await {
+        let list: Vec<SnapshotInfoQ> = list
+            .iter()
+            .filter_map(|s| {
+                serde_json::from_value(crate::img::info::snapshot_json(s).to_value()).ok()
+            })
+            .collect();
+        info.snapshots = (!list.is_empty()).then_some(list);
+    }
+}
+
+/// `ImageInfo` of `n`; with `nested`, its backing chain hangs below it as
+/// `backing-image`.
+async fn image_info(d: &Daemon, n: &Node, nested: bool) -> ImageInfo {
+    let mut chain = Vec::new();
+    let mut b = if nested { n.backing() } else { None };
+    while let Some(x) = b {
+        b = x.backing();
+        chain.push(x);
+    }
+    let mut below: Option<ImageInfo> = None;
+    for x in chain.iter().rev() {
+        let mut i = node_image_info(d, x).await;
+        i.backing_image = below.take().map(Box::new);
+        below = Some(i);
+    }
+    let mut top = node_image_info(d, n).await;
+    top.backing_image = below.map(Box::new);
+    top
 }
 
 /// Options that are not driver-specific (QEMU leaves them out of `json:`
@@ -603,8 +659,31 @@ fn needs_json(d: &Daemon, n: &Node) -> bool {
     match n.format_name() {
         "file" => false,
         "null-co" => !driver_opts(d, n).is_empty(),
+        // None of qcow2's own options is one QEMU keeps in file names (its
+        // only "strong" option is an encryption secret).
+        "qcow2" => backing_overridden(d, n) || n.storage_child().is_some_and(|c| needs_json(d, &c)),
         _ => !driver_opts(d, n).is_empty() || n.storage_child().is_some_and(|c| needs_json(d, &c)),
     }
+}
+
+/// QEMU's `bdrv_backing_overridden`: the backing node differs from what
+/// the image header names. A backing node given by option is compared
+/// with the header's name as written, so a relative name always counts as
+/// overridden; no backing node at all counts if the header names one.
+fn backing_overridden(d: &Daemon, n: &Node) -> bool {
+    let Some(q) = formats::qcow2::Qcow2::of(n) else {
+        return false;
+    };
+    let header = q.header().backing_file.unwrap_or_default();
+    let Some(b) = n.backing() else {
+        return !header.is_empty();
+    };
+    let given = d
+        .add_opts
+        .borrow()
+        .get(n.name())
+        .is_some_and(|m| m.contains_key("backing"));
+    given && display_filename(d, &b) != header
 }
 
 /// The options QEMU puts in a `json:` file name.
@@ -615,8 +694,20 @@ fn json_dict(d: &Daemon, n: &Node) -> Value {
         m.insert("filename".into(), n.filename().into());
         return Value::Object(m);
     }
-    m.extend(driver_opts(d, n));
+    let overridden = backing_overridden(d, n);
+    if n.format_name() == "qcow2" {
+        if overridden && n.backing().is_none() {
+            m.insert("backing".into(), Value::Null);
+        }
+    } else {
+        m.extend(driver_opts(d, n));
+    }
+    // A backing file the header names is implied by the image.
+    let implied_backing = !overridden;
     for c in n.children() {
+        if c.role == ChildRole::Backing && implied_backing {
+            continue;
+        }
         m.insert(c.name.clone(), json_dict(d, &c.node));
     }
     Value::Object(m)
@@ -634,22 +725,22 @@ fn display_filename(d: &Daemon, n: &Node) -> String {
     n.filename()
 }
 
-fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
+async fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
     let f = n.flags();
+    // QEMU counts the chain only while it gathers it, so flat answers say 0.
     let mut depth = 0;
-    let mut b = n.backing();
+    let mut b = if flat { None } else { n.backing() };
     while let Some(x) = b {
         depth += 1;
         b = x.backing();
     }
-    let mut image = image_info(n, !flat);
-    image.filename = display_filename(d, n);
+    let image = image_info(d, n, !flat).await;
     BlockDeviceInfo {
         file: image.filename.clone(),
         node_name: Some(n.name().to_owned()),
         ro: f.read_only,
         drv: n.format_name().to_owned(),
-        backing_file: n.backing().map(|b| b.filename()),
+        backing_file: n.backing().map(|b| display_filename(d, &b)),
         backing_file_depth: depth,
         active: true,
         encrypted: false,
@@ -791,7 +882,8 @@ fn block_graph(d: &Daemon) -> BlockGraph {
             ty: GraphNodeType::BlockDriver,
             name: n.name().to_owned(),
         });
-        for c in n.children() {
+        // QEMU keeps a node's children newest first.
+        for c in n.children().iter().rev() {
             let u = c.node.users().into_iter().find(|u| u.id == c.user_id);
             let (perm, shared) = u
                 .map(|u| (u.perm, u.shared))

@@ -96,18 +96,45 @@ impl Daemon {
         self.owned.borrow_mut().retain(|n| names.contains(n));
         self.add_opts.borrow_mut().retain(|n, _| names.contains(n));
         let known: HashSet<String> = order.iter().cloned().collect();
-        let mut new: Vec<_> = nodes
+        let fresh: Vec<_> = nodes
             .into_iter()
             .filter(|n| !known.contains(n.name()))
             .collect();
-        fn depth(n: &block_core::Node) -> usize {
-            n.children()
+        let fresh_names: HashSet<&str> = fresh.iter().map(|n| n.name()).collect();
+        let is_child = |n: &block_core::Node| {
+            fresh
                 .iter()
-                .map(|c| depth(&c.node) + 1)
-                .max()
-                .unwrap_or(0)
+                .any(|p| p.children().iter().any(|c| c.node.name() == n.name()))
+        };
+        // QEMU names a node's "file" child before the node itself and every
+        // other child (data file, backing) after it, as it opens them in
+        // that order; roots first, then anything left over.
+        fn visit(
+            n: &Rc<block_core::Node>,
+            fresh: &HashSet<&str>,
+            seen: &mut HashSet<String>,
+            out: &mut Vec<Rc<block_core::Node>>,
+        ) {
+            if !fresh.contains(n.name()) || !seen.insert(n.name().to_owned()) {
+                return;
+            }
+            let children = n.children();
+            for c in children.iter().filter(|c| c.name == "file") {
+                visit(&c.node, fresh, seen, out);
+            }
+            out.push(Rc::clone(n));
+            for c in children.iter().filter(|c| c.name != "file") {
+                visit(&c.node, fresh, seen, out);
+            }
         }
-        new.sort_by_key(|n| depth(n));
+        let mut seen = HashSet::new();
+        let mut new = Vec::new();
+        for n in fresh.iter().filter(|n| !is_child(n)) {
+            visit(n, &fresh_names, &mut seen, &mut new);
+        }
+        for n in &fresh {
+            visit(n, &fresh_names, &mut seen, &mut new);
+        }
         let mut rw = self.opened_rw.borrow_mut();
         rw.retain(|n| names.contains(n));
         rw.extend(

@@ -527,6 +527,28 @@ qmp_struct! {
 }
 
 qmp_struct! {
+    /// `SnapshotInfo`: one internal snapshot of an image.
+    pub struct SnapshotInfoQ("SnapshotInfo") {
+        /// Snapshot id.
+        "id" => pub id: String,
+        /// Snapshot name.
+        "name" => pub name: String,
+        /// Size of the saved VM state.
+        "vm-state-size" => pub vm_state_size: i64,
+        /// Creation time, seconds.
+        "date-sec" => pub date_sec: i64,
+        /// Creation time, nanoseconds part.
+        "date-nsec" => pub date_nsec: i64,
+        /// Guest clock, seconds.
+        "vm-clock-sec" => pub vm_clock_sec: i64,
+        /// Guest clock, nanoseconds part.
+        "vm-clock-nsec" => pub vm_clock_nsec: i64,
+        /// Guest instruction count, when recorded.
+        "icount" => pub icount: Option<i64>,
+    }
+}
+
+qmp_struct! {
     /// `ImageInfo`.
     pub struct ImageInfo("ImageInfo") {
         /// File name.
@@ -551,6 +573,8 @@ qmp_struct! {
         "full-backing-filename" => pub full_backing_filename: Option<String>,
         /// Backing format.
         "backing-filename-format" => pub backing_filename_format: Option<String>,
+        /// Internal snapshots (absent when there are none).
+        "snapshots" => pub snapshots: Option<Vec<SnapshotInfoQ>>,
         /// Format-specific information.
         "format-specific" => pub format_specific: Option<ImageInfoSpecific>,
         /// The backing image (nested mode).

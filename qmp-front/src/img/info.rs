@@ -7,6 +7,7 @@ use formats::qcow2::header::{
     Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
 };
 use formats::qcow2::snapshot::SnapshotInfo;
+use formats::qcow2::BitmapInfo;
 
 use super::common::{
     allocated_size, open_qcow2, parse_output, read_qcow2_header, size_to_str, snapshot_icount,
@@ -182,13 +183,15 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
             children: vec![("file".into(), child)],
         });
     }
-    let (size, snapshots) = env.block_on(async {
+    let (size, snapshots, bitmaps) = env.block_on(async {
         let img = open_qcow2(&env.graph, filename, false, force_share).await?;
         let size = block_core::BlockDriver::size(img.driver());
         let snaps = img.driver().snapshots().await;
+        let bitmaps = img.driver().bitmaps().await;
         let _ = img.close().await;
         let snaps = snaps.map_err(|e| Failure::Error(e.to_string()))?;
-        Ok::<_, Failure>((size, snaps))
+        let bitmaps = bitmaps.map_err(|e| Failure::Error(e.to_string()))?;
+        Ok::<_, Failure>((size, snaps, bitmaps))
     })?;
     let h = read_qcow2_header(filename)?;
     let child = file_child(filename);
@@ -205,13 +208,15 @@ fn collect(filename: &str, fmt: Option<&str>, force_share: bool) -> Result<NodeI
         dirty: h.incompatible_features & INCOMPAT_DIRTY != 0,
         backing,
         snapshots,
-        specific: Some(("qcow2".into(), qcow2_specific(&h))),
+        specific: Some(("qcow2".into(), qcow2_specific(&h, &bitmaps))),
         children: vec![("file".into(), child)],
     })
 }
 
-/// `ImageInfoSpecificQCow2`, in QAPI field order.
-fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
+/// `ImageInfoSpecificQCow2` for an image with header `h` and persistent
+/// `bitmaps`, in QAPI field order. Shared with the daemon's
+/// `query-named-block-nodes`, so that both report an image the same way.
+pub fn qcow2_specific(h: &Header, bitmaps: &[BitmapInfo]) -> Vec<(String, QValue)> {
     let mut v = Vec::new();
     v.push((
         "compat".into(),
@@ -220,6 +225,10 @@ fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
     if h.version >= 3 {
         if let Some(d) = &h.data_file {
             v.push(("data-file".into(), QValue::str(d.clone())));
+        }
+        // QEMU reports the raw flag whenever an external data file is in
+        // use, even one given only by option with no name in the header.
+        if h.has_data_file() {
             v.push((
                 "data-file-raw".into(),
                 QValue::Bool(
@@ -244,6 +253,12 @@ fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
         "refcount-bits".into(),
         QValue::Int(h.refcount_bits() as i64),
     ));
+    if h.version >= 3 && !bitmaps.is_empty() {
+        v.push((
+            "bitmaps".into(),
+            QValue::List(bitmaps.iter().map(bitmap_json).collect()),
+        ));
+    }
     v.push((
         "compression-type".into(),
         QValue::str(match h.compression_type {
@@ -254,7 +269,24 @@ fn qcow2_specific(h: &Header) -> Vec<(String, QValue)> {
     v
 }
 
-fn snapshot_json(s: &SnapshotInfo) -> QValue {
+/// QAPI `Qcow2BitmapInfo` of one persistent bitmap.
+fn bitmap_json(b: &BitmapInfo) -> QValue {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push(QValue::str("in-use"));
+    }
+    if b.auto {
+        flags.push(QValue::str("auto"));
+    }
+    QValue::Dict(vec![
+        ("name".into(), QValue::str(b.name.clone())),
+        ("granularity".into(), QValue::Int(b.granularity as i64)),
+        ("flags".into(), QValue::List(flags)),
+    ])
+}
+
+/// QAPI `SnapshotInfo` of one internal snapshot (shared with the daemon).
+pub fn snapshot_json(s: &SnapshotInfo) -> QValue {
     let mut v = vec![
         ("id".into(), QValue::str(s.id.clone())),
         ("name".into(), QValue::str(s.name.clone())),
@@ -328,31 +360,39 @@ fn to_json(i: &NodeInfo) -> QValue {
     QValue::Dict(v)
 }
 
-/// `dump_qdict` for the format-specific data: keys in QDict order with
-/// dashes shown as spaces.
+/// QEMU's `dump_qobject` for the format-specific data: dict keys in QDict
+/// order with dashes shown as spaces, list items as `[i]`, composite
+/// values on the lines below their key, four spaces per level.
 fn dump_specific(data: &[(String, QValue)], ind: &str) -> String {
-    // Reuse the QDict ordering by printing through qjson and reading back
-    // the key order.
-    let ordered = QValue::Dict(data.to_vec()).pretty();
-    let mut out = String::new();
-    for line in ordered.lines().skip(1) {
-        let Some(rest) = line.trim_start().strip_prefix('"') else {
-            continue;
-        };
-        let Some((key, _)) = rest.split_once('"') else {
-            continue;
-        };
-        let Some((_, val)) = data.iter().find(|(k, _)| k == key) else {
-            continue;
-        };
-        let shown = match val {
-            QValue::Str(s) => s.clone(),
-            QValue::Int(n) => n.to_string(),
-            QValue::Bool(b) => b.to_string(),
-            _ => continue,
-        };
-        out.push_str(&format!("{ind}    {}: {shown}\n", key.replace('-', " ")));
+    fn value(v: &QValue, level: usize, ind: &str, out: &mut String) {
+        match v {
+            QValue::Str(s) => out.push_str(&format!("{s}\n")),
+            QValue::Int(n) => out.push_str(&format!("{n}\n")),
+            QValue::Bool(b) => out.push_str(&format!("{b}\n")),
+            QValue::Dict(d) => {
+                for i in super::qjson::dict_order(d) {
+                    let (k, v) = &d[i];
+                    item(&k.replace('-', " "), v, level, ind, out);
+                }
+            }
+            QValue::List(l) => {
+                for (i, v) in l.iter().enumerate() {
+                    item(&format!("[{i}]"), v, level, ind, out);
+                }
+            }
+        }
     }
+    fn item(label: &str, v: &QValue, level: usize, ind: &str, out: &mut String) {
+        let composite = matches!(v, QValue::Dict(_) | QValue::List(_));
+        let pad = " ".repeat(level * 4);
+        out.push_str(&format!(
+            "{ind}{pad}{label}:{}",
+            if composite { '\n' } else { ' ' }
+        ));
+        value(v, level + 1, ind, out);
+    }
+    let mut out = String::new();
+    value(&QValue::Dict(data.to_vec()), 1, ind, &mut out);
     out
 }
 

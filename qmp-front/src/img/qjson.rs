@@ -68,10 +68,40 @@ fn quote(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Indexes of `entries` in the order a QDict holding them is walked.
+pub fn dict_order(entries: &[(String, QValue)]) -> Vec<usize> {
+    let mut order: Vec<(u32, usize)> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (bucket(k), i))
+        .collect();
+    // Within a bucket the newest key comes first.
+    order.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    order.into_iter().map(|(_, i)| i).collect()
+}
+
 impl QValue {
     /// Shorthand for a string value.
     pub fn str(s: impl Into<String>) -> QValue {
         QValue::Str(s.into())
+    }
+
+    /// The same value for serde users (the daemon's QMP answers), keys in
+    /// insertion order.
+    pub fn to_value(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            QValue::Int(i) => Value::from(*i),
+            QValue::Bool(b) => Value::Bool(*b),
+            QValue::Str(s) => Value::String(s.clone()),
+            QValue::List(items) => Value::Array(items.iter().map(QValue::to_value).collect()),
+            QValue::Dict(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_value()))
+                    .collect(),
+            ),
+        }
     }
 
     /// The pretty-printed text (no trailing newline).
@@ -99,20 +129,13 @@ impl QValue {
                 out.push(']');
             }
             QValue::Dict(entries) => {
-                let mut order: Vec<(u32, usize)> = entries
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (k, _))| (bucket(k), i))
-                    .collect();
-                // Within a bucket the newest key comes first.
-                order.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
                 out.push('{');
-                for (n, (_, i)) in order.iter().enumerate() {
+                for (n, i) in dict_order(entries).into_iter().enumerate() {
                     if n > 0 {
                         out.push(',');
                     }
                     indent(out, level + 1);
-                    let (k, v) = &entries[*i];
+                    let (k, v) = &entries[i];
                     quote(out, k);
                     out.push_str(": ");
                     v.write(out, level + 1);
