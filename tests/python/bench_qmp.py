@@ -54,13 +54,26 @@ def startup_ms(binary, paths, fmt, runs=5):
         args = [binary] + blockdev_args(paths, fmt) + [
             "--chardev", f"socket,id=m,path={sock},server=on,wait=off", "--monitor", "chardev=m"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            Qmp(sock, negotiate=False).close()
+            try:
+                Qmp(sock, negotiate=False).close()
+            except OSError:
+                proc.kill()
+                raise RuntimeError(f"{binary}: {proc.stderr.read(4096).decode(errors='replace')}")
             times.append(time.perf_counter() - t0)
         finally:
-            proc.kill()
-            proc.wait(10)
+            # SIGTERM, not SIGKILL: a killed process's io_uring (with its
+            # registered files, and so its image locks) is torn down by the
+            # kernel a little after the process is gone, and the next
+            # daemon would find the images still locked.
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+                time.sleep(0.2)
     return statistics.median(times) * 1e3
 
 
@@ -75,7 +88,10 @@ def measure(binary, paths, fmt, calls):
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        q = Qmp(sock, negotiate=False)
+        try:
+            q = Qmp(sock, negotiate=False)
+        except OSError:
+            raise RuntimeError(f"{binary}: {proc.stderr.read(4096).decode(errors='replace')}")
         startup = time.perf_counter() - t0
         q.cmd("qmp_capabilities")
         n = len(q.cmd("query-named-block-nodes")["return"])
@@ -84,7 +100,12 @@ def measure(binary, paths, fmt, calls):
             lat = []
             for _ in range(calls):
                 s = time.perf_counter()
-                q.cmd(name)
+                try:
+                    q.cmd(name)
+                except EOFError:
+                    proc.kill()
+                    raise RuntimeError(f"{binary} closed the connection: "
+                                       f"{proc.stderr.read(4096).decode(errors='replace')}")
                 lat.append(time.perf_counter() - s)
             out[name + "_us"] = statistics.median(lat) * 1e6
         time.sleep(0.5)
