@@ -129,6 +129,14 @@ impl BlockBackend {
         self.write_cache.get()
     }
 
+    /// Without a write cache every write is sent with FUA.
+    fn cache_flags(&self, flags: WriteFlags) -> WriteFlags {
+        WriteFlags {
+            fua: flags.fua || !self.write_cache.get(),
+            ..flags
+        }
+    }
+
     /// The accounting.
     pub fn acct(&self) -> &BlockAcct {
         &self.acct
@@ -203,10 +211,7 @@ impl BlockBackend {
         let node = self.root_or_err()?;
         let len = buf.len() as u64;
         self.check(IoKind::Write, &node, offset, len)?;
-        let flags = WriteFlags {
-            fua: flags.fua || !self.write_cache.get(),
-            ..flags
-        };
+        let flags = self.cache_flags(flags);
         let c = self.acct.start(IoKind::Write, len);
         let r = node.pwrite(offset, buf, flags).await;
         self.record(c, r)
@@ -216,10 +221,7 @@ impl BlockBackend {
     pub async fn pwrite_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
         let node = self.root_or_err()?;
         self.check(IoKind::Write, &node, offset, len)?;
-        let flags = WriteFlags {
-            fua: flags.fua || !self.write_cache.get(),
-            ..flags
-        };
+        let flags = self.cache_flags(flags);
         let c = self.acct.start(IoKind::Write, len);
         let r = node.pwrite_zeroes(offset, len, flags).await;
         self.record(c, r)

@@ -215,6 +215,18 @@ impl Qcow2 {
         self.lock_meta_quiet(0, u64::MAX).await
     }
 
+    /// Gives fresh host clusters their room in the file with a zero-range
+    /// fallocate, so the data write that follows does not extend the file
+    /// (the kernel runs extending writes one at a time). Only an
+    /// optimisation: the clusters read as zeros either way.
+    async fn zero_fill_ahead(&self, host: u64, len: u64) {
+        let zf = WriteFlags {
+            no_fallback: true,
+            ..WriteFlags::default()
+        };
+        let _ = self.data.pwrite_zeroes(host, len, zf).await;
+    }
+
     /// Gives back a cluster allocated for a write whose data write failed
     /// (nothing references it yet).
     async fn abort_alloc(&self, host: u64) {
@@ -339,12 +351,7 @@ impl Qcow2 {
         let _pin = self.allocating.pin(gc, gc + n - 1);
         drop(g);
         if prezero {
-            // As in alloc_write: keep the data write from extending the file.
-            let zf = WriteFlags {
-                no_fallback: true,
-                ..WriteFlags::default()
-            };
-            let _ = self.data.pwrite_zeroes(first, n * cs, zf).await;
+            self.zero_fill_ahead(first, n * cs).await;
         }
         let part = take(rest, n * cs);
         let part = match self.data.pwrite(first, part, flags).await {
@@ -455,12 +462,7 @@ impl Qcow2 {
 
         let data = async {
             if prezero {
-                let zf = WriteFlags {
-                    no_fallback: true,
-                    ..WriteFlags::default()
-                };
-                // Only an optimisation: the cluster reads as zeros anyway.
-                let _ = self.data.pwrite_zeroes(host, cs, zf).await;
+                self.zero_fill_ahead(host, cs).await;
             }
             if ra == a && rb == b {
                 // Nothing to merge: write the caller's buffer as it is.
