@@ -87,7 +87,10 @@ impl<'g> Image<'g> {
             Ok(())
         } else {
             let _g = self.drv.meta.lock().await;
-            self.drv.flush_caches().await
+            match self.drv.flush_caches().await {
+                Ok(()) => self.drv.give_back_room().await,
+                e => e,
+            }
         };
         let r = match r {
             Ok(()) if !self.drv.read_only => self.drv.file.flush().await,

@@ -51,6 +51,7 @@ pub mod image;
 pub mod l2;
 mod meta;
 mod refcount;
+mod room;
 pub mod snapshot;
 mod write;
 
@@ -130,6 +131,8 @@ pub struct Qcow2 {
     /// was opened (they lie past the end of the file), so they read as
     /// zeros and a fresh allocation there needs no zero fill.
     zero_from: Cell<u64>,
+    /// The file grown ahead of allocations.
+    room: room::FileRoom,
     /// Set after a metadata write failed: no more writes (QEMU marks the
     /// image corrupt or fails requests the same way).
     broken: Cell<bool>,
@@ -441,6 +444,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         inflight: cache::InFlight::default(),
         allocating: cache::InFlight::default(),
         zero_from: Cell::new(zero_from),
+        room: room::FileRoom::default(),
     };
     if clear_autoclear {
         // Only the autoclear field changes: one 8-byte write at offset 88.
@@ -754,7 +758,8 @@ impl BlockDriver for Qcow2 {
                 return Ok(());
             }
             let _g = self.meta.lock().await;
-            self.flush_caches().await
+            self.flush_caches().await?;
+            self.give_back_room().await
         })
     }
 

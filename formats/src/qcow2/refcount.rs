@@ -322,7 +322,7 @@ impl Qcow2 {
         let rb_bits = self.rb_bits();
         let cur: Vec<u64> = self.reftable.borrow().clone();
         let cur_n = cur.len() as u64;
-        let s = self.end_cluster.get().max(self.file.size().div_ceil(cs));
+        let s = self.end_cluster.get().max(self.data_end().div_ceil(cs));
         let want = min_entries.max(cur_n + cur_n / 2).max(cur_n + 1);
         let (mut t, mut b) = (0u64, 0u64);
         let mut entries;

@@ -346,8 +346,10 @@ impl Qcow2 {
             return Err(e);
         }
         let gc = off >> self.cluster_bits;
-        let prezero =
-            first >> self.cluster_bits >= self.zero_from.get() && self.allocating.busy(0, u64::MAX);
+        self.grow_room(first + n * cs).await;
+        let prezero = first >> self.cluster_bits >= self.zero_from.get()
+            && self.allocating.busy(0, u64::MAX)
+            && !self.in_room(first, n * cs);
         let _pin = self.allocating.pin(gc, gc + n - 1);
         drop(g);
         if prezero {
@@ -431,6 +433,9 @@ impl Qcow2 {
             self.alloc_cluster().await?
         };
         let new_cluster = !keep_host && !external;
+        if new_cluster {
+            self.grow_room(host + cs).await;
+        }
         // A fresh cluster past everything written since open already reads
         // as zeros: when the copy-on-write source is zeros too, only the
         // guest data needs writing (QEMU zeroes such clusters with an extra
@@ -450,7 +455,7 @@ impl Qcow2 {
             // synchronously, one at a time. Alone, the extra call is slower.
             // A partial write always gets it: the rest of the cluster is
             // likely written next, and those writes must not extend either.
-            prezero = b - a < cs || self.allocating.busy(0, u64::MAX);
+            prezero = (b - a < cs || self.allocating.busy(0, u64::MAX)) && !self.in_room(host, cs);
         }
         if let Err(e) = self.check_overlap(host + ra, rb - ra).await {
             drop(g);

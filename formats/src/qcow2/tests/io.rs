@@ -691,3 +691,51 @@ fn allocating_writes_overlap_snapshots_and_discards() {
         assert!(out.contains("mid"), "{out}");
     });
 }
+
+/// Allocating writes grow the file ahead in large steps; closing cuts it
+/// back to the last cluster in use, so the image ends where QEMU's check
+/// says it does and reads back through QEMU.
+#[test]
+fn room_made_ahead_is_given_back_on_close() {
+    let d = Dir::new("room");
+    on_engines(|g, mode| {
+        let img = d.file("r.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "64M"]);
+        let probe = d.file("probe");
+        let zero_range = {
+            let f = std::fs::File::create(&probe).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a file we own.
+            unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, 0, 4096) == 0 }
+        };
+        let mut model = vec![0u8; 64 << 20];
+        run(g, async {
+            let n = open(g, &img, false).await;
+            for (i, off) in [0u64, 3 << 20, 9 << 20, 40 << 20].into_iter().enumerate() {
+                let data = vec![0x40 + i as u8; 4096];
+                n.pwrite(
+                    off + 512 * 8,
+                    IoBuf::from_slice(&data),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+                model[(off + 4096) as usize..(off + 8192) as usize].copy_from_slice(&data);
+            }
+            let open_len = std::fs::metadata(&img).unwrap().len();
+            if zero_range {
+                assert!(
+                    open_len >= 8 << 20,
+                    "{mode:?}: no room made ahead ({open_len} bytes)"
+                );
+            }
+            close(g, n).await;
+        });
+        check_clean(&img);
+        let end = json_field(&qemu_check_json(&img), "image-end-offset");
+        let len = std::fs::metadata(&img).unwrap().len();
+        assert_eq!(len, end, "{mode:?}: file not cut back to the last cluster");
+        assert_eq!(raw_of(&img, &d), model, "{mode:?}");
+    });
+}
