@@ -245,3 +245,39 @@ impl Drop for Pin<'_> {
         }
     }
 }
+
+/// Fresh host clusters that allocating writes in flight are giving to guest
+/// clusters while the rest of the cluster reads as zeros: other writes to
+/// such a guest cluster write into it at once instead of queueing behind
+/// the allocation.
+#[derive(Default)]
+pub(crate) struct FreshClusters {
+    /// (guest cluster, host offset) pairs; as many as allocating writes in
+    /// flight, so a scan is cheap.
+    map: RefCell<Vec<(u64, u64)>>,
+}
+
+/// Removes its entry when dropped.
+pub(crate) struct FreshEntry<'a> {
+    set: &'a FreshClusters,
+    guest: u64,
+}
+
+impl FreshClusters {
+    /// Records that guest cluster `guest` is being given host offset `host`.
+    pub(crate) fn add(&self, guest: u64, host: u64) -> FreshEntry<'_> {
+        self.map.borrow_mut().push((guest, host));
+        FreshEntry { set: self, guest }
+    }
+
+    /// The host offset guest cluster `guest` is being given, if any.
+    pub(crate) fn host_of(&self, guest: u64) -> Option<u64> {
+        self.map.borrow().iter().find(|e| e.0 == guest).map(|e| e.1)
+    }
+}
+
+impl Drop for FreshEntry<'_> {
+    fn drop(&mut self) {
+        self.set.map.borrow_mut().retain(|e| e.0 != self.guest);
+    }
+}

@@ -127,6 +127,9 @@ pub struct Qcow2 {
     /// written without `meta`, and until its L2 entry is set nothing else
     /// may change the mapping of those clusters.
     allocating: cache::InFlight,
+    /// Fresh clusters of allocating writes in flight that other writes to
+    /// the same guest cluster may join.
+    fresh: cache::FreshClusters,
     /// Host clusters from here on have never been written since the image
     /// was opened (they lie past the end of the file), so they read as
     /// zeros and a fresh allocation there needs no zero fill.
@@ -443,6 +446,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         compressed_cursor: Cell::new(0),
         inflight: cache::InFlight::default(),
         allocating: cache::InFlight::default(),
+        fresh: cache::FreshClusters::default(),
         zero_from: Cell::new(zero_from),
         room: room::FileRoom::default(),
     };

@@ -154,6 +154,25 @@ impl Qcow2 {
             let gc = off >> self.cluster_bits;
             let g = self.meta.lock().await;
             if self.allocating.busy(gc, gc) {
+                if let Some(host) = self.fresh.host_of(gc) {
+                    let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
+                    let part = take(&mut rest, n);
+                    match self.join_fresh(g, off, host, part, flags).await? {
+                        Ok(part) => {
+                            done += n;
+                            match &mut out {
+                                Some(o) => o.unsplit(part),
+                                None => out = Some(part),
+                            }
+                        }
+                        Err(mut part) => {
+                            // The allocation failed: write anew.
+                            part.unsplit(rest);
+                            rest = part;
+                        }
+                    }
+                    continue;
+                }
                 // Another request is allocating this cluster: its mapping
                 // is about to change, so look again once it is done.
                 drop(g);
@@ -196,6 +215,39 @@ impl Qcow2 {
         Ok(out.unwrap_or(rest))
     }
 
+    /// Writes `part` at guest `off` into `host`, the cluster an allocating
+    /// write in flight is giving to `off`'s guest cluster. Its other bytes
+    /// read as zeros and the allocating write writes only its own, so this
+    /// write need not wait for it to finish before writing; it completes
+    /// once the cluster is linked, so a read after it finds the data. The
+    /// buffer comes back as `Err` when the allocation failed instead.
+    async fn join_fresh(
+        &self,
+        g: CoGuard<'_>,
+        off: u64,
+        host: u64,
+        part: IoBuf,
+        flags: WriteFlags,
+    ) -> Result<std::result::Result<IoBuf, IoBuf>> {
+        let gc = off >> self.cluster_bits;
+        let at = host + self.offset_in_cluster(off);
+        let pin = self
+            .inflight
+            .pin(host >> self.cluster_bits, host >> self.cluster_bits);
+        drop(g);
+        let part = self.data.pwrite(at, part, flags).await;
+        drop(pin);
+        let part = part?;
+        self.allocating.wait_range_idle(gc, gc).await;
+        let _g = self.meta.lock().await;
+        let e = self.l2_entry(off).await?;
+        if e.host() == host && e.copied() && !e.is_compressed() {
+            Ok(Ok(part))
+        } else {
+            Ok(Err(part))
+        }
+    }
+
     /// Takes `meta` once no allocating write is in flight on guest
     /// clusters `[first, last]`, for operations that change their mapping.
     pub(crate) async fn lock_meta_quiet(&self, first: u64, last: u64) -> CoGuard<'_> {
@@ -231,6 +283,9 @@ impl Qcow2 {
     /// (nothing references it yet).
     async fn abort_alloc(&self, host: u64) {
         let _g = self.meta.lock().await;
+        // Writes that joined the allocation finish before the cluster is
+        // given back.
+        self.inflight.wait_idle(host >> self.cluster_bits).await;
         let _ = self
             .update_refcount(host >> self.cluster_bits, -1, DiscardKind::Other)
             .await;
@@ -463,6 +518,11 @@ impl Qcow2 {
         }
         let gc = guest_c >> self.cluster_bits;
         let _pin = self.allocating.pin(gc, gc);
+        // Writes to the rest of a fresh, zero-reading cluster may join this
+        // one instead of waiting for it (not after a zero fill of the
+        // whole cluster, which would wipe their data).
+        let _fresh =
+            (new_cluster && ra == a && rb == b && !prezero).then(|| self.fresh.add(gc, host));
         drop(g);
 
         let data = async {

@@ -378,6 +378,10 @@ fn concurrent_allocating_writes_to_one_cluster() {
                     n.pwrite(off, IoBuf::filled(4096, i as u8 + 1), WriteFlags::default())
                         .await
                         .unwrap();
+                    // A write that joined another's allocation completes
+                    // only once the cluster is linked: it reads back.
+                    let b = n.pread(off, IoBuf::zeroed(4096)).await.unwrap();
+                    assert!(b.iter().all(|&x| x == i as u8 + 1), "read after write {i}");
                 }));
             }
             for h in hs {
