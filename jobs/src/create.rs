@@ -229,11 +229,8 @@ fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
         c.cluster_size = cs;
     }
     if let Some(p) = o.take_str("preallocation").map_err(e)? {
-        c.preallocation = match Prealloc::parse(&p) {
-            Some(Prealloc::Off) => Prealloc::Off,
-            Some(Prealloc::Metadata) => Prealloc::Metadata,
-            _ => return Err(format!("Unsupported preallocation mode: {p}")),
-        };
+        c.preallocation = Prealloc::parse(&p)
+            .ok_or_else(|| format!("Invalid parameter value for 'preallocation': '{p}'"))?;
     }
     c.lazy_refcounts = o.take_bool("lazy-refcounts").map_err(e)?.unwrap_or(false);
     if let Some(rb) = o.take_u64("refcount-bits").map_err(e)? {

@@ -16,6 +16,7 @@ use super::header::{
     self, put64, CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
     INCOMPAT_EXTL2,
 };
+use super::l2::OFLAG_COPIED;
 use super::refcount::rc_set;
 
 /// `qemu-img create -f qcow2` options.
@@ -44,8 +45,9 @@ pub struct CreateOptions {
     /// `compat=0.10` (version 2) instead of `1.1` (version 3).
     pub compat_v2: bool,
     /// Preallocation mode: `metadata` allocates every L2 table and data
-    /// cluster (QEMU's order: each L2 table followed by its data clusters).
-    /// `falloc` and `full` (QEMU lays those out differently) are refused.
+    /// cluster (QEMU's order: each L2 table followed by its data clusters);
+    /// `falloc` and `full` also allocate the data area in the file, laid
+    /// out as `qcow2_co_truncate` does.
     pub preallocation: Prealloc,
 }
 
@@ -119,12 +121,6 @@ impl CreateOptions {
                 "creating images with an external data file",
             ));
         }
-        if matches!(self.preallocation, Prealloc::Falloc | Prealloc::Full) {
-            return Err(Error::unsupported(
-                "qcow2",
-                "preallocation=falloc/full on create",
-            ));
-        }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid(
                 "Backing format cannot be used without backing file",
@@ -181,81 +177,212 @@ impl CreateOptions {
     }
 }
 
-/// Writes a new, empty qcow2 image into `file` (which is truncated first).
-pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
-    let h = opts.header()?;
-    let cs = opts.cluster_size;
-    let l1_bytes = h.l1_size as u64 * 8;
-    let l1_clusters = l1_bytes.div_ceil(cs);
-    let meta_end = 3 + l1_clusters;
-    // Preallocated L2 tables and data clusters follow the L1 table.
-    let mut l1 = vec![0u8; l1_bytes as usize];
-    let mut l2_tables: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut used = meta_end;
-    let rb_entries = cs * 8 / opts.refcount_bits as u64;
-    if opts.preallocation != Prealloc::Off {
+/// Number of refcount blocks QEMU's `qcow2_refcount_metadata_size` finds
+/// for `clusters` clusters plus the refcount structures covering them.
+fn refblocks_for(clusters: u64, cs: u64, rb_entries: u64) -> u64 {
+    let per_table_cluster = cs / 8;
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(rb_entries);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return blocks;
+        }
+    }
+}
+
+/// Where everything of a new image goes, in clusters, and what each
+/// metadata cluster holds.
+struct Layout {
+    /// Refcount table: first cluster and contents (whole clusters).
+    reftable: (u64, Vec<u8>),
+    /// Refcount blocks by cluster.
+    refblocks: Vec<(u64, Vec<u8>)>,
+    /// L2 tables by cluster.
+    l2_tables: Vec<(u64, Vec<u8>)>,
+    /// L1 table contents (exact length, at cluster 3).
+    l1: Vec<u8>,
+    /// L2 tables from this cluster on are written after the file is grown.
+    split: u64,
+    /// The file is grown to this cluster count with the preallocation mode.
+    grow_to: Option<u64>,
+}
+
+impl Layout {
+    /// `off` and `metadata`: the refcount table in cluster 1, its one
+    /// block in cluster 2, the L1 table, then (`metadata`) each L2 table
+    /// followed by its data clusters, as `preallocate_co` allocates them.
+    fn compact(opts: &CreateOptions, h: &Header) -> Result<Layout> {
+        let cs = opts.cluster_size;
+        let l1_bytes = h.l1_size as u64 * 8;
+        let meta_end = 3 + l1_bytes.div_ceil(cs);
+        let mut l1 = vec![0u8; l1_bytes as usize];
+        let mut l2_tables: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut used = meta_end;
+        let rb_entries = cs * 8 / opts.refcount_bits as u64;
+        if opts.preallocation == Prealloc::Metadata {
+            let esz = h.l2_entry_size();
+            let per_l2 = cs / esz;
+            let mut left = opts.size.div_ceil(cs);
+            for i in 0..h.l1_size as u64 {
+                if left == 0 || used + 1 + per_l2.min(left) > rb_entries {
+                    break;
+                }
+                let l2 = used;
+                used += 1;
+                put64(&mut l1, (i * 8) as usize, (l2 * cs) | OFLAG_COPIED);
+                let mut t = vec![0u8; cs as usize];
+                for j in 0..per_l2.min(left) {
+                    put64(&mut t, (j * esz) as usize, (used * cs) | OFLAG_COPIED);
+                    used += 1;
+                }
+                left -= per_l2.min(left);
+                l2_tables.push((l2, t));
+            }
+            if left > 0 {
+                return Err(Error::unsupported(
+                    "qcow2",
+                    "preallocating an image whose metadata needs more than one refcount block",
+                ));
+            }
+        }
+        if used > rb_entries {
+            return Err(Error::unsupported(
+                "qcow2",
+                "creating an image whose L1 table needs more than one refcount block",
+            ));
+        }
+        let mut rt = vec![0u8; cs as usize];
+        put64(&mut rt, 0, 2 * cs);
+        let mut rb = vec![0u8; cs as usize];
+        for c in 0..used {
+            rc_set(&mut rb, h.refcount_order, c as usize, 1);
+        }
+        Ok(Layout {
+            reftable: (1, rt),
+            refblocks: vec![(2, rb)],
+            l2_tables,
+            l1,
+            split: u64::MAX,
+            grow_to: (used > meta_end).then_some(used),
+        })
+    }
+
+    /// `falloc` and `full`, as `qcow2_co_truncate` grows the empty image:
+    /// `qcow2_refcount_area` puts new refcount blocks and a new refcount
+    /// table after the L1 table (freeing the old table in cluster 1), the
+    /// data clusters follow in one run, and the L2 tables are allocated
+    /// last from the lowest free cluster: the first takes cluster 1, the
+    /// rest go after the data.
+    fn data_area(opts: &CreateOptions, h: &Header) -> Result<Layout> {
+        let cs = opts.cluster_size;
+        let l1_bytes = h.l1_size as u64 * 8;
+        let meta_end = 3 + l1_bytes.div_ceil(cs);
+        let rb_entries = cs * 8 / opts.refcount_bits as u64;
+        if meta_end > rb_entries {
+            return Err(Error::unsupported(
+                "qcow2",
+                "creating an image whose L1 table needs more than one refcount block",
+            ));
+        }
         let esz = h.l2_entry_size();
         let per_l2 = cs / esz;
-        let mut left = opts.size.div_ceil(cs);
-        for i in 0..h.l1_size as u64 {
-            if left == 0 || used + 1 + per_l2.min(left) > rb_entries {
-                break;
-            }
-            let l2 = used;
-            used += 1;
-            put64(
-                &mut l1,
-                (i * 8) as usize,
-                (l2 * cs) | super::l2::OFLAG_COPIED,
-            );
+        let n = opts.size.div_ceil(cs);
+        let l2_needed = n.div_ceil(per_l2);
+        // QEMU's overestimate: one L2 table more for an unaligned head/tail.
+        let blocks = refblocks_for(meta_end + n + l2_needed + 1, cs, rb_entries);
+        let table_clusters = blocks.div_ceil(cs / 8);
+        let table_at = meta_end + blocks - 1;
+        let data_start = table_at + table_clusters;
+        let data_end = data_start + n;
+        let mut l1 = vec![0u8; l1_bytes as usize];
+        let mut l2_tables = Vec::new();
+        for i in 0..l2_needed {
+            let at = if i == 0 { 1 } else { data_end + i - 1 };
+            put64(&mut l1, (i * 8) as usize, (at * cs) | OFLAG_COPIED);
             let mut t = vec![0u8; cs as usize];
-            for j in 0..per_l2.min(left) {
+            let first = i * per_l2;
+            for j in 0..per_l2.min(n - first) {
                 put64(
                     &mut t,
                     (j * esz) as usize,
-                    (used * cs) | super::l2::OFLAG_COPIED,
+                    ((data_start + first + j) * cs) | OFLAG_COPIED,
                 );
-                used += 1;
             }
-            left -= per_l2.min(left);
-            l2_tables.push((l2 * cs, t));
+            l2_tables.push((at, t));
         }
-        if left > 0 {
-            return Err(Error::unsupported(
-                "qcow2",
-                "preallocating an image whose metadata needs more than one refcount block",
-            ));
+        let last = if l2_needed > 1 {
+            data_end + l2_needed - 1
+        } else {
+            data_end
+        };
+        let mut rt = vec![0u8; (table_clusters * cs) as usize];
+        let mut refblocks = Vec::new();
+        for b in 0..blocks {
+            let at = if b == 0 { 2 } else { meta_end + b - 1 };
+            put64(&mut rt, (b * 8) as usize, at * cs);
+            let mut rb = vec![0u8; cs as usize];
+            let first = b * rb_entries;
+            for c in first..last.min(first + rb_entries) {
+                // The old refcount table was freed; only an L2 table
+                // reuses its cluster.
+                if c != 1 || l2_needed > 0 {
+                    rc_set(&mut rb, h.refcount_order, (c - first) as usize, 1);
+                }
+            }
+            refblocks.push((at, rb));
         }
+        Ok(Layout {
+            reftable: (table_at, rt),
+            refblocks,
+            l2_tables,
+            l1,
+            split: data_start,
+            grow_to: (n > 0).then_some(data_end),
+        })
     }
-    if used > rb_entries {
-        return Err(Error::unsupported(
-            "qcow2",
-            "creating an image whose L1 table needs more than one refcount block",
-        ));
-    }
+}
+
+/// Writes a new, empty qcow2 image into `file` (which is truncated first).
+pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
+    let mut h = opts.header()?;
+    let cs = opts.cluster_size;
+    let lay = match opts.preallocation {
+        Prealloc::Off | Prealloc::Metadata => Layout::compact(opts, &h)?,
+        Prealloc::Falloc | Prealloc::Full => Layout::data_area(opts, &h)?,
+    };
+    h.refcount_table_offset = lay.reftable.0 * cs;
+    h.refcount_table_clusters = (lay.reftable.1.len() as u64 / cs) as u32;
     let hdr_bytes = h.serialize()?;
+    let put = |at: u64, data: &[u8]| {
+        let buf = IoBuf::from_slice(data);
+        async move { file.pwrite(at * cs, buf, WriteFlags::default()).await }
+    };
     file.truncate(0, false, Prealloc::Off).await?;
-    // Refcount table (one entry: the block in cluster 2) and block.
-    let mut rt = vec![0u8; cs as usize];
-    put64(&mut rt, 0, 2 * cs);
-    let mut rb = vec![0u8; cs as usize];
-    for c in 0..used {
-        rc_set(&mut rb, h.refcount_order, c as usize, 1);
+    // QEMU's first refcount table stays in cluster 1 until something
+    // reuses the cluster, so it is written even where it is replaced.
+    let mut first_rt = vec![0u8; cs as usize];
+    put64(&mut first_rt, 0, 2 * cs);
+    put(1, &first_rt).await?;
+    for (at, b) in &lay.refblocks {
+        put(*at, b).await?;
     }
-    let mut meta = rt;
-    meta.extend_from_slice(&rb);
-    file.pwrite(cs, IoBuf::from_slice(&meta), WriteFlags::default())
-        .await?;
-    for (off, t) in &l2_tables {
-        file.pwrite(*off, IoBuf::from_slice(t), WriteFlags::default())
-            .await?;
+    put(lay.reftable.0, &lay.reftable.1).await?;
+    if !lay.l1.is_empty() {
+        put(3, &lay.l1).await?;
     }
-    if l1_bytes > 0 {
-        file.pwrite(3 * cs, IoBuf::from_slice(&l1), WriteFlags::default())
-            .await?;
+    let (before, after): (Vec<_>, Vec<_>) =
+        lay.l2_tables.iter().partition(|(at, _)| *at < lay.split);
+    for (at, t) in before {
+        put(*at, t).await?;
     }
-    if used > meta_end {
-        file.truncate(used * cs, false, opts.preallocation).await?;
+    if let Some(end) = lay.grow_to {
+        file.truncate(end * cs, false, opts.preallocation).await?;
+    }
+    for (at, t) in after {
+        put(*at, t).await?;
     }
     file.flush().await?;
     file.pwrite(0, IoBuf::from_slice(&hdr_bytes), WriteFlags::default())
