@@ -442,6 +442,89 @@ fn create_preallocated_matches_qemu_img() {
     }
 }
 
+/// Images with an external data file: both tools print and write the same
+/// (image and data file), QEMU writes through a Strata-made image into the
+/// data file, and Strata reads what QEMU wrote through its own image.
+#[test]
+fn create_data_file_matches_qemu_img() {
+    let d = Scratch::new("datafile");
+    let cases: &[&str] = &[
+        "data_file=d.raw",
+        "data_file=d.raw,data_file_raw=on",
+        "data_file=d.raw,preallocation=metadata,cluster_size=4k",
+        "data_file=d.raw,preallocation=falloc,extended_l2=on",
+        "data_file=d.raw,data_file_raw=on,preallocation=full",
+        // Errors, and no file left behind.
+        "data_file=d.raw,compat=0.10",
+        "data_file_raw=on",
+        "data_file=d.raw,data_file_raw=on,backing_file=b,backing_fmt=raw",
+        "data_file=",
+        "data_file=nodir/d.raw",
+    ];
+    for o in cases {
+        for dir in [d.q(), d.s()] {
+            for f in ["t.qcow2", "d.raw"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+        let args = ["create", "-f", "qcow2", "-o", o, "t.qcow2", "3M"];
+        let q = qemu_img(&args, &d.q());
+        let s = strata(&args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        for f in ["t.qcow2", "d.raw"] {
+            let (qf, sf) = (d.q().join(f), d.s().join(f));
+            assert_eq!(sf.exists(), qf.exists(), "{o}: {f} left behind or missing");
+            if qf.exists() {
+                assert_eq!(read(&sf), read(&qf), "{o}: {f} bytes differ");
+            }
+        }
+        if q.code != 0 {
+            continue;
+        }
+        let c = must("qemu-img", &["check", "t.qcow2"], &d.s());
+        assert_eq!(c, must("qemu-img", &["check", "t.qcow2"], &d.q()), "{o}");
+        // QEMU writes through the Strata-made image: the bytes land at the
+        // same offsets of the data file.
+        qemu_io(
+            "t.qcow2",
+            "qcow2",
+            &["write -P 0x5a 64k 64k", "write -P 0xa5 2M 4k"],
+            &d.s(),
+        );
+        let raw = read(&d.s().join("d.raw"));
+        assert!(raw[65536..131072].iter().all(|&b| b == 0x5a), "{o}");
+        assert!(
+            raw[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 0xa5),
+            "{o}"
+        );
+        assert_eq!(read(&d.s().join("t.qcow2")).len() % 512, 0, "{o}");
+        must("qemu-img", &["check", "t.qcow2"], &d.s());
+        // Strata reads what QEMU wrote through QEMU's image.
+        qemu_io(
+            "t.qcow2",
+            "qcow2",
+            &["write -P 0x5a 64k 64k", "write -P 0xa5 2M 4k"],
+            &d.q(),
+        );
+        let cmp = strata(
+            &["compare", "-f", "qcow2", "-F", "raw", "t.qcow2", "d.raw"],
+            &d.q(),
+        );
+        assert_eq!(cmp.code, 0, "{o}: {cmp:?}");
+        let conv = strata(&["convert", "-O", "raw", "t.qcow2", "out.raw"], &d.q());
+        assert_eq!(conv.code, 0, "{o}: {conv:?}");
+        assert_eq!(
+            read(&d.q().join("out.raw")),
+            read(&d.q().join("d.raw")),
+            "{o}"
+        );
+        let _ = std::fs::remove_file(d.q().join("out.raw"));
+        let qi = must("qemu-img", &["info", "--output=json", "t.qcow2"], &d.q());
+        let si = strata(&["info", "--output=json", "t.qcow2"], &d.q());
+        assert_eq!(si, qi, "{o}: info differs");
+    }
+}
+
 #[test]
 fn info_matches_qemu_img() {
     let d = Scratch::new("info");

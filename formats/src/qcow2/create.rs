@@ -13,8 +13,8 @@ use std::rc::Rc;
 use block_core::{Error, Graph, IoBuf, Node, Options, Prealloc, Result, WriteFlags};
 
 use super::header::{
-    self, put64, CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
-    INCOMPAT_EXTL2,
+    self, put64, CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
 };
 use super::l2::OFLAG_COPIED;
 use super::refcount::rc_set;
@@ -38,9 +38,11 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     /// Backing file format stored in the header.
     pub backing_fmt: Option<String>,
-    /// External data file name (not supported by create yet).
+    /// External data file name stored in the header; guest data then lives
+    /// at the same offsets in that file.
     pub data_file: Option<String>,
-    /// Whether the external data file is a valid raw image.
+    /// Whether the external data file is a valid raw image (implies
+    /// `metadata` preallocation when none is asked for, as in QEMU).
     pub data_file_raw: bool,
     /// `compat=0.10` (version 2) instead of `1.1` (version 3).
     pub compat_v2: bool,
@@ -71,6 +73,21 @@ impl Default for CreateOptions {
 }
 
 impl CreateOptions {
+    /// The preallocation mode in effect: a raw external data file must be
+    /// fully mapped, so `off` becomes `metadata` there.
+    fn effective_prealloc(&self) -> Prealloc {
+        if self.data_file_raw && self.preallocation == Prealloc::Off {
+            Prealloc::Metadata
+        } else {
+            self.preallocation
+        }
+    }
+
+    /// Checks the options as QEMU does, before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        self.header().map(drop)
+    }
+
     /// Checks the options as QEMU does and builds the header.
     fn header(&self) -> Result<Header> {
         let cs = self.cluster_size;
@@ -115,10 +132,17 @@ impl CreateOptions {
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
-        if self.data_file.is_some() || self.data_file_raw {
-            return Err(Error::unsupported(
-                "qcow2",
-                "creating images with an external data file",
+        if self.data_file.is_some() && self.compat_v2 {
+            return Err(Error::invalid(
+                "External data files are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::invalid("data-file-raw requires data-file"));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::invalid(
+                "Backing file and data-file-raw cannot be used at the same time",
             ));
         }
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
@@ -132,6 +156,9 @@ impl CreateOptions {
         }
         if self.compression_type != CompressionType::Deflate {
             incompat |= INCOMPAT_COMPRESSION;
+        }
+        if self.data_file.is_some() {
+            incompat |= INCOMPAT_DATA_FILE;
         }
         let h = Header {
             version: if self.compat_v2 { 2 } else { 3 },
@@ -152,13 +179,17 @@ impl CreateOptions {
             } else {
                 0
             },
-            autoclear_features: 0,
+            autoclear_features: if self.data_file_raw {
+                AUTOCLEAR_DATA_FILE_RAW
+            } else {
+                0
+            },
             refcount_order: rb.trailing_zeros(),
             header_length: if self.compat_v2 { 72 } else { 112 },
             compression_type: self.compression_type,
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_fmt.clone(),
-            data_file: None,
+            data_file: self.data_file.clone(),
             feature_names: Vec::new(),
             bitmaps_ext: None,
             unknown_exts: Vec::new(),
@@ -222,12 +253,15 @@ impl Layout {
         let mut l2_tables: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut used = meta_end;
         let rb_entries = cs * 8 / opts.refcount_bits as u64;
-        if opts.preallocation == Prealloc::Metadata {
+        let external = opts.data_file.is_some();
+        if opts.effective_prealloc() != Prealloc::Off {
             let esz = h.l2_entry_size();
             let per_l2 = cs / esz;
             let mut left = opts.size.div_ceil(cs);
             for i in 0..h.l1_size as u64 {
-                if left == 0 || used + 1 + per_l2.min(left) > rb_entries {
+                // Data in an external file takes no cluster here.
+                let data = if external { 0 } else { per_l2.min(left) };
+                if left == 0 || used + 1 + data > rb_entries {
                     break;
                 }
                 let l2 = used;
@@ -235,8 +269,14 @@ impl Layout {
                 put64(&mut l1, (i * 8) as usize, (l2 * cs) | OFLAG_COPIED);
                 let mut t = vec![0u8; cs as usize];
                 for j in 0..per_l2.min(left) {
-                    put64(&mut t, (j * esz) as usize, (used * cs) | OFLAG_COPIED);
-                    used += 1;
+                    // An external data file maps guest offsets 1:1.
+                    let host = if external {
+                        (i * per_l2 + j) * cs
+                    } else {
+                        used += 1;
+                        (used - 1) * cs
+                    };
+                    put64(&mut t, (j * esz) as usize, host | OFLAG_COPIED);
                 }
                 left -= per_l2.min(left);
                 l2_tables.push((l2, t));
@@ -346,12 +386,29 @@ impl Layout {
 }
 
 /// Writes a new, empty qcow2 image into `file` (which is truncated first).
+/// An image with an external data file needs [`create_with_data`].
 pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
+    create_with_data(file, None, opts).await
+}
+
+/// [`create`] with the node of the external data file named in `opts`,
+/// which is grown to the virtual size (with the preallocation mode, as
+/// QEMU forwards it) when it is smaller.
+pub async fn create_with_data(
+    file: &Rc<Node>,
+    data: Option<&Rc<Node>>,
+    opts: &CreateOptions,
+) -> Result<()> {
+    if opts.data_file.is_some() != data.is_some() {
+        return Err(Error::invalid(
+            "An external data file name needs a data file node, and only then",
+        ));
+    }
     let mut h = opts.header()?;
     let cs = opts.cluster_size;
-    let lay = match opts.preallocation {
-        Prealloc::Off | Prealloc::Metadata => Layout::compact(opts, &h)?,
-        Prealloc::Falloc | Prealloc::Full => Layout::data_area(opts, &h)?,
+    let lay = match (opts.effective_prealloc(), &opts.data_file) {
+        (Prealloc::Falloc | Prealloc::Full, None) => Layout::data_area(opts, &h)?,
+        _ => Layout::compact(opts, &h)?,
     };
     h.refcount_table_offset = lay.reftable.0 * cs;
     h.refcount_table_clusters = (lay.reftable.1.len() as u64 / cs) as u32;
@@ -384,6 +441,16 @@ pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
     for (at, t) in after {
         put(*at, t).await?;
     }
+    if let Some(d) = data {
+        if d.size() < opts.size {
+            let mode = match opts.preallocation {
+                Prealloc::Falloc | Prealloc::Full => opts.preallocation,
+                Prealloc::Off | Prealloc::Metadata => Prealloc::Off,
+            };
+            d.truncate(opts.size, false, mode).await?;
+        }
+        d.flush().await?;
+    }
     file.flush().await?;
     file.pwrite(0, IoBuf::from_slice(&hdr_bytes), WriteFlags::default())
         .await?;
@@ -393,6 +460,52 @@ pub async fn create(file: &Rc<Node>, opts: &CreateOptions) -> Result<()> {
 /// Creates the host file `path` and a qcow2 image in it.
 pub async fn create_file(graph: &Graph, path: &str, opts: &CreateOptions) -> Result<()> {
     opts.header()?;
+    let data = match &opts.data_file {
+        Some(d) => {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(d)
+                .map_err(|e| Error::Open {
+                    path: d.clone(),
+                    source: e,
+                })?;
+            let n = graph
+                .open(
+                    Options::new()
+                        .with("driver", "file")
+                        .with("filename", d.as_str()),
+                )
+                .await?;
+            let perm = block_core::Perm::WRITE | block_core::Perm::RESIZE;
+            match n.add_user("qcow2-create", "data-file", perm, block_core::Perm::ALL) {
+                Ok(id) => Some((n, id)),
+                Err(e) => {
+                    let name = n.name().to_owned();
+                    graph.delete(&name).await?;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let r = create_file_in(graph, path, opts, data.as_ref().map(|(n, _)| n)).await;
+    if let Some((n, id)) = data {
+        n.remove_user(id);
+        let name = n.name().to_owned();
+        graph.delete(&name).await?;
+    }
+    r
+}
+
+/// [`create_file`] once the data file node (if any) is open.
+async fn create_file_in(
+    graph: &Graph,
+    path: &str,
+    opts: &CreateOptions,
+    data: Option<&Rc<Node>>,
+) -> Result<()> {
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -413,7 +526,7 @@ pub async fn create_file(graph: &Graph, path: &str, opts: &CreateOptions) -> Res
     );
     let r = match user {
         Ok(id) => {
-            let r = create(&node, opts).await;
+            let r = create_with_data(&node, data, opts).await;
             node.remove_user(id);
             r
         }
