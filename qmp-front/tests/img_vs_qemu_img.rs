@@ -1046,6 +1046,270 @@ fn convert_matches_qemu_img() {
 
 /// Data written by qemu-io into images of every kind reads back through
 /// strata-img convert unchanged.
+/// convert's `-n`, `-W`, `-m`, `-B`/`-F` and `-p`: same output (progress
+/// lines included), same exit status and the same target as qemu-img.
+#[test]
+fn convert_options_match_qemu_img() {
+    let d = Scratch::new("convopts");
+    for dir in [d.q(), d.s()] {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "src.qcow2", "4M"],
+            &dir,
+        );
+        qemu_io(
+            "src.qcow2",
+            "qcow2",
+            &["write -P 1 0 1M", "write -P 2 3M 512k"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+            &dir,
+        );
+        qemu_io("base.qcow2", "qcow2", &["write -P 1 0 2M"], &dir);
+        must(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            &dir,
+        );
+        qemu_io(
+            "top.qcow2",
+            "qcow2",
+            &["write -P 3 1M 64k", "write -z 1536k 64k"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "small.raw", "1M"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "e.q", "4M"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "ec.q", "4M"],
+            &dir,
+        );
+        qemu_io("e.q", "qcow2", &["write -P 9 0 4M"], &dir);
+    }
+    // (arguments, target whose bytes must match; None: compare contents)
+    let cases: &[(&[&str], Option<&str>)] = &[
+        (
+            &["convert", "-p", "-O", "raw", "src.qcow2", "o.raw"],
+            Some("o.raw"),
+        ),
+        (
+            &["convert", "-p", "-O", "qcow2", "top.qcow2", "o.q"],
+            Some("o.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-m",
+                "3",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "m3.q",
+            ],
+            Some("m3.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-m",
+                "1",
+                "-S",
+                "0",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "s0.q",
+            ],
+            Some("s0.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-W",
+                "-m",
+                "0x10",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "w.raw",
+            ],
+            Some("w.raw"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "b1.q",
+            ],
+            Some("b1.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "b2.q",
+            ],
+            Some("b2.q"),
+        ),
+        // -n: zeros of the source overwrite the target's data. How the qcow2
+        // driver zeroes allocated clusters is its own business, so only the
+        // contents are compared.
+        (
+            &["convert", "-p", "-n", "-O", "qcow2", "src.qcow2", "e.q"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-n",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "ec.q",
+            ],
+            Some("ec.q"),
+        ),
+        (
+            &["convert", "-p", "-c", "-O", "qcow2", "src.qcow2", "c.q"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-c",
+                "-W",
+                "-m",
+                "2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "c2.q",
+            ],
+            None,
+        ),
+        // Errors.
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "x.q",
+            ],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "x.q",
+            ],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-n",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "nonexistent",
+            ],
+            None,
+        ),
+        (
+            &["convert", "-p", "-n", "-O", "raw", "src.qcow2", "small.raw"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-n",
+                "-o",
+                "cluster_size=4k",
+                "src.qcow2",
+                "small.raw",
+            ],
+            None,
+        ),
+        (&["convert", "-m", "0", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "17", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "1k", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "", "src.qcow2", "x.raw"], None),
+        (
+            &["convert", "-p", "-O", "raw", "nonexistent", "x.raw"],
+            None,
+        ),
+    ];
+    for (args, same_bytes) in cases {
+        let q = qemu_img(args, &d.q());
+        let s = strata(args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        let target = args[args.len() - 1];
+        if let Some(t) = same_bytes {
+            let same = read(&d.s().join(t)) == read(&d.q().join(t));
+            assert!(same, "{args:?}: {t} differs from qemu-img's");
+        } else if q.code == 0 {
+            must(
+                "qemu-img",
+                &["compare", target, &format!("../q/{target}")],
+                &d.s(),
+            );
+        }
+        if q.code == 0 && target.ends_with(".q") {
+            must("qemu-img", &["check", target], &d.s());
+        }
+    }
+}
+
 #[test]
 fn convert_reads_qemu_io_data() {
     let d = Scratch::new("readback");
