@@ -1595,11 +1595,117 @@ fn resize_matches_qemu_img() {
     );
 }
 
+/// amend: the header-only changes give qemu-img's bytes; errors give its
+/// messages; what this build refuses leaves the image untouched and valid.
+#[test]
+fn amend_matches_qemu_img() {
+    let d = Scratch::new("amend");
+    let setup = |dir: &Path| {
+        for f in std::fs::read_dir(dir).expect("scratch dir") {
+            let _ = std::fs::remove_file(f.expect("entry").path());
+        }
+        let create = |o: &str, name: &str| {
+            let mut a = vec!["create", "-q", "-f", "qcow2"];
+            if !o.is_empty() {
+                a.extend(["-o", o]);
+            }
+            a.extend([name, "1M"]);
+            must("qemu-img", &a, dir);
+        };
+        create("", "v3.q");
+        create("compat=0.10", "v2.q");
+        create("lazy_refcounts=on", "lz.q");
+        create("compression_type=zstd", "zs.q");
+        create("compression_type=zstd", "zc.q");
+        qemu_io("zc.q", "qcow2", &["write -c 0 64k"], dir);
+        create("extended_l2=on", "x2.q");
+        create("refcount_bits=8", "r8.q");
+        create("", "z.q");
+        qemu_io(
+            "z.q",
+            "qcow2",
+            &["write -P 1 0 128k", "write -z 0 64k", "write -z 512k 64k"],
+            dir,
+        );
+        create("data_file=d.raw", "df.q");
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "r.raw", "1M"],
+            dir,
+        );
+    };
+    setup(&d.q());
+    setup(&d.s());
+    let cases: &[&[&str]] = &[
+        &["amend", "-p", "-o", "lazy_refcounts=on", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=off", "lz.q"],
+        &["amend", "-p", "-o", "compat=0.10", "lz.q"],
+        &["amend", "-p", "-o", "compat=v3", "v2.q"],
+        &["amend", "-o", "compat=1.1,lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "compat=0.10,lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "compat=0.10", "zs.q"],
+        &["amend", "-o", "compat=0.10", "zc.q"],
+        &["amend", "-o", "compat=0.10", "x2.q"],
+        &["amend", "-o", "compat=0.10", "r8.q"],
+        &["amend", "-o", "compat=0.10", "z.q"],
+        &["amend", "-o", "compat=0.10", "df.q"],
+        &["amend", "-o", "lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "size=1M,refcount_bits=16", "v3.q"],
+        &["amend", "-p", "-o", "bogus=1", "v3.q"],
+        &["amend", "-o", "cluster_size=4k", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=x", "v3.q"],
+        &["amend", "-o", "compat=0.9", "v3.q"],
+        &["amend", "-o", "", "v3.q"],
+        &["amend", "-o", "backing_file=x", "v3.q"],
+        &["amend", "-o", "data_file=x", "v3.q"],
+        &["amend", "-f", "raw", "-o", "x=1", "r.raw"],
+        &["amend", "-o", "lazy_refcounts=on", "nonexistent"],
+        &["amend", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=on"],
+        &["amend", "-o", "help", "v3.q"],
+        &["amend", "-f", "qcow2", "-o", "help"],
+    ];
+    for args in cases {
+        let q = qemu_img(args, &d.q());
+        let s = strata(args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        let img = args[args.len() - 1];
+        if d.q().join(img).exists() {
+            let same = read(&d.s().join(img)) == read(&d.q().join(img));
+            assert!(same, "{args:?}: {img} differs from qemu-img's");
+            if img.ends_with(".q") {
+                must("qemu-img", &["check", img], &d.s());
+            }
+        }
+    }
+    // Refused here (qemu-img would rewrite the image): a clear error, and
+    // the image is left as it was.
+    for (args, msg) in [
+        (
+            &["amend", "-o", "size=2M", "v3.q"][..],
+            "Resizing with amend (use resize instead) is not supported by this build",
+        ),
+        (
+            &["amend", "-o", "refcount_bits=8", "v3.q"],
+            "Changing the refcount width is not supported by this build",
+        ),
+    ] {
+        let before = read(&d.s().join("v3.q"));
+        let s = strata(args, &d.s());
+        assert_eq!(s.code, 1, "{args:?}: {s:?}");
+        assert_eq!(s.stderr, format!("PROG: {msg}\n"), "{args:?}");
+        assert!(
+            read(&d.s().join("v3.q")) == before,
+            "{args:?} changed the image"
+        );
+    }
+}
+
 #[test]
 fn help_matches_qemu_img() {
     let d = Scratch::new("help");
     for cmd in [
-        "create", "info", "check", "map", "compare", "convert", "snapshot", "resize",
+        "create", "info", "check", "map", "compare", "convert", "snapshot", "resize", "amend",
     ] {
         same(&[cmd, "--help"], &d.q());
         same(&[cmd, "-h"], &d.q());

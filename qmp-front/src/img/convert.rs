@@ -358,14 +358,14 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 /// qemu-img's simple progress meter (`qemu-progress.c`): prints
 /// `    (NN.NN/100%)\r` on stdout, tty or not, when the value moved by more
 /// than one point, and a newline at the end.
-struct Progress {
+pub(super) struct Progress {
     enabled: bool,
     current: std::cell::Cell<f32>,
     last: std::cell::Cell<f32>,
 }
 
 impl Progress {
-    fn new(enabled: bool) -> Self {
+    pub(super) fn new(enabled: bool) -> Self {
         Progress {
             enabled,
             current: std::cell::Cell::new(0.0),
@@ -375,7 +375,7 @@ impl Progress {
 
     /// `qemu_progress_print(delta, max)`: with `max == 0`, `delta` is the
     /// new value.
-    fn print(&self, delta: f32, max: i32) {
+    pub(super) fn print(&self, delta: f32, max: i32) {
         if !self.enabled {
             return;
         }
@@ -398,7 +398,7 @@ impl Progress {
         }
     }
 
-    fn end(&self) {
+    pub(super) fn end(&self) {
         if self.enabled {
             println!();
         }
