@@ -611,11 +611,14 @@ fn convert_from(
     let r = env.block_on(async {
         let next = std::cell::Cell::new(0usize);
         let turns = Turns::default();
+        // After a failure no new chunk is started (claimed ones finish, so
+        // that every write turn is passed on).
+        let failed = std::cell::Cell::new(false);
         let worker = || async {
             loop {
                 let i = next.get();
-                let Some(c) = plan.get(i) else {
-                    return Ok::<_, block_core::Error>(());
+                let Some(c) = plan.get(i).filter(|_| !failed.get()) else {
+                    return Ok::<_, Failure>(());
                 };
                 next.set(i + 1);
                 let data = match c.kind {
@@ -625,20 +628,28 @@ fn convert_from(
                 if !o.oob_writes {
                     turns.wait(i).await;
                 }
+                let at = |what: &str, e: block_core::Error| {
+                    Failure::Error(format!("error while {what} at byte {}: {e}", c.off))
+                };
                 let r = match (c.kind, data) {
-                    (Kind::Data, Some(Ok(b))) => write_sparse(&dst, c.off, &b, o.min_sparse).await,
-                    (_, Some(Err(e))) => Err(e),
+                    (Kind::Data, Some(Ok(b))) => write_sparse(&dst, c.off, &b, o.min_sparse)
+                        .await
+                        .map_err(|e| at("writing", e)),
+                    (_, Some(Err(e))) => Err(at("reading", e)),
                     (Kind::Zero, _) if !zero_init => {
                         let f = WriteFlags {
                             may_unmap: true,
                             ..WriteFlags::default()
                         };
-                        dst.pwrite_zeroes(c.off, c.len, f).await
+                        dst.pwrite_zeroes(c.off, c.len, f)
+                            .await
+                            .map_err(|e| at("writing", e))
                     }
                     _ => Ok(()),
                 };
-                if r.is_ok() {
-                    step_done(c);
+                match &r {
+                    Ok(()) => step_done(c),
+                    Err(_) => failed.set(true),
                 }
                 if !o.oob_writes {
                     turns.pass();
@@ -651,10 +662,13 @@ fn convert_from(
             .into_iter()
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ());
-        r.and(dst.flush().await)
+        match r {
+            Ok(()) => dst.flush().await.map_err(fail),
+            Err(e) => Err(e),
+        }
     });
     release(dst);
-    r.map_err(fail)
+    r
 }
 
 /// Splits the source into chunks as `convert_iteration_sectors` does: at
