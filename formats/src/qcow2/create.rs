@@ -2,6 +2,9 @@
 //! `qemu-img create -f qcow2` lays it out: the header cluster, the refcount
 //! table in cluster 1, one refcount block in cluster 2, the L1 table from
 //! cluster 3 (written with its exact length, so the file ends with it).
+//! `preallocation=falloc`/`full` follow `qcow2_co_truncate` instead (see
+//! `Layout::data_area`); an external data file keeps the data out of
+//! the image, whose L2 tables then map guest offsets 1:1 into it.
 //!
 //! Runs on the loop thread of the file node it writes into. Write order:
 //! the file is truncated to empty, the refcount structures and the L1 table
