@@ -18,7 +18,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use block_core::{Graph, OptValue, Options, Perm, Prealloc};
+use block_core::{Graph, Node, OptValue, Options, Perm, Prealloc};
 use formats::qcow2::create::CreateOptions as Qcow2Create;
 use formats::qcow2::header::CompressionType;
 
@@ -190,7 +190,11 @@ enum FileRef {
     Inline(Options),
 }
 
-fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
+/// What `parse_qcow2` found: the image file, the external data file (if
+/// any) and the creation options.
+type Qcow2Args = (FileRef, Option<FileRef>, Qcow2Create);
+
+fn parse_qcow2(mut o: Options) -> Result<Qcow2Args, String> {
     let e = |e: block_core::Error| e.to_string();
     let file = match o.take("file") {
         Some(OptValue::Str(n)) => FileRef::Node(n),
@@ -204,13 +208,15 @@ fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
             .ok_or("Parameter 'size' is missing")?,
         ..Qcow2Create::default()
     };
-    if o.take("data-file").is_some() {
-        return Err("External data file creation is not supported by this build".into());
-    }
+    let data = match o.take("data-file") {
+        Some(OptValue::Str(n)) => Some(FileRef::Node(n)),
+        Some(OptValue::Map(m)) => Some(FileRef::Inline(m)),
+        None | Some(OptValue::Null) => None,
+        Some(_) => {
+            return Err("Invalid parameter type for 'data-file', expected: BlockdevRef".into())
+        }
+    };
     c.data_file_raw = o.take_bool("data-file-raw").map_err(e)?.unwrap_or(false);
-    if c.data_file_raw {
-        return Err("'data-file-raw' requires 'data-file'".into());
-    }
     c.extended_l2 = o.take_bool("extended-l2").map_err(e)?.unwrap_or(false);
     c.compat_v2 = match o.take_str("version").map_err(e)?.as_deref() {
         None | Some("v3") => false,
@@ -229,11 +235,8 @@ fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
         c.cluster_size = cs;
     }
     if let Some(p) = o.take_str("preallocation").map_err(e)? {
-        c.preallocation = match Prealloc::parse(&p) {
-            Some(Prealloc::Off) => Prealloc::Off,
-            Some(Prealloc::Metadata) => Prealloc::Metadata,
-            _ => return Err(format!("Unsupported preallocation mode: {p}")),
-        };
+        c.preallocation = Prealloc::parse(&p)
+            .ok_or_else(|| format!("Invalid parameter value for 'preallocation': '{p}'"))?;
     }
     c.lazy_refcounts = o.take_bool("lazy-refcounts").map_err(e)?.unwrap_or(false);
     if let Some(rb) = o.take_u64("refcount-bits").map_err(e)? {
@@ -249,38 +252,79 @@ fn parse_qcow2(mut o: Options) -> Result<(FileRef, Qcow2Create), String> {
         }
     };
     o.finish("qcow2").map_err(e)?;
-    Ok((file, c))
+    Ok((file, data, c))
+}
+
+/// Looks up or opens `r`; `true` when it was opened here (and is to be
+/// closed again).
+async fn resolve(graph: &Graph, r: FileRef) -> Result<(Rc<Node>, bool), String> {
+    match r {
+        FileRef::Node(n) => Ok((graph.lookup(&n).map_err(|e| e.to_string())?, false)),
+        FileRef::Inline(m) => Ok((graph.open(m).await.map_err(|e| e.to_string())?, true)),
+    }
+}
+
+/// Closes a node [`resolve`] opened.
+async fn release(graph: &Graph, node: Rc<Node>, inline: bool) -> Result<(), String> {
+    if inline {
+        let name = node.name().to_owned();
+        drop(node);
+        graph.delete(&name).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn create_qcow2(graph: Rc<Graph>, opts: Options) -> Result<JobBody, String> {
-    let (file, c) = parse_qcow2(opts)?;
+    let (file, data, mut c) = parse_qcow2(opts)?;
     Ok(Box::pin(async move {
-        let (node, inline) = match file {
-            FileRef::Node(n) => (graph.lookup(&n).map_err(|e| e.to_string())?, false),
-            FileRef::Inline(m) => (graph.open(m).await.map_err(|e| e.to_string())?, true),
-        };
-        let r = match node.add_user(
-            "qcow2-create",
-            "root",
-            Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ,
-            Perm::ALL,
-        ) {
-            Ok(id) => {
-                let r = formats::qcow2::create::create(&node, &c).await;
-                node.remove_user(id);
-                r.map_err(|e| e.to_string())
+        let data = match data {
+            Some(r) => {
+                let (n, inline) = resolve(&graph, r).await?;
+                // The header names the data file as QEMU does: by the
+                // node's file name.
+                c.data_file = Some(n.filename());
+                Some((n, inline))
             }
-            Err(e) => Err(e.to_string()),
+            None => None,
         };
-        if inline {
-            let name = node.name().to_owned();
-            drop(node);
-            if let Err(e) = graph.delete(&name).await {
-                return r.and(Err(e.to_string()));
+        let r = match resolve(&graph, file).await {
+            Ok((node, inline)) => {
+                let r = create_on(&node, data.as_ref().map(|d| &d.0), &c).await;
+                r.and(release(&graph, node, inline).await)
             }
+            Err(e) => Err(e),
+        };
+        match data {
+            Some((n, inline)) => r.and(release(&graph, n, inline).await),
+            None => r,
         }
-        r
     }))
+}
+
+/// Runs the qcow2 creator on `node` (and `data`) with write permissions.
+async fn create_on(
+    node: &Rc<Node>,
+    data: Option<&Rc<Node>>,
+    c: &Qcow2Create,
+) -> Result<(), String> {
+    let perm = Perm::WRITE | Perm::RESIZE | Perm::CONSISTENT_READ;
+    let id = node
+        .add_user("qcow2-create", "root", perm, Perm::ALL)
+        .map_err(|e| e.to_string())?;
+    let did = match data.map(|d| d.add_user("qcow2-create", "data-file", perm, Perm::ALL)) {
+        Some(Err(e)) => {
+            node.remove_user(id);
+            return Err(e.to_string());
+        }
+        Some(Ok(d)) => Some(d),
+        None => None,
+    };
+    let r = formats::qcow2::create::create_with_data(node, data, c).await;
+    node.remove_user(id);
+    if let (Some(d), Some(did)) = (data, did) {
+        d.remove_user(did);
+    }
+    r.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

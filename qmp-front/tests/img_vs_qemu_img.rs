@@ -160,6 +160,24 @@ fn create_matches_qemu_img() {
         &[
             "create",
             "-f",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            "img",
+            "3M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full,cluster_size=4k",
+            "img",
+            "5M",
+        ],
+        &[
+            "create",
+            "-f",
             "raw",
             "-o",
             "preallocation=falloc",
@@ -373,6 +391,137 @@ fn create_matches_qemu_img() {
         } else {
             assert_eq!(si.exists(), qi.exists(), "{args:?}: leftover file");
         }
+    }
+}
+
+/// Images preallocated with `falloc` and `full` look the same to QEMU's
+/// tools whichever program made them: info, map and check agree, and the
+/// data area is really allocated in the file.
+#[test]
+fn create_preallocated_matches_qemu_img() {
+    let d = Scratch::new("prealloc");
+    for opts in [
+        "preallocation=falloc",
+        "preallocation=full",
+        "preallocation=falloc,cluster_size=16k,extended_l2=on",
+        "preallocation=full,compat=0.10",
+    ] {
+        let args = ["create", "-q", "-f", "qcow2", "-o", opts, "img", "6M"];
+        for dir in [d.q(), d.s()] {
+            let _ = std::fs::remove_file(dir.join("img"));
+        }
+        must("qemu-img", &args, &d.q());
+        must(STRATA, &args, &d.s());
+        assert_eq!(read(&d.s().join("img")), read(&d.q().join("img")), "{opts}");
+        for cmd in [
+            &["info", "--output=json", "img"][..],
+            &["map", "--output=json", "img"],
+            &["check", "img"],
+        ] {
+            // The file system may count extent-tree blocks in st_blocks
+            // differently for the two files, so actual-size is left out.
+            let strip = |o: Out| {
+                o.stdout
+                    .lines()
+                    .filter(|l| !l.contains("\"actual-size\""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let q = strip(must("qemu-img", cmd, &d.q()));
+            let s = strip(must("qemu-img", cmd, &d.s()));
+            assert_eq!(s, q, "{opts}: qemu-img {cmd:?} differs");
+        }
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(d.s().join("img")).unwrap().blocks();
+        assert!(blocks * 512 >= 6 << 20, "{opts}: data area not allocated");
+        must(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "qcow2", "img", "../q/img"],
+            &d.s(),
+        );
+    }
+}
+
+/// Images with an external data file: both tools print and write the same
+/// (image and data file), QEMU writes through a Strata-made image into the
+/// data file, and Strata reads what QEMU wrote through its own image.
+#[test]
+fn create_data_file_matches_qemu_img() {
+    let d = Scratch::new("datafile");
+    let cases: &[&str] = &[
+        "data_file=d.raw",
+        "data_file=d.raw,data_file_raw=on",
+        "data_file=d.raw,preallocation=metadata,cluster_size=4k",
+        "data_file=d.raw,preallocation=falloc,extended_l2=on",
+        "data_file=d.raw,data_file_raw=on,preallocation=full",
+        // Errors, and no file left behind.
+        "data_file=d.raw,compat=0.10",
+        "data_file_raw=on",
+        "data_file=d.raw,data_file_raw=on,backing_file=b,backing_fmt=raw",
+        "data_file=",
+        "data_file=nodir/d.raw",
+    ];
+    for o in cases {
+        for dir in [d.q(), d.s()] {
+            for f in ["t.qcow2", "d.raw"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+        let args = ["create", "-f", "qcow2", "-o", o, "t.qcow2", "3M"];
+        let q = qemu_img(&args, &d.q());
+        let s = strata(&args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        for f in ["t.qcow2", "d.raw"] {
+            let (qf, sf) = (d.q().join(f), d.s().join(f));
+            assert_eq!(sf.exists(), qf.exists(), "{o}: {f} left behind or missing");
+            if qf.exists() {
+                assert_eq!(read(&sf), read(&qf), "{o}: {f} bytes differ");
+            }
+        }
+        if q.code != 0 {
+            continue;
+        }
+        let c = must("qemu-img", &["check", "t.qcow2"], &d.s());
+        assert_eq!(c, must("qemu-img", &["check", "t.qcow2"], &d.q()), "{o}");
+        // QEMU writes through the Strata-made image: the bytes land at the
+        // same offsets of the data file.
+        qemu_io(
+            "t.qcow2",
+            "qcow2",
+            &["write -P 0x5a 64k 64k", "write -P 0xa5 2M 4k"],
+            &d.s(),
+        );
+        let raw = read(&d.s().join("d.raw"));
+        assert!(raw[65536..131072].iter().all(|&b| b == 0x5a), "{o}");
+        assert!(
+            raw[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 0xa5),
+            "{o}"
+        );
+        assert_eq!(read(&d.s().join("t.qcow2")).len() % 512, 0, "{o}");
+        must("qemu-img", &["check", "t.qcow2"], &d.s());
+        // Strata reads what QEMU wrote through QEMU's image.
+        qemu_io(
+            "t.qcow2",
+            "qcow2",
+            &["write -P 0x5a 64k 64k", "write -P 0xa5 2M 4k"],
+            &d.q(),
+        );
+        let cmp = strata(
+            &["compare", "-f", "qcow2", "-F", "raw", "t.qcow2", "d.raw"],
+            &d.q(),
+        );
+        assert_eq!(cmp.code, 0, "{o}: {cmp:?}");
+        let conv = strata(&["convert", "-O", "raw", "t.qcow2", "out.raw"], &d.q());
+        assert_eq!(conv.code, 0, "{o}: {conv:?}");
+        assert_eq!(
+            read(&d.q().join("out.raw")),
+            read(&d.q().join("d.raw")),
+            "{o}"
+        );
+        let _ = std::fs::remove_file(d.q().join("out.raw"));
+        let qi = must("qemu-img", &["info", "--output=json", "t.qcow2"], &d.q());
+        let si = strata(&["info", "--output=json", "t.qcow2"], &d.q());
+        assert_eq!(si, qi, "{o}: info differs");
     }
 }
 
@@ -897,6 +1046,270 @@ fn convert_matches_qemu_img() {
 
 /// Data written by qemu-io into images of every kind reads back through
 /// strata-img convert unchanged.
+/// convert's `-n`, `-W`, `-m`, `-B`/`-F` and `-p`: same output (progress
+/// lines included), same exit status and the same target as qemu-img.
+#[test]
+fn convert_options_match_qemu_img() {
+    let d = Scratch::new("convopts");
+    for dir in [d.q(), d.s()] {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "src.qcow2", "4M"],
+            &dir,
+        );
+        qemu_io(
+            "src.qcow2",
+            "qcow2",
+            &["write -P 1 0 1M", "write -P 2 3M 512k"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+            &dir,
+        );
+        qemu_io("base.qcow2", "qcow2", &["write -P 1 0 2M"], &dir);
+        must(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            &dir,
+        );
+        qemu_io(
+            "top.qcow2",
+            "qcow2",
+            &["write -P 3 1M 64k", "write -z 1536k 64k"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "small.raw", "1M"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "e.q", "4M"],
+            &dir,
+        );
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "ec.q", "4M"],
+            &dir,
+        );
+        qemu_io("e.q", "qcow2", &["write -P 9 0 4M"], &dir);
+    }
+    // (arguments, target whose bytes must match; None: compare contents)
+    let cases: &[(&[&str], Option<&str>)] = &[
+        (
+            &["convert", "-p", "-O", "raw", "src.qcow2", "o.raw"],
+            Some("o.raw"),
+        ),
+        (
+            &["convert", "-p", "-O", "qcow2", "top.qcow2", "o.q"],
+            Some("o.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-m",
+                "3",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "m3.q",
+            ],
+            Some("m3.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-m",
+                "1",
+                "-S",
+                "0",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "s0.q",
+            ],
+            Some("s0.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-W",
+                "-m",
+                "0x10",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "w.raw",
+            ],
+            Some("w.raw"),
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "b1.q",
+            ],
+            Some("b1.q"),
+        ),
+        (
+            &[
+                "convert",
+                "-B",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "b2.q",
+            ],
+            Some("b2.q"),
+        ),
+        // -n: zeros of the source overwrite the target's data. How the qcow2
+        // driver zeroes allocated clusters is its own business, so only the
+        // contents are compared.
+        (
+            &["convert", "-p", "-n", "-O", "qcow2", "src.qcow2", "e.q"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-n",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "ec.q",
+            ],
+            Some("ec.q"),
+        ),
+        (
+            &["convert", "-p", "-c", "-O", "qcow2", "src.qcow2", "c.q"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-c",
+                "-W",
+                "-m",
+                "2",
+                "-O",
+                "qcow2",
+                "top.qcow2",
+                "c2.q",
+            ],
+            None,
+        ),
+        // Errors.
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "qcow2",
+                "src.qcow2",
+                "x.q",
+            ],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-B",
+                "base.qcow2",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "x.q",
+            ],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-n",
+                "-O",
+                "raw",
+                "src.qcow2",
+                "nonexistent",
+            ],
+            None,
+        ),
+        (
+            &["convert", "-p", "-n", "-O", "raw", "src.qcow2", "small.raw"],
+            None,
+        ),
+        (
+            &[
+                "convert",
+                "-p",
+                "-n",
+                "-o",
+                "cluster_size=4k",
+                "src.qcow2",
+                "small.raw",
+            ],
+            None,
+        ),
+        (&["convert", "-m", "0", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "17", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "1k", "src.qcow2", "x.raw"], None),
+        (&["convert", "-m", "", "src.qcow2", "x.raw"], None),
+        (
+            &["convert", "-p", "-O", "raw", "nonexistent", "x.raw"],
+            None,
+        ),
+    ];
+    for (args, same_bytes) in cases {
+        let q = qemu_img(args, &d.q());
+        let s = strata(args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        let target = args[args.len() - 1];
+        if let Some(t) = same_bytes {
+            let same = read(&d.s().join(t)) == read(&d.q().join(t));
+            assert!(same, "{args:?}: {t} differs from qemu-img's");
+        } else if q.code == 0 {
+            must(
+                "qemu-img",
+                &["compare", target, &format!("../q/{target}")],
+                &d.s(),
+            );
+        }
+        if q.code == 0 && target.ends_with(".q") {
+            must("qemu-img", &["check", target], &d.s());
+        }
+    }
+}
+
 #[test]
 fn convert_reads_qemu_io_data() {
     let d = Scratch::new("readback");
@@ -1182,11 +1595,117 @@ fn resize_matches_qemu_img() {
     );
 }
 
+/// amend: the header-only changes give qemu-img's bytes; errors give its
+/// messages; what this build refuses leaves the image untouched and valid.
+#[test]
+fn amend_matches_qemu_img() {
+    let d = Scratch::new("amend");
+    let setup = |dir: &Path| {
+        for f in std::fs::read_dir(dir).expect("scratch dir") {
+            let _ = std::fs::remove_file(f.expect("entry").path());
+        }
+        let create = |o: &str, name: &str| {
+            let mut a = vec!["create", "-q", "-f", "qcow2"];
+            if !o.is_empty() {
+                a.extend(["-o", o]);
+            }
+            a.extend([name, "1M"]);
+            must("qemu-img", &a, dir);
+        };
+        create("", "v3.q");
+        create("compat=0.10", "v2.q");
+        create("lazy_refcounts=on", "lz.q");
+        create("compression_type=zstd", "zs.q");
+        create("compression_type=zstd", "zc.q");
+        qemu_io("zc.q", "qcow2", &["write -c 0 64k"], dir);
+        create("extended_l2=on", "x2.q");
+        create("refcount_bits=8", "r8.q");
+        create("", "z.q");
+        qemu_io(
+            "z.q",
+            "qcow2",
+            &["write -P 1 0 128k", "write -z 0 64k", "write -z 512k 64k"],
+            dir,
+        );
+        create("data_file=d.raw", "df.q");
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "r.raw", "1M"],
+            dir,
+        );
+    };
+    setup(&d.q());
+    setup(&d.s());
+    let cases: &[&[&str]] = &[
+        &["amend", "-p", "-o", "lazy_refcounts=on", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=off", "lz.q"],
+        &["amend", "-p", "-o", "compat=0.10", "lz.q"],
+        &["amend", "-p", "-o", "compat=v3", "v2.q"],
+        &["amend", "-o", "compat=1.1,lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "compat=0.10,lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "compat=0.10", "zs.q"],
+        &["amend", "-o", "compat=0.10", "zc.q"],
+        &["amend", "-o", "compat=0.10", "x2.q"],
+        &["amend", "-o", "compat=0.10", "r8.q"],
+        &["amend", "-o", "compat=0.10", "z.q"],
+        &["amend", "-o", "compat=0.10", "df.q"],
+        &["amend", "-o", "lazy_refcounts=on", "v2.q"],
+        &["amend", "-o", "size=1M,refcount_bits=16", "v3.q"],
+        &["amend", "-p", "-o", "bogus=1", "v3.q"],
+        &["amend", "-o", "cluster_size=4k", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=x", "v3.q"],
+        &["amend", "-o", "compat=0.9", "v3.q"],
+        &["amend", "-o", "", "v3.q"],
+        &["amend", "-o", "backing_file=x", "v3.q"],
+        &["amend", "-o", "data_file=x", "v3.q"],
+        &["amend", "-f", "raw", "-o", "x=1", "r.raw"],
+        &["amend", "-o", "lazy_refcounts=on", "nonexistent"],
+        &["amend", "v3.q"],
+        &["amend", "-o", "lazy_refcounts=on"],
+        &["amend", "-o", "help", "v3.q"],
+        &["amend", "-f", "qcow2", "-o", "help"],
+    ];
+    for args in cases {
+        let q = qemu_img(args, &d.q());
+        let s = strata(args, &d.s());
+        assert_eq!(s, q, "strata-img {args:?} differs from qemu-img");
+        let img = args[args.len() - 1];
+        if d.q().join(img).exists() {
+            let same = read(&d.s().join(img)) == read(&d.q().join(img));
+            assert!(same, "{args:?}: {img} differs from qemu-img's");
+            if img.ends_with(".q") {
+                must("qemu-img", &["check", img], &d.s());
+            }
+        }
+    }
+    // Refused here (qemu-img would rewrite the image): a clear error, and
+    // the image is left as it was.
+    for (args, msg) in [
+        (
+            &["amend", "-o", "size=2M", "v3.q"][..],
+            "Resizing with amend (use resize instead) is not supported by this build",
+        ),
+        (
+            &["amend", "-o", "refcount_bits=8", "v3.q"],
+            "Changing the refcount width is not supported by this build",
+        ),
+    ] {
+        let before = read(&d.s().join("v3.q"));
+        let s = strata(args, &d.s());
+        assert_eq!(s.code, 1, "{args:?}: {s:?}");
+        assert_eq!(s.stderr, format!("PROG: {msg}\n"), "{args:?}");
+        assert!(
+            read(&d.s().join("v3.q")) == before,
+            "{args:?} changed the image"
+        );
+    }
+}
+
 #[test]
 fn help_matches_qemu_img() {
     let d = Scratch::new("help");
     for cmd in [
-        "create", "info", "check", "map", "compare", "convert", "snapshot", "resize",
+        "create", "info", "check", "map", "compare", "convert", "snapshot", "resize", "amend",
     ] {
         same(&[cmd, "--help"], &d.q());
         same(&[cmd, "-h"], &d.q());

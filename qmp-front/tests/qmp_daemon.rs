@@ -864,3 +864,114 @@ fn blockdev_create_qcow2_matches_qemu() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// blockdev-create with driver qcow2: `preallocation` falloc/full and an
+/// external `data-file` (by node name or inline, with `data-file-raw`)
+/// give the bytes `qemu-img create` gives for the same options.
+#[test]
+fn blockdev_create_qcow2_prealloc_and_data_file() {
+    let d = Daemon::start("create-qcow2-df", &[]);
+    let mut c = d.connect();
+    let path = |n: &str| d.dir.join(n).to_str().unwrap().to_owned();
+    let run_job = |c: &mut Client, id: &str, opts: Value| {
+        c.ok("blockdev-create", json!({"job-id": id, "options": opts}));
+        c.wait_event("JOB_STATUS_CHANGE", |e| {
+            e["data"]["id"] == id && e["data"]["status"] == "concluded"
+        });
+        let jobs = c.ok("query-jobs", json!({}));
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone();
+        c.ok("job-dismiss", json!({"id": id}));
+        assert!(job.get("error").is_none(), "{id}: {job}");
+    };
+    for f in ["full.qcow2", "df.qcow2", "df.raw", "inl.qcow2", "inl.raw"] {
+        run_job(
+            &mut c,
+            &format!("f-{f}"),
+            json!({"driver": "file", "filename": path(f), "size": 0}),
+        );
+    }
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "p1", "filename": path("full.qcow2")}),
+    );
+    run_job(
+        &mut c,
+        "full",
+        json!({"driver": "qcow2", "file": "p1", "size": 5 << 20, "preallocation": "full",
+               "cluster-size": 16384}),
+    );
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "p2", "filename": path("df.qcow2")}),
+    );
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "d2", "filename": path("df.raw")}),
+    );
+    run_job(
+        &mut c,
+        "df",
+        json!({"driver": "qcow2", "file": "p2", "size": 3 << 20, "data-file": "d2",
+               "data-file-raw": true}),
+    );
+    run_job(
+        &mut c,
+        "inl",
+        json!({"driver": "qcow2", "size": 3 << 20, "preallocation": "falloc",
+               "file": {"driver": "file", "filename": path("inl.qcow2")},
+               "data-file": {"driver": "file", "filename": path("inl.raw")}}),
+    );
+    for n in ["p1", "p2", "d2"] {
+        c.ok("blockdev-del", json!({"node-name": n}));
+    }
+    let qemu_img = |args: &[&str]| {
+        let o = Command::new("timeout")
+            .args(["-k", "5", "60", "qemu-img"])
+            .args(args)
+            .output()
+            .expect("cannot run qemu-img (is QEMU installed?)");
+        assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
+    };
+    let cases = [
+        (
+            "full.qcow2",
+            None,
+            "preallocation=full,cluster_size=16k",
+            "5M",
+        ),
+        ("df.qcow2", Some("df.raw"), "data_file_raw=on", "3M"),
+        ("inl.qcow2", Some("inl.raw"), "preallocation=falloc", "3M"),
+    ];
+    for (img, data, opts, size) in cases {
+        let r = path(&format!("ref-{img}"));
+        let mut o = opts.to_owned();
+        if let Some(df) = data {
+            // The header names the data file by its node's file name.
+            o = format!("{o},data_file={}", path(df));
+            std::fs::rename(path(df), path(&format!("{df}.strata"))).unwrap();
+        }
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &o, &r, size]);
+        assert_eq!(
+            std::fs::read(path(img)).unwrap(),
+            std::fs::read(&r).unwrap(),
+            "{img}: differs from qemu-img create's"
+        );
+        if let Some(df) = data {
+            assert_eq!(
+                std::fs::metadata(path(&format!("{df}.strata")))
+                    .unwrap()
+                    .len(),
+                std::fs::metadata(path(df)).unwrap().len(),
+                "{df}: data file size"
+            );
+            std::fs::rename(path(&format!("{df}.strata")), path(df)).unwrap();
+        }
+        qemu_img(&["check", &path(img)]);
+    }
+}

@@ -7,6 +7,13 @@
 //! `-S` bytes (4 KiB by default) that are all zeros, so the output stays
 //! sparse. `-S 0` writes everything. With `-c` (qcow2 only) every cluster
 //! holding data is written compressed through the format layer.
+//!
+//! `-m` requests are in flight at once; their writes are issued in guest
+//! order (so a qcow2 target allocates clusters as qemu-img's does) unless
+//! `-W` allows any order. `-n` writes into an existing target, which may
+//! hold data, so the source's zeros are written as zeros there. `-B` gives
+//! the new target a backing file and copies only what the source's top
+//! layer holds. `-p` prints qemu-img's progress lines.
 
 use super::common::{open_qcow2, read_qcow2_header, release, Env};
 use super::create::{create, CreateArgs};
@@ -104,6 +111,11 @@ const LONGS: &[LongOpt] = &[
         id: 'F' as u32,
     },
     LongOpt {
+        name: "backing-format",
+        has_arg: HasArg::Required,
+        id: 'F' as u32,
+    },
+    LongOpt {
         name: "no-create",
         has_arg: HasArg::No,
         id: 'n' as u32,
@@ -178,13 +190,51 @@ struct Opts {
     quiet: bool,
     min_sparse: u64,
     force_share: bool,
+    /// `-n`: write into an existing target.
+    no_create: bool,
+    /// `-W`: writes may complete in any order.
+    oob_writes: bool,
+    /// `-m`: requests in flight.
+    parallel: usize,
+    /// `-B`: the target's backing file; only the source's top layer is copied.
+    backing: Option<String>,
+    /// `-F`: the backing file's format.
+    backing_fmt: Option<String>,
+    /// `-p`.
+    progress: bool,
     src: String,
     dst: String,
 }
 
+/// qemu-img's `MAX_COROUTINES`.
+const MAX_PARALLEL: i64 = 16;
+
+/// `qemu_strtol(s, NULL, 0, ..)`: C's base-0 integer syntax (leading blanks,
+/// a sign, `0x` hex, `0` octal), and nothing after the number.
+fn parse_c_long(s: &str) -> Option<i64> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or(t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let v = i64::from_str_radix(digits, radix).ok()?;
+    Some(if neg { -v } else { v })
+}
+
 /// The `convert` subcommand.
 pub fn run(args: &[String]) -> Result<(), Failure> {
-    let m = getopt_long(args, "hf:O:B:Cco:l:S:pt:T:qnm:WUr:", LONGS)?;
+    let m = getopt_long(args, "hf:O:B:F:Cco:l:S:pt:T:qnm:WUr:", LONGS)?;
     let mut o = Opts {
         src_fmt: None,
         out_fmt: "raw".into(),
@@ -193,6 +243,12 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         quiet: false,
         min_sparse: 8 * 512,
         force_share: false,
+        no_create: false,
+        oob_writes: false,
+        parallel: 8,
+        backing: None,
+        backing_fmt: None,
+        progress: false,
         src: String::new(),
         dst: String::new(),
     };
@@ -208,6 +264,22 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             'c' => o.compress = true,
             'q' => o.quiet = true,
             'U' => o.force_share = true,
+            'n' => o.no_create = true,
+            'W' => o.oob_writes = true,
+            'p' => o.progress = true,
+            'B' => o.backing = Some(arg),
+            'F' => o.backing_fmt = Some(arg),
+            'm' => {
+                let n = parse_c_long(&arg).ok_or_else(|| {
+                    Failure::Error(format!("Invalid number of coroutines specified: '{arg}'."))
+                })?;
+                if !(1..=MAX_PARALLEL).contains(&n) {
+                    return Err(Failure::Error(format!(
+                        "Invalid number of coroutines specified. Must be between 1 and {MAX_PARALLEL}."
+                    )));
+                }
+                o.parallel = n as usize;
+            }
             'T' if super::open::CacheMode::parse(&arg).is_none() => {
                 return Err(Failure::Error(format!(
                     "Invalid source cache option: {arg}"
@@ -232,7 +304,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
                     ))
                 })? as u64;
             }
-            'B' | 'l' | 'n' | 'C' | 'r' | 'm' => {
+            'l' | 'C' | 'r' => {
                 return Err(Failure::Error(format!(
                     "option -{} is not supported by this build",
                     char::from_u32(p.id).unwrap_or('?')
@@ -266,18 +338,133 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             ))
         }
     }
-    convert(&o)
+    if o.no_create && o.options.is_some() {
+        return Err(Failure::Error(
+            "-o has no effect when skipping image creation".into(),
+        ));
+    }
+    let progress = Progress::new(o.progress && !o.quiet);
+    // qemu-img shows 0% before it opens anything and ends the line even
+    // when the conversion fails.
+    progress.print(0.0, 100);
+    let r = convert(&o, &progress);
+    if r.is_ok() {
+        progress.print(100.0, 0);
+    }
+    progress.end();
+    r
 }
 
-fn convert(o: &Opts) -> Result<(), Failure> {
+/// qemu-img's simple progress meter (`qemu-progress.c`): prints
+/// `    (NN.NN/100%)\r` on stdout, tty or not, when the value moved by more
+/// than one point, and a newline at the end.
+pub(super) struct Progress {
+    enabled: bool,
+    current: std::cell::Cell<f32>,
+    last: std::cell::Cell<f32>,
+}
+
+impl Progress {
+    pub(super) fn new(enabled: bool) -> Self {
+        Progress {
+            enabled,
+            current: std::cell::Cell::new(0.0),
+            last: std::cell::Cell::new(0.0),
+        }
+    }
+
+    /// `qemu_progress_print(delta, max)`: with `max == 0`, `delta` is the
+    /// new value.
+    pub(super) fn print(&self, delta: f32, max: i32) {
+        if !self.enabled {
+            return;
+        }
+        let mut cur = if max == 0 {
+            delta
+        } else {
+            self.current.get() + delta / 100.0 * max as f32
+        };
+        if cur > 100.0 {
+            cur = 100.0;
+        }
+        self.current.set(cur);
+        let last = self.last.get();
+        if cur > last + 1.0 || cur < last - 1.0 || cur == 0.0 || cur == 100.0 {
+            self.last.set(cur);
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "    ({:.2}/100%)\r", cur as f64);
+            let _ = out.flush();
+        }
+    }
+
+    pub(super) fn end(&self) {
+        if self.enabled {
+            println!();
+        }
+    }
+}
+
+fn convert(o: &Opts, progress: &Progress) -> Result<(), Failure> {
     let env = Env::new()?;
     let src = env.block_on(env.open(&o.src, o.src_fmt.as_deref(), false, o.force_share))?;
-    let r = convert_from(&env, o, &src);
+    let r = convert_from(&env, o, &src, progress);
     release(src);
     r
 }
 
-fn convert_from(env: &Env, o: &Opts, src: &BlockBackend) -> Result<(), Failure> {
+/// What a chunk of the source needs in the target (qemu-img's
+/// `BLK_DATA`, `BLK_ZERO`, `BLK_BACKING_FILE`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Data,
+    Zero,
+    Backing,
+}
+
+/// One step of the copy.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    off: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// Hands out write turns in chunk order, so that a qcow2 target allocates
+/// its clusters in guest order however the reads complete.
+#[derive(Default)]
+struct Turns {
+    next: std::cell::Cell<usize>,
+    waiting: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Turns {
+    async fn wait(&self, turn: usize) {
+        std::future::poll_fn(|cx| {
+            if self.next.get() == turn {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiting.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn pass(&self) {
+        self.next.set(self.next.get() + 1);
+        for w in self.waiting.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+}
+
+fn convert_from(
+    env: &Env,
+    o: &Opts,
+    src: &BlockBackend,
+    progress: &Progress,
+) -> Result<(), Failure> {
     if !matches!(o.out_fmt.as_str(), "raw" | "qcow2") {
         return Err(Failure::Error(format!(
             "Unknown file format '{}'",
@@ -290,55 +477,126 @@ fn convert_from(env: &Env, o: &Opts, src: &BlockBackend) -> Result<(), Failure> 
         ));
     }
     let size = src.size();
-    let a = CreateArgs {
-        filename: o.dst.clone(),
-        fmt: o.out_fmt.clone(),
-        options: o.options.clone(),
-        size: Some(size),
-        quiet: true,
-        ..CreateArgs::default()
-    };
-    create(&a).map_err(|m| {
-        if m.starts_with("Invalid parameter") || m.starts_with("Parameter '") {
-            Failure::Error(m)
-        } else {
-            Failure::Error(format!(
-                "{}: error while converting {}: {m}",
-                o.dst, o.out_fmt
-            ))
+    if !o.no_create {
+        if o.backing.is_some() && o.out_fmt == "raw" {
+            return Err(Failure::Error(
+                "Backing file not supported for file format 'raw'".into(),
+            ));
         }
-    })?;
+        if o.backing.is_some() && o.backing_fmt.is_none() {
+            return Err(Failure::Error(
+                "Use of backing file requires explicit backing format".into(),
+            ));
+        }
+        let a = CreateArgs {
+            filename: o.dst.clone(),
+            fmt: o.out_fmt.clone(),
+            options: o.options.clone(),
+            size: Some(size),
+            quiet: true,
+            backing: o.backing.clone(),
+            backing_fmt: o.backing_fmt.clone(),
+            ..CreateArgs::default()
+        };
+        create(&a).map_err(|m| {
+            if m.starts_with("Invalid parameter") || m.starts_with("Parameter '") {
+                Failure::Error(m)
+            } else {
+                Failure::Error(format!(
+                    "{}: error while converting {}: {m}",
+                    o.dst, o.out_fmt
+                ))
+            }
+        })?;
+    }
     let top = src
         .root()
         .ok_or_else(|| Failure::Error("no medium".into()))?;
     let fail = |e: block_core::Error| Failure::Error(format!("error while writing at byte 0: {e}"));
+    // The compressing writer opens the image itself (one writer at a
+    // time), so it is only looked at through its header here.
+    let dst = if o.compress {
+        None
+    } else {
+        Some(env.block_on(env.open(&o.dst, Some(&o.out_fmt), true, false))?)
+    };
+    let dst_size = match &dst {
+        Some(d) => d.size(),
+        None => read_qcow2_header(&o.dst)?.size,
+    };
+    if dst_size < size {
+        if let Some(d) = dst {
+            release(d);
+        }
+        return Err(Failure::Error(
+            "output file is smaller than input file".into(),
+        ));
+    }
+    let target_backing = o.backing.is_some();
+    // Where the target's backing file ends, zeros need not be written.
+    let backing_end = dst
+        .as_ref()
+        .and_then(|d| d.root())
+        .and_then(|n| n.backing())
+        .map(|b| b.size())
+        .unwrap_or(0);
+    // A new target without a backing file reads as zeros already.
+    let zero_init = !o.no_create && !target_backing;
+    let cs = if o.compress {
+        read_qcow2_header(&o.dst)?.cluster_size()
+    } else {
+        CHUNK
+    };
+    let plan = env.block_on(plan(env, o, &top, size, cs, target_backing, backing_end));
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(d) = dst {
+                release(d);
+            }
+            return Err(fail(e));
+        }
+    };
+    let total: u64 = plan
+        .iter()
+        .filter(|c| c.kind == Kind::Data)
+        .map(|c| c.len)
+        .sum();
+    let done = std::cell::Cell::new(0u64);
+    let step_done = |c: &Chunk| {
+        if c.kind == Kind::Data {
+            done.set(done.get() + c.len);
+            progress.print((100.0 * done.get() as f64 / total as f64) as f32, 0);
+        }
+    };
     if o.compress {
-        let cs = read_qcow2_header(&o.dst)?.cluster_size();
+        // Compression happens inside the cluster write, so these writes
+        // are never ordered: ordering them would serialise compression.
         return env.block_on(async {
             let img = open_qcow2(&env.graph, &o.dst, true, false).await?;
-            // Several clusters in flight (qemu-img's -m, 8 by default), so
-            // compression keeps every worker thread busy while the loop
-            // reads and writes.
-            let next = std::cell::Cell::new(0u64);
+            let next = std::cell::Cell::new(0usize);
             let worker = || async {
                 loop {
-                    let off = next.get();
-                    if off >= size {
+                    let i = next.get();
+                    let Some(c) = plan.get(i) else {
                         return Ok::<_, block_core::Error>(());
+                    };
+                    next.set(i + 1);
+                    match c.kind {
+                        Kind::Backing => continue,
+                        Kind::Zero if zero_init => continue,
+                        _ => {}
                     }
-                    let len = cs.min(size - off);
-                    next.set(off + len);
-                    let e = block_status(&env.graph, &top, off, len).await?;
-                    if e.zero && e.length >= len {
-                        continue;
+                    let b = src.pread(c.off, IoBuf::zeroed(c.len as usize)).await?;
+                    // Without a zeroed target, zeros are written too (they
+                    // compress to almost nothing).
+                    if !zero_init || b.iter().any(|&x| x != 0) {
+                        img.write_compressed(c.off, &b).await?;
                     }
-                    let b = src.pread(off, IoBuf::zeroed(len as usize)).await?;
-                    if b.iter().any(|&x| x != 0) {
-                        img.write_compressed(off, &b).await?;
-                    }
+                    step_done(c);
                 }
             };
-            let r = join_all((0..COMPRESS_IN_FLIGHT).map(|_| worker()).collect())
+            let r = join_all((0..o.parallel).map(|_| worker()).collect())
                 .await
                 .into_iter()
                 .collect::<Result<Vec<()>, _>>()
@@ -347,24 +605,122 @@ fn convert_from(env: &Env, o: &Opts, src: &BlockBackend) -> Result<(), Failure> 
             r.and(c).map_err(fail)
         });
     }
-    let dst = env.block_on(env.open(&o.dst, Some(&o.out_fmt), true, false))?;
+    let Some(dst) = dst else {
+        return Err(Failure::Error("no target".into()));
+    };
     let r = env.block_on(async {
-        let mut off = 0;
-        while off < size {
-            let e = block_status(&env.graph, &top, off, (size - off).min(CHUNK)).await?;
-            let len = e.length;
-            if e.zero && o.min_sparse != 0 {
-                off += len;
-                continue;
+        let next = std::cell::Cell::new(0usize);
+        let turns = Turns::default();
+        // After a failure no new chunk is started (claimed ones finish, so
+        // that every write turn is passed on).
+        let failed = std::cell::Cell::new(false);
+        let worker = || async {
+            loop {
+                let i = next.get();
+                let Some(c) = plan.get(i).filter(|_| !failed.get()) else {
+                    return Ok::<_, Failure>(());
+                };
+                next.set(i + 1);
+                let data = match c.kind {
+                    Kind::Data => Some(src.pread(c.off, IoBuf::zeroed(c.len as usize)).await),
+                    _ => None,
+                };
+                if !o.oob_writes {
+                    turns.wait(i).await;
+                }
+                let at = |what: &str, e: block_core::Error| {
+                    Failure::Error(format!("error while {what} at byte {}: {e}", c.off))
+                };
+                let r = match (c.kind, data) {
+                    (Kind::Data, Some(Ok(b))) => write_sparse(&dst, c.off, &b, o.min_sparse)
+                        .await
+                        .map_err(|e| at("writing", e)),
+                    (_, Some(Err(e))) => Err(at("reading", e)),
+                    (Kind::Zero, _) if !zero_init => {
+                        let f = WriteFlags {
+                            may_unmap: true,
+                            ..WriteFlags::default()
+                        };
+                        dst.pwrite_zeroes(c.off, c.len, f)
+                            .await
+                            .map_err(|e| at("writing", e))
+                    }
+                    _ => Ok(()),
+                };
+                match &r {
+                    Ok(()) => step_done(c),
+                    Err(_) => failed.set(true),
+                }
+                if !o.oob_writes {
+                    turns.pass();
+                }
+                r?;
             }
-            let b = src.pread(off, IoBuf::zeroed(len as usize)).await?;
-            write_sparse(&dst, off, &b, o.min_sparse).await?;
-            off += len;
+        };
+        let r = join_all((0..o.parallel).map(|_| worker()).collect())
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ());
+        match r {
+            Ok(()) => dst.flush().await.map_err(fail),
+            Err(e) => Err(e),
         }
-        dst.flush().await
     });
     release(dst);
-    r.map_err(fail)
+    r
+}
+
+/// Splits the source into chunks as `convert_iteration_sectors` does: at
+/// most `step` bytes each, of one status. With a backing file for the
+/// target only the source's top layer counts: what it leaves unallocated
+/// comes from the backing file.
+async fn plan(
+    env: &Env,
+    o: &Opts,
+    top: &std::rc::Rc<block_core::Node>,
+    size: u64,
+    step: u64,
+    target_backing: bool,
+    backing_end: u64,
+) -> block_core::Result<Vec<Chunk>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let want = (size - off).min(step);
+        let (len, mut kind) = if target_backing {
+            let st = top.block_status(off, want).await?;
+            let below = top.backing().is_some_and(|b| off < b.size());
+            let kind = if st.zero || (!st.data && !st.allocated && !below) {
+                if off >= backing_end && backing_end > 0 {
+                    Kind::Backing
+                } else {
+                    Kind::Zero
+                }
+            } else if st.data {
+                Kind::Data
+            } else {
+                Kind::Backing
+            };
+            (st.len.min(want), kind)
+        } else {
+            let e = block_status(&env.graph, top, off, want).await?;
+            let kind = if e.zero { Kind::Zero } else { Kind::Data };
+            (e.length.min(want), kind)
+        };
+        // Compressed writes cover whole clusters: a cluster that is only
+        // partly zero (or partly in the backing file) is copied.
+        if o.compress && len < want {
+            kind = Kind::Data;
+        }
+        let len = if o.compress { want } else { len };
+        if kind == Kind::Zero && o.min_sparse == 0 {
+            kind = Kind::Data;
+        }
+        out.push(Chunk { off, len, kind });
+        off += len;
+    }
+    Ok(out)
 }
 
 /// Writes `data` at `off`, leaving out the `min_sparse`-sized blocks
@@ -407,9 +763,6 @@ async fn write_sparse(
     }
     Ok(())
 }
-
-/// Clusters compressed at once by `convert -c` (qemu-img's default `-m`).
-const COMPRESS_IN_FLIGHT: usize = 8;
 
 /// Runs borrowed futures concurrently on the current task and returns
 /// their results in order.

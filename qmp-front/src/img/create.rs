@@ -86,6 +86,8 @@ const QCOW2_OPTS: &[Desc] = &[
     ("compat", Kind::Str, None),
     ("backing_file", Kind::Str, None),
     ("backing_fmt", Kind::Str, None),
+    ("data_file", Kind::Str, None),
+    ("data_file_raw", Kind::Bool, None),
     ("lazy_refcounts", Kind::Bool, Some("off")),
     ("refcount_bits", Kind::Num, Some("16")),
 ];
@@ -451,6 +453,18 @@ pub fn create(a: &CreateArgs) -> Result<(), String> {
     };
     c.backing_file = backing;
     c.backing_fmt = backing_fmt;
+    c.data_file = o.get("data_file").map(|v| v.text.clone());
+    c.data_file_raw = o.bool("data_file_raw");
+    c.validate().map_err(|e| qemu_wording(&e.to_string()))?;
+    if let Some(df) = &c.data_file {
+        // qemu-img creates the data file as a raw protocol file first;
+        // only falloc and full reach the protocol driver.
+        let p = match c.preallocation {
+            block_core::Prealloc::Falloc | block_core::Prealloc::Full => c.preallocation,
+            _ => block_core::Prealloc::Off,
+        };
+        create_raw(&env, df, c.size, p)?;
+    }
     env.block_on(create_file(&env.graph, &a.filename, &c))
         .map_err(|e| qemu_wording(&e.to_string()))
 }

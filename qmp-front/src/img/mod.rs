@@ -17,6 +17,7 @@
 //! `process::exit` after cleaning up.
 #![forbid(unsafe_code)]
 
+pub mod amend;
 pub mod bench;
 pub mod check;
 pub mod common;
@@ -41,6 +42,11 @@ pub type CommandFn = fn(&[String]) -> Result<(), Failure>;
 
 /// Every subcommand: name, entry point, one-line description.
 pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
+    (
+        "amend",
+        amend::run,
+        "Update format-specific options of the image",
+    ),
     ("bench", bench::run, "Run simple image benchmark"),
     ("create", create::run, "Create and format new image file"),
     ("info", info::run, "Display information about image"),

@@ -225,6 +225,67 @@ fn create_matches_qemu_img_byte_for_byte() {
                 ..Default::default()
             },
         ),
+        (
+            "10M",
+            "preallocation=falloc",
+            CreateOptions {
+                size: 10 << 20,
+                preallocation: block_core::Prealloc::Falloc,
+                ..Default::default()
+            },
+        ),
+        (
+            "3M",
+            "preallocation=full,extended_l2=on,lazy_refcounts=on",
+            CreateOptions {
+                size: 3 << 20,
+                preallocation: block_core::Prealloc::Full,
+                extended_l2: true,
+                lazy_refcounts: true,
+                ..Default::default()
+            },
+        ),
+        // Several L2 tables and several refcount blocks.
+        (
+            "10M",
+            "preallocation=falloc,cluster_size=4096",
+            CreateOptions {
+                size: 10 << 20,
+                cluster_size: 4096,
+                preallocation: block_core::Prealloc::Falloc,
+                ..Default::default()
+            },
+        ),
+        (
+            "1000K",
+            "preallocation=full,cluster_size=512,refcount_bits=8",
+            CreateOptions {
+                size: 1000 << 10,
+                cluster_size: 512,
+                refcount_bits: 8,
+                preallocation: block_core::Prealloc::Full,
+                ..Default::default()
+            },
+        ),
+        (
+            "5M",
+            "preallocation=falloc,compat=0.10",
+            CreateOptions {
+                size: 5 << 20,
+                compat_v2: true,
+                preallocation: block_core::Prealloc::Falloc,
+                ..Default::default()
+            },
+        ),
+        (
+            "0",
+            "preallocation=falloc",
+            CreateOptions {
+                size: 0,
+                preallocation: block_core::Prealloc::Falloc,
+                ..Default::default()
+            },
+        ),
     ];
     let backing = d.file("b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", &backing, "1G"]);

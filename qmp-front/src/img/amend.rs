@@ -1,0 +1,553 @@
+//! `strata-img amend`: qemu-img's `amend` for qcow2, for what changes the
+//! header alone: `lazy_refcounts` on and off, and `compat` up (0.10 to
+//! 1.1) and down (1.1 to 0.10, when the image uses nothing version 2
+//! cannot express). Options qemu-img knows but that would need the image
+//! rewritten (`size`, `refcount_bits`, a new data file, encryption) are
+//! refused with a message saying so; unknown and creation-only options
+//! fail as in qemu-img.
+//!
+//! The image is opened once through the format driver to check it (and to
+//! give qemu-img's messages for missing files, wrong formats and locks),
+//! closed, and then edited through its protocol node, holding the write
+//! lock. Write order on downgrade: data clusters that read as zero are
+//! zeroed, then the L2 tables lose their zero flags, then the header goes
+//! last, so an interruption leaves a valid version 3 image.
+
+use std::rc::Rc;
+
+use block_core::{IoBuf, Node, Options, Perm, WriteFlags};
+use formats::qcow2::header::{
+    CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+};
+use formats::qcow2::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+
+use super::common::{release, Env};
+use super::convert::Progress;
+use super::create::split_opts;
+use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::Failure;
+
+const OPT_OBJECT: u32 = 256;
+const OPT_IMAGE_OPTS: u32 = 257;
+const OPT_FORCE: u32 = 258;
+
+const LONGS: &[LongOpt] = &[
+    LongOpt {
+        name: "help",
+        has_arg: HasArg::No,
+        id: 'h' as u32,
+    },
+    LongOpt {
+        name: "quiet",
+        has_arg: HasArg::No,
+        id: 'q' as u32,
+    },
+    LongOpt {
+        name: "progress",
+        has_arg: HasArg::No,
+        id: 'p' as u32,
+    },
+    LongOpt {
+        name: "format",
+        has_arg: HasArg::Required,
+        id: 'f' as u32,
+    },
+    LongOpt {
+        name: "image-opts",
+        has_arg: HasArg::No,
+        id: OPT_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "cache",
+        has_arg: HasArg::Required,
+        id: 't' as u32,
+    },
+    LongOpt {
+        name: "force",
+        has_arg: HasArg::No,
+        id: OPT_FORCE,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: HasArg::Required,
+        id: OPT_OBJECT,
+    },
+    LongOpt {
+        name: "options",
+        has_arg: HasArg::Required,
+        id: 'o' as u32,
+    },
+];
+
+/// qcow2's amend options as `-o help` lists them.
+const AMEND_HELP: &str = "Amend options for 'qcow2':
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly
+  encrypt.new-secret=<str> - New secret to set in the matching keyslots. Empty string to erase
+  encrypt.old-secret=<str> - Select all keyslots that match this password
+  encrypt.state=<str>    - Select new state of affected keyslots (active/inactive)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+";
+
+/// The type of an amend option's value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Bool,
+    Num,
+    Size,
+}
+
+/// qcow2's amend options, in the order QEMU acts on them.
+const AMEND_OPTS: &[(&str, Kind)] = &[
+    ("size", Kind::Size),
+    ("compat", Kind::Str),
+    ("backing_file", Kind::Str),
+    ("backing_fmt", Kind::Str),
+    ("data_file", Kind::Str),
+    ("data_file_raw", Kind::Bool),
+    ("encrypt.iter-time", Kind::Num),
+    ("encrypt.keyslot", Kind::Num),
+    ("encrypt.new-secret", Kind::Str),
+    ("encrypt.old-secret", Kind::Str),
+    ("encrypt.state", Kind::Str),
+    ("lazy_refcounts", Kind::Bool),
+    ("refcount_bits", Kind::Num),
+];
+
+/// Options qcow2 takes only at creation.
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "extended_l2",
+    "preallocation",
+    "compression_type",
+    "encryption",
+    "encrypt.format",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.hash-alg",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.key-secret",
+];
+
+/// The `amend` subcommand.
+pub fn run(args: &[String]) -> Result<(), Failure> {
+    let m = getopt_long(args, "ho:f:t:pq", LONGS)?;
+    let mut options: Option<String> = None;
+    let mut fmt = None;
+    let (mut quiet, mut progress) = (false, false);
+    for p in &m.opts {
+        let arg = p.arg.clone().unwrap_or_default();
+        match char::from_u32(p.id).unwrap_or('\0') {
+            'h' => {
+                print!("{}", super::help::text("amend"));
+                return Ok(());
+            }
+            'q' => quiet = true,
+            'p' => progress = true,
+            'f' => fmt = Some(arg),
+            't' if super::open::CacheMode::parse(&arg).is_none() => {
+                return Err(Failure::Error(format!("Invalid cache option: {arg}")))
+            }
+            'o' => {
+                options = Some(match options.take() {
+                    Some(prev) => format!("{prev},{arg}"),
+                    None => arg,
+                })
+            }
+            _ => {}
+        }
+        if p.id == OPT_IMAGE_OPTS {
+            return Err(Failure::Error(
+                "--image-opts is not supported by amend".into(),
+            ));
+        }
+    }
+    let Some(options) = options else {
+        return Err(Failure::Usage("Must specify options (-o)".into()));
+    };
+    let help = split_opts(&options)
+        .iter()
+        .any(|(k, _)| k == "help" || k == "?");
+    if help && fmt.as_deref() == Some("qcow2") {
+        print!("{AMEND_HELP}");
+        return Ok(());
+    }
+    let [filename] = m.operands.as_slice() else {
+        return Err(Failure::Error("Expecting one image file name".into()));
+    };
+    let progress = Progress::new(progress && !quiet);
+    let r = amend(filename, fmt.as_deref(), &options, help, &progress);
+    progress.end();
+    r
+}
+
+/// What the options ask for, checked against the image.
+#[derive(Default)]
+struct Wanted {
+    version: Option<u32>,
+    lazy: Option<bool>,
+}
+
+fn amend(
+    filename: &str,
+    fmt: Option<&str>,
+    options: &str,
+    help: bool,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    let env = Env::new()?;
+    let blk = env.block_on(env.open(filename, fmt, true, false))?;
+    let drv = blk.root().map(|n| n.format_name()).unwrap_or("raw");
+    release(blk);
+    env.block_on(env.graph.close_all())
+        .map_err(|e| Failure::Error(e.to_string()))?;
+    if drv != "qcow2" {
+        return Err(Failure::Error(format!(
+            "Format driver '{drv}' does not support option amendment"
+        )));
+    }
+    if help {
+        print!("{AMEND_HELP}");
+        return Ok(());
+    }
+    let node = env
+        .block_on(
+            env.graph.open(
+                Options::new()
+                    .with("driver", "file")
+                    .with("filename", filename),
+            ),
+        )
+        .map_err(|e| Failure::Error(format!("Could not open '{filename}': {e}")))?;
+    let user = node
+        .add_user(
+            "amend",
+            "root",
+            Perm::WRITE | Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ,
+        )
+        .map_err(|e| Failure::Error(format!("Could not open '{filename}': {e}")))?;
+    let r = env.block_on(async {
+        let h = read_header(&node, filename).await?;
+        let want = parse(options, &h)?;
+        progress.print(0.0, 100);
+        apply(&node, h, &want, progress).await
+    });
+    node.remove_user(user);
+    r
+}
+
+async fn read_header(node: &Rc<Node>, filename: &str) -> Result<Header, Failure> {
+    let len = node.size().min(2 << 20);
+    let buf = node
+        .pread(0, IoBuf::zeroed(len as usize))
+        .await
+        .map_err(|e| Failure::Error(format!("Could not read '{filename}': {e}")))?;
+    Header::parse(filename, &buf, node.size())
+        .map_err(|e| Failure::Error(format!("Could not open '{filename}': {e}")))
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses `-o` text as `qemu_opts_do_parse` on qcow2's amend list, then
+/// judges each option as `qcow2_amend_options` does.
+fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
+    let err = |m: String| Failure::Error(m);
+    if text.is_empty() {
+        return Err(err(format!("Invalid option list: {text}")));
+    }
+    let mut vals: Vec<Option<String>> = vec![None; AMEND_OPTS.len()];
+    for (k, v) in split_opts(text) {
+        let Some(i) = AMEND_OPTS.iter().position(|(n, _)| *n == k) else {
+            return Err(err(if CREATE_ONLY.contains(&k.as_str()) {
+                format!("Invalid parameter '{k}'\nThis option is only supported for image creation")
+            } else {
+                format!("Invalid parameter '{k}'")
+            }));
+        };
+        match AMEND_OPTS[i].1 {
+            Kind::Bool if parse_bool(&v).is_none() => {
+                return Err(err(format!("Parameter '{k}' expects 'on' or 'off'")))
+            }
+            Kind::Num if super::num::parse_int("x", &v, 0, i64::MAX).is_err() => {
+                return Err(err(format!("Parameter '{k}' expects a number")))
+            }
+            Kind::Size if super::num::parse_size("x", &v, 0, i64::MAX).is_err() => {
+                return Err(err(format!(
+                    "Parameter '{k}' expects a non-negative number below 2^64\n\
+                     Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                     and exabytes, respectively."
+                )))
+            }
+            _ => {}
+        }
+        vals[i] = Some(v);
+    }
+    let unsupported = |what: &str| err(format!("{what} is not supported by this build"));
+    let mut w = Wanted::default();
+    for ((name, _), v) in AMEND_OPTS.iter().zip(&vals) {
+        let Some(v) = v else { continue };
+        match *name {
+            "size" => {
+                let n = super::num::parse_size("x", v, 0, i64::MAX).unwrap_or(0) as u64;
+                if n != h.size {
+                    return Err(unsupported("Resizing with amend (use resize instead)"));
+                }
+            }
+            "compat" => {
+                w.version = Some(match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(err(format!("Unknown compatibility level {v}"))),
+                });
+            }
+            "backing_file" | "backing_fmt" => {
+                return Err(err(
+                    "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
+                ))
+            }
+            "data_file" if !h.has_data_file() => {
+                return Err(err(
+                    "data-file can only be set for images that use an external data file".into(),
+                ))
+            }
+            "data_file_raw" if !h.has_data_file() => {
+                return Err(err("data-file-raw cannot be set on existing images".into()))
+            }
+            "data_file" | "data_file_raw" => {
+                return Err(unsupported("Changing the external data file"))
+            }
+            n if n.starts_with("encrypt.") => {
+                return Err(if h.crypt_method == 0 {
+                    err("Can't amend encryption options - encryption not present".into())
+                } else {
+                    unsupported("Amending encryption")
+                })
+            }
+            "lazy_refcounts" => w.lazy = parse_bool(v),
+            "refcount_bits" => {
+                let n = super::num::parse_int("x", v, 0, i64::MAX).unwrap_or(0) as u64;
+                if !n.is_power_of_two() || n > 64 {
+                    return Err(err(
+                        "Refcount width must be a power of two and may not exceed 64 bits".into(),
+                    ));
+                }
+                if n != h.refcount_bits() as u64 {
+                    return Err(unsupported("Changing the refcount width"));
+                }
+            }
+            _ => {}
+        }
+    }
+    let version = w.version.unwrap_or(h.version);
+    // Only a change is checked: asking for what the image has is a no-op.
+    let lazy_now = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+    if w.lazy == Some(true) && !lazy_now && version < 3 {
+        return Err(err(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
+                .into(),
+        ));
+    }
+    Ok(w)
+}
+
+/// Makes the changes, in QEMU's order: upgrade, lazy refcounts, downgrade.
+async fn apply(
+    node: &Rc<Node>,
+    mut h: Header,
+    w: &Wanted,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    let err = |m: String| Failure::Error(m);
+    let io = |e: block_core::Error| Failure::Error(e.to_string());
+    let old_version = h.version;
+    let version = w.version.unwrap_or(old_version);
+    let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
+    if version > old_version {
+        if h.nb_snapshots > 0 {
+            return Err(err(
+                "Upgrading an image with internal snapshots is not supported by this build".into(),
+            ));
+        }
+        progress.print(0.0, 0);
+        progress.print(50.0, 0);
+        h.version = 3;
+        h.header_length = 112;
+        h.refcount_order = 4;
+        h.compression_type = CompressionType::Deflate;
+        progress.print(100.0, 0);
+    }
+    if let Some(lazy) = w.lazy {
+        let on = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+        if lazy != on {
+            if !lazy && dirty {
+                return Err(err(
+                    "Cannot disable lazy refcounts on an image with the dirty bit set: repairing its refcounts is not supported by this build (use 'check -r all' first)"
+                        .into(),
+                ));
+            }
+            h.compatible_features ^= COMPAT_LAZY_REFCOUNTS;
+        }
+    }
+    let mut zeroed = Vec::new();
+    if version < old_version {
+        if h.refcount_order != 4 {
+            return Err(err("compat=0.10 requires refcount_bits=16".into()));
+        }
+        if h.has_data_file() {
+            return Err(err("Cannot downgrade an image with a data file".into()));
+        }
+        if dirty {
+            return Err(err(
+                "Cannot downgrade an image with the dirty bit set: repairing its refcounts is not supported by this build (use 'check -r all' first)"
+                    .into(),
+            ));
+        }
+        let left = h.incompatible_features & !INCOMPAT_COMPRESSION;
+        if left != 0 {
+            return Err(err(format!(
+                "Cannot downgrade an image with incompatible features 0x{left:x} set"
+            )));
+        }
+        if h.nb_snapshots > 0 {
+            return Err(err(
+                "Downgrading an image with internal snapshots is not supported by this build"
+                    .into(),
+            ));
+        }
+        if h.bitmaps_ext.is_some() {
+            return Err(err(
+                "Downgrading an image with persistent bitmaps is not supported by this build"
+                    .into(),
+            ));
+        }
+        let scan = scan_l2(node, &h).await.map_err(io)?;
+        if scan.compressed && h.compression_type != CompressionType::Deflate {
+            return Err(err(
+                "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+                    .into(),
+            ));
+        }
+        if scan.zero_unallocated && h.backing_file.is_some() {
+            return Err(err(
+                "Downgrading an image with zero clusters over a backing file is not supported by this build"
+                    .into(),
+            ));
+        }
+        zeroed = scan.tables;
+        h.compression_type = CompressionType::Deflate;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.version = 2;
+        h.header_length = 72;
+    }
+    let cs = h.cluster_size();
+    if !zeroed.is_empty() {
+        // Zero clusters do not exist in version 2: allocated ones become
+        // plain data clusters holding zeros, the others unallocated (the
+        // image has no backing file, so those read as zeros too).
+        for (_, t) in &zeroed {
+            for e in t.chunks_exact(8) {
+                let v = u64::from_be_bytes(e.try_into().unwrap_or_default());
+                let host = v & L2E_OFFSET_MASK;
+                if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 && host != 0 {
+                    node.pwrite_zeroes(host, cs, WriteFlags::default())
+                        .await
+                        .map_err(io)?;
+                }
+            }
+        }
+        node.flush().await.map_err(io)?;
+        for (at, t) in &mut zeroed {
+            for e in t.chunks_exact_mut(8) {
+                let v = u64::from_be_bytes((&*e).try_into().unwrap_or_default());
+                if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 {
+                    let nv = if v & L2E_OFFSET_MASK != 0 {
+                        v & !OFLAG_ZERO
+                    } else {
+                        0
+                    };
+                    e.copy_from_slice(&nv.to_be_bytes());
+                }
+            }
+            node.pwrite(*at, IoBuf::from_slice(t), WriteFlags::default())
+                .await
+                .map_err(io)?;
+        }
+        node.flush().await.map_err(io)?;
+    }
+    if version < old_version {
+        progress.print(100.0, 0);
+    }
+    let bytes = h.serialize().map_err(io)?;
+    node.pwrite(0, IoBuf::from_slice(&bytes), WriteFlags::default())
+        .await
+        .map_err(io)?;
+    node.flush().await.map_err(io)?;
+    progress.print(100.0, 0);
+    Ok(())
+}
+
+/// What the active L2 tables hold that version 2 cannot express.
+struct Scan {
+    /// Compressed clusters exist.
+    compressed: bool,
+    /// Zero clusters without a host cluster exist.
+    zero_unallocated: bool,
+    /// L2 tables (offset, contents) that hold zero clusters.
+    tables: Vec<(u64, Vec<u8>)>,
+}
+
+async fn scan_l2(node: &Rc<Node>, h: &Header) -> block_core::Result<Scan> {
+    let cs = h.cluster_size();
+    let mut s = Scan {
+        compressed: false,
+        zero_unallocated: false,
+        tables: Vec::new(),
+    };
+    if h.l1_size == 0 {
+        return Ok(s);
+    }
+    let l1 = node
+        .pread(h.l1_table_offset, IoBuf::zeroed(h.l1_size as usize * 8))
+        .await?;
+    for e in l1.chunks_exact(8) {
+        let l2 = u64::from_be_bytes(e.try_into().unwrap_or_default()) & L1E_OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        let t = node.pread(l2, IoBuf::zeroed(cs as usize)).await?;
+        let mut has_zero = false;
+        for e in t.chunks_exact(8) {
+            let v = u64::from_be_bytes(e.try_into().unwrap_or_default());
+            if v & OFLAG_COMPRESSED != 0 {
+                s.compressed = true;
+            } else if v & OFLAG_ZERO != 0 {
+                has_zero = true;
+                if v & L2E_OFFSET_MASK == 0 {
+                    s.zero_unallocated = true;
+                }
+            }
+        }
+        if has_zero {
+            s.tables.push((l2, t.to_vec()));
+        }
+    }
+    Ok(s)
+}
