@@ -1,185 +1,20 @@
 //! End-to-end tests of the `stratad` binary over QMP on unix sockets:
 //! protocol, block commands, jobs, bad input, several clients, signals.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "stratad-test-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-impl Daemon {
-    fn start(tag: &str, extra: &[&str]) -> Daemon {
-        let dir = tmpdir(tag);
-        let sock = dir.join("qmp.sock");
-        let mut args = vec![
-            "--chardev".to_string(),
-            format!("socket,id=m0,path={},server=on,wait=off", sock.display()),
-            "--monitor".into(),
-            "chardev=m0".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_stratad"))
-            .args(&args)
-            .current_dir(&dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Daemon { child, dir, sock }
-    }
-
-    fn connect(&self) -> Client {
-        Client::connect(&self.sock, true)
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Client {
-    rd: BufReader<UnixStream>,
-    wr: UnixStream,
-    events: Vec<Value>,
-    greeting: Value,
-}
-
-impl Client {
-    fn connect(path: &Path, negotiate: bool) -> Client {
-        let end = Instant::now() + Duration::from_secs(10);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > end => panic!("connect: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let wr = s.try_clone().unwrap();
-        let mut c = Client {
-            rd: BufReader::new(s),
-            wr,
-            events: Vec::new(),
-            greeting: Value::Null,
-        };
-        c.greeting = c.read();
-        if negotiate {
-            assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-        }
-        c
-    }
-
-    /// Reads one JSON value (several lines in pretty mode).
-    fn read(&mut self) -> Value {
-        let mut text = String::new();
-        loop {
-            let mut l = String::new();
-            assert!(self.rd.read_line(&mut l).unwrap() > 0, "connection closed");
-            assert!(l.ends_with("\r\n"), "QMP lines end in CRLF: {l:?}");
-            text.push_str(&l);
-            if let Ok(v) = serde_json::from_str(&text) {
-                return v;
-            }
-        }
-    }
-
-    fn send(&mut self, raw: &[u8]) {
-        self.wr.write_all(raw).unwrap();
-    }
-
-    fn reply(&mut self) -> Value {
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let req = json!({"execute": name, "arguments": args});
-        self.send(req.to_string().as_bytes());
-        self.reply()
-    }
-
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(name, args.clone());
-        assert!(r.get("return").is_some(), "{name} {args}: {r}");
-        r["return"].clone()
-    }
-
-    fn err(&mut self, name: &str, args: Value) -> String {
-        let r = self.cmd(name, args.clone());
-        r["error"]["desc"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{name} {args} should fail: {r}"))
-            .to_owned()
-    }
-
-    fn wait_event(&mut self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            if let Some(i) = self
-                .events
-                .iter()
-                .position(|e| e["event"] == name && pred(e))
-            {
-                return self.events.remove(i);
-            }
-            let v = self.read();
-            self.events.push(v);
-        }
-    }
-}
+mod support;
+use support::{tmpdir, Client, Daemon};
 
 #[test]
 fn protocol_basics() {
     let d = Daemon::start("proto", &[]);
-    let mut c = Client::connect(&d.sock, false);
+    let mut c = Client::connect_raw(&d.sock);
     assert_eq!(c.greeting["QMP"]["version"]["qemu"]["major"], 10);
     assert_eq!(c.greeting["QMP"]["capabilities"], json!(["oob"]));
     let r = c.cmd("query-version", json!({}));
@@ -468,11 +303,11 @@ fn stuck_client_does_not_block_others_and_disconnect_loses_nothing() {
     let d = Daemon::start("multi", &[]);
     let img = d.dir.join("c.raw");
     // A client that sends half a request and never reads.
-    let mut stuck = Client::connect(&d.sock, true);
+    let mut stuck = Client::connect(&d.sock);
     stuck.send(b"{\"execute\": \"query-ver");
     // A client that fires a command and disconnects at once.
     {
-        let mut gone = Client::connect(&d.sock, true);
+        let mut gone = Client::connect(&d.sock);
         gone.send(
             json!({"execute": "blockdev-create", "arguments": {"job-id": "jx",
                 "options": {"driver": "file", "filename": img.to_str().unwrap(), "size": 65536}}})
@@ -505,7 +340,7 @@ fn stuck_client_does_not_block_others_and_disconnect_loses_nothing() {
         .map(|_| {
             let p = d.sock.clone();
             std::thread::spawn(move || {
-                let mut c = Client::connect(&p, true);
+                let mut c = Client::connect(&p);
                 for _ in 0..50 {
                     c.ok("query-named-block-nodes", json!({}));
                 }
@@ -671,7 +506,7 @@ fn default_configuration() {
         first.trim_end(),
         format!("QMP socket: {}", dir.join("stratad.qmp").display())
     );
-    let mut c = Client::connect(&dir.join("stratad.qmp"), true);
+    let mut c = Client::connect(&dir.join("stratad.qmp"));
     let n = c.ok("query-named-block-nodes", json!({}));
     assert_eq!(n[0]["node-name"], "demo0");
     assert_eq!(n[0]["drv"], "null-co");
@@ -745,8 +580,8 @@ fn events_broadcast_to_all_negotiated_monitors() {
     );
     let img = d.dir.join("e.raw");
     let mut a = d.connect();
-    let mut b = Client::connect(&d.dir.join("second.sock"), true);
-    let mut quiet = Client::connect(&d.sock, false);
+    let mut b = Client::connect(&d.dir.join("second.sock"));
+    let mut quiet = Client::connect_raw(&d.sock);
     a.ok(
         "blockdev-create",
         json!({"job-id": "je", "options": {"driver": "file", "filename": img.to_str().unwrap(), "size": 4096}}),

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod support;
+use support::{tmpdir, Client, Daemon};
+
 /// Upper bound for any one external tool run (seconds, for `timeout`).
 const TOOL_TIMEOUT: &str = "30";
 
@@ -33,176 +36,10 @@ fn have_tools() -> bool {
     ok
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "stratad-nbd-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn raw_image(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
-}
-
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    fn start(tag: &str, extra: &[&str]) -> Daemon {
-        Self::start_in(tmpdir(tag), extra)
-    }
-
-    fn start_in(dir: PathBuf, extra: &[&str]) -> Daemon {
-        let sock = dir.join("qmp.sock");
-        let mut args = vec![
-            "--chardev".to_string(),
-            format!("socket,id=m0,path={},server=on,wait=off", sock.display()),
-            "--monitor".into(),
-            "chardev=m0".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(env!("CARGO_BIN_EXE_stratad"))
-            .args(&args)
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Daemon { child, dir, sock }
-    }
-
-    fn connect(&self) -> Client {
-        Client::connect(&self.sock)
-    }
-
-    fn nbd_sock(&self) -> String {
-        self.dir.join("nbd.sock").display().to_string()
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.nbd_sock())
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Client {
-    rd: BufReader<UnixStream>,
-    wr: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let end = Instant::now() + Duration::from_secs(10);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > end => panic!("connect: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let wr = s.try_clone().unwrap();
-        let mut c = Client {
-            rd: BufReader::new(s),
-            wr,
-            events: Vec::new(),
-        };
-        c.read();
-        assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-        c
-    }
-
-    fn read(&mut self) -> Value {
-        let mut l = String::new();
-        assert!(self.rd.read_line(&mut l).unwrap() > 0, "connection closed");
-        serde_json::from_str(&l).unwrap()
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let req = json!({"execute": name, "arguments": args});
-        self.wr.write_all(req.to_string().as_bytes()).unwrap();
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(name, args.clone());
-        assert!(r.get("return").is_some(), "{name} {args}: {r}");
-        r["return"].clone()
-    }
-
-    fn err(&mut self, name: &str, args: Value) -> String {
-        let r = self.cmd(name, args.clone());
-        assert_eq!(r["error"]["class"], "GenericError", "{name} {args}: {r}");
-        r["error"]["desc"].as_str().unwrap().to_owned()
-    }
-
-    /// The next event called `name` (events are read as they come).
-    fn wait_event(&mut self, name: &str) -> Value {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-                return self.events.remove(i);
-            }
-            let v = self.read();
-            self.events.push(v);
-        }
-    }
-
-    /// Events called `name` that arrive within `dur`.
-    fn events_within(&mut self, name: &str, dur: Duration) -> Vec<Value> {
-        let s = self.rd.get_ref().try_clone().unwrap();
-        s.set_read_timeout(Some(dur)).unwrap();
-        let mut l = String::new();
-        while let Ok(n) = self.rd.read_line(&mut l) {
-            if n == 0 {
-                break;
-            }
-            self.events.push(serde_json::from_str(&l).unwrap());
-            l.clear();
-        }
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let (hit, rest) = std::mem::take(&mut self.events)
-            .into_iter()
-            .partition(|e| e["event"] == name);
-        self.events = rest;
-        hit
-    }
 }
 
 fn add_raw(c: &mut Client, node: &str, img: &Path, read_only: bool) {
@@ -396,7 +233,7 @@ fn writable_export_round_trip() {
                "shared-perm": ["write-unchanged", "write", "consistent-read"]})
     );
     c.ok("block-export-del", json!({"id": "e0"}));
-    let ev = c.wait_event("BLOCK_EXPORT_DELETED");
+    let ev = c.wait_event("BLOCK_EXPORT_DELETED", |_| true);
     assert_eq!(ev["data"], json!({"id": "e0"}));
     let ts = &ev["timestamp"];
     assert!(ts["seconds"].as_i64().unwrap() > 0 && ts["microseconds"].is_i64());
@@ -451,15 +288,15 @@ fn read_only_export_and_listing_order() {
     c.ok("nbd-server-stop", json!({}));
     // Newest first, as qemu-storage-daemon closes them, before the reply.
     assert_eq!(c.events.len(), 2, "{:?}", c.events);
-    let a = c.wait_event("BLOCK_EXPORT_DELETED");
-    let b = c.wait_event("BLOCK_EXPORT_DELETED");
+    let a = c.wait_event("BLOCK_EXPORT_DELETED", |_| true);
+    let b = c.wait_event("BLOCK_EXPORT_DELETED", |_| true);
     assert_eq!(
         (a["data"].clone(), b["data"].clone()),
         (json!({"id": "b"}), json!({"id": "a"}))
     );
     assert_eq!(c.ok("query-block-exports", json!({})), json!([]));
     assert_eq!(
-        c.err("nbd-server-stop", json!({})),
+        c.generic_err("nbd-server-stop", json!({})),
         "NBD server not running"
     );
     // As with qemu-storage-daemon, the socket file goes with the server.
@@ -489,31 +326,31 @@ fn removal_modes_with_a_connected_client() {
     let mut client = IoClient::open(&d.uri("exp"), false);
     assert!(client.run("write -P 0x11 0 4k").contains("wrote 4096/4096"));
     assert_eq!(
-        c.err("block-export-del", json!({"id": "e0"})),
+        c.generic_err("block-export-del", json!({"id": "e0"})),
         "export 'e0' still in use"
     );
     assert_eq!(
-        c.err("block-export-del", json!({"id": "e0", "mode": "safe"})),
+        c.generic_err("block-export-del", json!({"id": "e0", "mode": "safe"})),
         "export 'e0' still in use"
     );
     assert_eq!(
-        c.err("nbd-server-remove", json!({"name": "e0"})),
+        c.generic_err("nbd-server-remove", json!({"name": "e0"})),
         "export 'e0' still in use"
     );
     // The node is held by the export (and its client).
     assert_eq!(
-        c.err("blockdev-del", json!({"node-name": "r0"})),
+        c.generic_err("blockdev-del", json!({"node-name": "r0"})),
         "Node r0 is in use"
     );
     assert!(c
         .events_within("BLOCK_EXPORT_DELETED", Duration::from_millis(200))
         .is_empty());
     c.ok("block-export-del", json!({"id": "e0", "mode": "hard"}));
-    let ev = c.wait_event("BLOCK_EXPORT_DELETED");
+    let ev = c.wait_event("BLOCK_EXPORT_DELETED", |_| true);
     assert!(deleted("e0")(&ev), "{ev}");
     assert_eq!(c.ok("query-block-exports", json!({})), json!([]));
     assert_eq!(
-        c.err("block-export-del", json!({"id": "e0", "mode": "hard"})),
+        c.generic_err("block-export-del", json!({"id": "e0", "mode": "hard"})),
         "Export 'e0' is not found"
     );
     let l = client.run("read 0 512");
@@ -570,13 +407,13 @@ fn legacy_add_and_remove() {
     let img2 = raw_image(&d.dir, "img2.raw", 1 << 20);
     let mut c = d.connect();
     assert_eq!(
-        c.err("nbd-server-add", json!({"device": "r0"})),
+        c.generic_err("nbd-server-add", json!({"device": "r0"})),
         "Cannot find device='r0' nor node-name='r0'"
     );
     add_raw(&mut c, "r0", &img, false);
     add_raw(&mut c, "ro", &img2, true);
     assert_eq!(
-        c.err("nbd-server-add", json!({"device": "r0"})),
+        c.generic_err("nbd-server-add", json!({"device": "r0"})),
         "NBD server not running"
     );
     start_unix(&mut c, &d);
@@ -593,11 +430,11 @@ fn legacy_add_and_remove() {
         ])
     );
     assert_eq!(
-        c.err("nbd-server-add", json!({"device": "r0"})),
+        c.generic_err("nbd-server-add", json!({"device": "r0"})),
         "Block export id 'r0' is already in use"
     );
     assert_eq!(
-        c.err(
+        c.generic_err(
             "nbd-server-add",
             json!({"device": "r0", "name": "x", "bitmap": "b0"})
         ),
@@ -611,27 +448,33 @@ fn legacy_add_and_remove() {
     );
     assert!(!ok || out.contains("can't open"), "{out}");
     c.ok("nbd-server-remove", json!({"name": "r0"}));
-    assert!(deleted("r0")(&c.wait_event("BLOCK_EXPORT_DELETED")));
+    assert!(deleted("r0")(
+        &c.wait_event("BLOCK_EXPORT_DELETED", |_| true)
+    ));
     assert_eq!(
-        c.err("nbd-server-remove", json!({"name": "r0"})),
+        c.generic_err("nbd-server-remove", json!({"name": "r0"})),
         "Export 'r0' is not found"
     );
     c.ok(
         "nbd-server-remove",
         json!({"name": "legro", "mode": "hard"}),
     );
-    assert!(deleted("legro")(&c.wait_event("BLOCK_EXPORT_DELETED")));
+    assert!(deleted("legro")(
+        &c.wait_event("BLOCK_EXPORT_DELETED", |_| true)
+    ));
     // nbd-server-remove finds block-export-add's exports by id.
     c.ok(
         "block-export-add",
         json!({"type": "nbd", "id": "e4", "node-name": "r0", "name": "n4"}),
     );
     assert_eq!(
-        c.err("nbd-server-remove", json!({"name": "n4"})),
+        c.generic_err("nbd-server-remove", json!({"name": "n4"})),
         "Export 'n4' is not found"
     );
     c.ok("nbd-server-remove", json!({"name": "e4"}));
-    assert!(deleted("e4")(&c.wait_event("BLOCK_EXPORT_DELETED")));
+    assert!(deleted("e4")(
+        &c.wait_event("BLOCK_EXPORT_DELETED", |_| true)
+    ));
 }
 
 /// Error texts, each as qemu-storage-daemon 10.0 answers the same request.
@@ -681,7 +524,7 @@ fn error_texts_match_qemu_storage_daemon() {
         ),
     ];
     for (cmd, args, want) in cases_before {
-        assert_eq!(c.err(cmd, args.clone()), want, "{cmd} {args}");
+        assert_eq!(c.generic_err(cmd, args.clone()), want, "{cmd} {args}");
     }
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();
@@ -698,11 +541,15 @@ fn error_texts_match_qemu_storage_daemon() {
                 .to_owned(),
         ),
     ] {
-        assert_eq!(c.err("nbd-server-start", args.clone()), want, "{args}");
+        assert_eq!(
+            c.generic_err("nbd-server-start", args.clone()),
+            want,
+            "{args}"
+        );
     }
     drop(busy);
     // The resolver's reason depends on the host's DNS set-up.
-    let e = c.err("nbd-server-start", inet("nohost.invalid", "10809"));
+    let e = c.generic_err("nbd-server-start", inet("nohost.invalid", "10809"));
     assert!(
         e.starts_with("address resolution failed for nohost.invalid:10809: "),
         "{e}"
@@ -710,7 +557,7 @@ fn error_texts_match_qemu_storage_daemon() {
     add_raw(&mut c, "r0", &img, false);
     add_raw(&mut c, "ro", &img, true);
     assert_eq!(
-        c.err(
+        c.generic_err(
             "block-export-add",
             json!({"type": "nbd", "id": "e0", "node-name": "r0"})
         ),
@@ -769,7 +616,7 @@ fn error_texts_match_qemu_storage_daemon() {
         ),
     ];
     for (cmd, args, want) in cases {
-        assert_eq!(c.err(cmd, args.clone()), want, "{cmd}");
+        assert_eq!(c.generic_err(cmd, args.clone()), want, "{cmd}");
     }
     c.ok(
         "block-export-add",
@@ -815,7 +662,7 @@ fn error_texts_match_qemu_storage_daemon() {
         ),
     ];
     for (cmd, args, want) in cases {
-        assert_eq!(c.err(cmd, args.clone()), want, "{cmd} {args}");
+        assert_eq!(c.generic_err(cmd, args.clone()), want, "{cmd} {args}");
     }
     // Types QEMU knows but stratad cannot serve get a clear refusal.
     for (ty, extra) in [
@@ -830,28 +677,28 @@ fn error_texts_match_qemu_storage_daemon() {
         args.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        let e = c.err("block-export-add", args);
+        let e = c.generic_err("block-export-add", args);
         assert!(e.contains(ty) && e.contains("not supported"), "{e}");
     }
-    let e = c.err(
+    let e = c.generic_err(
         "nbd-server-start",
         json!({"addr": {"type": "vsock", "data": {"cid": "1", "port": "1"}}}),
     );
     assert!(e.contains("NBD server already running"), "{e}");
     c.ok("nbd-server-stop", json!({}));
-    let e = c.err("nbd-server-start", json!({"addr": unix, "tls-authz": "z"}));
+    let e = c.generic_err("nbd-server-start", json!({"addr": unix, "tls-authz": "z"}));
     assert!(
         e.contains("tls-authz") && e.contains("not supported"),
         "{e}"
     );
-    let e = c.err(
+    let e = c.generic_err(
         "nbd-server-start",
         json!({"addr": {"type": "vsock", "data": {"cid": "1", "port": "1"}}}),
     );
     assert!(e.contains("vsock") && e.contains("not supported"), "{e}");
     // Nothing was left half-started by the refusals.
     assert_eq!(
-        c.err("nbd-server-stop", json!({})),
+        c.generic_err("nbd-server-stop", json!({})),
         "NBD server not running"
     );
 }
@@ -972,7 +819,7 @@ fn command_line_server_and_export() {
         json!([{"id": "e0", "type": "nbd", "node-name": "f0", "shutting-down": false}])
     );
     assert_eq!(
-        c.err(
+        c.generic_err(
             "nbd-server-start",
             json!({"addr": {"type": "unix", "data": {"path": nbd}}})
         ),
@@ -1073,7 +920,7 @@ fn reopen_read_only_refused_under_writable_export() {
         json!({"type": "nbd", "id": "e0", "node-name": "r0", "writable": true}),
     );
     assert_eq!(
-        c.err("blockdev-reopen", ro.clone()),
+        c.generic_err("blockdev-reopen", ro.clone()),
         "Read-only block node 'r0' cannot support read-write users"
     );
     c.ok(
@@ -1082,7 +929,7 @@ fn reopen_read_only_refused_under_writable_export() {
     );
     c.ok("block-export-del", json!({"id": "e0"}));
     assert_eq!(
-        c.err("blockdev-reopen", ro),
+        c.generic_err("blockdev-reopen", ro),
         "Read-only block node 'f0' cannot support read-write users"
     );
     c.ok(
@@ -1130,7 +977,7 @@ fn default_connection_limit_is_100() {
     );
     assert_eq!(greeted(&d.nbd_sock(), 101), 100);
     c.ok("nbd-server-stop", json!({}));
-    c.wait_event("BLOCK_EXPORT_DELETED");
+    c.wait_event("BLOCK_EXPORT_DELETED", |_| true);
     c.ok(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": d.nbd_sock()}},

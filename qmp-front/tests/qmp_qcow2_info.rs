@@ -8,31 +8,13 @@
 //! Known difference, left out: `dirty-bitmaps` (bitmaps are not loaded).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
-/// Longest any external process may run (it is killed by `timeout`).
-const PROCESS_LIMIT: &str = "120";
-/// Longest wait for one QMP reply.
-const REPLY_DEADLINE: Duration = Duration::from_secs(20);
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "stratad-qcow2-info-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod support;
+use support::{tmpdir, Client, Daemon, PROCESS_LIMIT};
 
 fn qemu_img(dir: &Path, args: &[&str]) {
     let o = Command::new("timeout")
@@ -47,108 +29,6 @@ fn qemu_img(dir: &Path, args: &[&str]) {
         "qemu-img {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-/// A daemon (stratad or qemu-storage-daemon) with one QMP monitor.
-struct Daemon {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Daemon {
-    fn start(program: &str, dir: &Path, tag: &str) -> Daemon {
-        let sock = dir.join(format!("{tag}.sock"));
-        let child = Command::new("timeout")
-            .arg(PROCESS_LIMIT)
-            .arg(program)
-            .arg("--chardev")
-            .arg(format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                sock.display()
-            ))
-            .args(["--monitor", "chardev=m0"])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Daemon { child, sock }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGTERM reaches the daemon through `timeout`; SIGKILL would not.
-        let _ = Command::new("timeout")
-            .args(["10", "kill", "-TERM", &self.child.id().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Client {
-    rd: BufReader<UnixStream>,
-    wr: UnixStream,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let end = Instant::now() + Duration::from_secs(20);
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > end => panic!("connect {}: {e}", path.display()),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        s.set_read_timeout(Some(REPLY_DEADLINE)).unwrap();
-        s.set_write_timeout(Some(REPLY_DEADLINE)).unwrap();
-        let wr = s.try_clone().unwrap();
-        let mut c = Client {
-            rd: BufReader::new(s),
-            wr,
-        };
-        let greeting = c.read();
-        assert!(greeting.get("QMP").is_some(), "{greeting}");
-        assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({}));
-        c
-    }
-
-    fn read(&mut self) -> Value {
-        let end = Instant::now() + REPLY_DEADLINE;
-        let mut text = String::new();
-        loop {
-            assert!(Instant::now() < end, "no complete reply in time");
-            let mut l = String::new();
-            assert!(self.rd.read_line(&mut l).unwrap() > 0, "connection closed");
-            text.push_str(&l);
-            if let Ok(v) = serde_json::from_str(&text) {
-                return v;
-            }
-        }
-    }
-
-    /// Runs a command that must succeed; events are skipped.
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let req = json!({"execute": name, "arguments": args});
-        self.wr.write_all(req.to_string().as_bytes()).unwrap();
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                continue;
-            }
-            assert!(v.get("return").is_some(), "{name} {args}: {v}");
-            return v["return"].clone();
-        }
-    }
 }
 
 /// A stable name for a node: its own if the user gave one, else driver
@@ -194,13 +74,13 @@ fn keyed(list: &Value) -> (HashMap<String, Value>, Vec<String>) {
 }
 
 fn converse(program: &str, dir: &Path, tag: &str, adds: &[Value]) -> Answers {
-    let _d = Daemon::start(program, dir, tag);
+    let _d = Daemon::start_program(program, dir, tag);
     let mut c = Client::connect(&_d.sock);
     for a in adds {
-        c.cmd("blockdev-add", a.clone());
+        c.ok("blockdev-add", a.clone());
     }
-    let (nested, order) = keyed(&c.cmd("query-named-block-nodes", json!({})));
-    let flat_list = c.cmd("query-named-block-nodes", json!({"flat": true}));
+    let (nested, order) = keyed(&c.ok("query-named-block-nodes", json!({})));
+    let flat_list = c.ok("query-named-block-nodes", json!({"flat": true}));
     let names: HashMap<String, String> = flat_list
         .as_array()
         .unwrap()
@@ -208,8 +88,8 @@ fn converse(program: &str, dir: &Path, tag: &str, adds: &[Value]) -> Answers {
         .map(|n| (n["node-name"].as_str().unwrap().to_owned(), node_key(n)))
         .collect();
     let (flat, _) = keyed(&flat_list);
-    let block = c.cmd("query-block", json!({}));
-    let g = c.cmd("x-debug-query-block-graph", json!({}));
+    let block = c.ok("query-block", json!({}));
+    let g = c.ok("x-debug-query-block-graph", json!({}));
     let ids: HashMap<u64, String> = g["nodes"]
         .as_array()
         .unwrap()
@@ -247,7 +127,7 @@ fn converse(program: &str, dir: &Path, tag: &str, adds: &[Value]) -> Answers {
             })
         })
         .collect();
-    c.cmd("quit", json!({}));
+    c.ok("quit", json!({}));
     Answers {
         nested,
         flat,

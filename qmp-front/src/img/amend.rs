@@ -24,7 +24,7 @@ use formats::qcow2::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFL
 use super::common::{release, Env};
 use super::convert::Progress;
 use super::create::split_opts;
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::Failure;
 
 const OPT_OBJECT: u32 = 256;
@@ -32,51 +32,15 @@ const OPT_IMAGE_OPTS: u32 = 257;
 const OPT_FORCE: u32 = 258;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "progress",
-        has_arg: HasArg::No,
-        id: 'p' as u32,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "cache",
-        has_arg: HasArg::Required,
-        id: 't' as u32,
-    },
-    LongOpt {
-        name: "force",
-        has_arg: HasArg::No,
-        id: OPT_FORCE,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
-    LongOpt {
-        name: "options",
-        has_arg: HasArg::Required,
-        id: 'o' as u32,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::flag("progress", 'p' as u32),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("cache", 't' as u32),
+    LongOpt::flag("force", OPT_FORCE),
+    LongOpt::value("object", OPT_OBJECT),
+    LongOpt::value("options", 'o' as u32),
 ];
 
 /// qcow2's amend options as `-o help` lists them.

@@ -25,7 +25,7 @@ use std::time::Instant;
 use block_core::aio::JoinHandle;
 use block_core::{AioContext, BlockBackend, Error, EventBus, EventLoop, Graph, IoBuf, WriteFlags};
 
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::num::{parse_int, parse_size};
 use super::open::{open_image, strerror, Aio, CacheMode, ImageSpec};
 use super::{Failure, PROG};
@@ -37,29 +37,25 @@ const OPT_IMAGE_OPTS: u32 = 259;
 
 const SHORTS: &str = "hc:d:f:ni:o:qs:S:t:wU";
 
-const fn long(name: &'static str, has_arg: HasArg, id: u32) -> LongOpt {
-    LongOpt { name, has_arg, id }
-}
-
 /// qemu-img bench's long options, in its table order (which decides the
 /// order candidates are listed in an "ambiguous" message).
 const LONGS: &[LongOpt] = &[
-    long("help", HasArg::No, 'h' as u32),
-    long("format", HasArg::Required, 'f' as u32),
-    long("image-opts", HasArg::No, OPT_IMAGE_OPTS),
-    long("cache", HasArg::Required, 't' as u32),
-    long("count", HasArg::Required, 'c' as u32),
-    long("depth", HasArg::Required, 'd' as u32),
-    long("offset", HasArg::Required, 'o' as u32),
-    long("buffer-size", HasArg::Required, 's' as u32),
-    long("step-size", HasArg::Required, 'S' as u32),
-    long("aio", HasArg::Required, 'i' as u32),
-    long("native", HasArg::No, 'n' as u32),
-    long("write", HasArg::No, 'w' as u32),
-    long("pattern", HasArg::Required, OPT_PATTERN),
-    long("flush-interval", HasArg::Required, OPT_FLUSH_INTERVAL),
-    long("no-drain", HasArg::No, OPT_NO_DRAIN),
-    long("force-share", HasArg::No, 'U' as u32),
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("cache", 't' as u32),
+    LongOpt::value("count", 'c' as u32),
+    LongOpt::value("depth", 'd' as u32),
+    LongOpt::value("offset", 'o' as u32),
+    LongOpt::value("buffer-size", 's' as u32),
+    LongOpt::value("step-size", 'S' as u32),
+    LongOpt::value("aio", 'i' as u32),
+    LongOpt::flag("native", 'n' as u32),
+    LongOpt::flag("write", 'w' as u32),
+    LongOpt::value("pattern", OPT_PATTERN),
+    LongOpt::value("flush-interval", OPT_FLUSH_INTERVAL),
+    LongOpt::flag("no-drain", OPT_NO_DRAIN),
+    LongOpt::flag("force-share", 'U' as u32),
 ];
 
 const INT_MAX: i64 = i32::MAX as i64;

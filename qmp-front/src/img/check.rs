@@ -6,7 +6,7 @@
 use formats::qcow2::check::{CheckReport, Repair};
 
 use super::common::{open_qcow2, parse_output, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::open::probe_format;
 use super::qjson::QValue;
 use super::{Failure, PROG};
@@ -16,51 +16,15 @@ const OPT_OBJECT: u32 = 257;
 const OPT_IMAGE_OPTS: u32 = 258;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "cache",
-        has_arg: HasArg::Required,
-        id: 'T' as u32,
-    },
-    LongOpt {
-        name: "repair",
-        has_arg: HasArg::Required,
-        id: 'r' as u32,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "output",
-        has_arg: HasArg::Required,
-        id: OPT_OUTPUT,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("cache", 'T' as u32),
+    LongOpt::value("repair", 'r' as u32),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::value("output", OPT_OUTPUT),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::value("object", OPT_OBJECT),
 ];
 
 /// Exit status for a format without checks.

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use block_core::{BlockBackend, IoBuf, Node};
 
 use super::common::{release, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::map::{block_status, MapEntry};
 use super::{Failure, PROG};
 
@@ -18,56 +18,16 @@ const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "a-format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "b-format",
-        has_arg: HasArg::Required,
-        id: 'F' as u32,
-    },
-    LongOpt {
-        name: "cache",
-        has_arg: HasArg::Required,
-        id: 'T' as u32,
-    },
-    LongOpt {
-        name: "progress",
-        has_arg: HasArg::No,
-        id: 'p' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "strict",
-        has_arg: HasArg::No,
-        id: 's' as u32,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::value("object", OPT_OBJECT),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::value("a-format", 'f' as u32),
+    LongOpt::value("b-format", 'F' as u32),
+    LongOpt::value("cache", 'T' as u32),
+    LongOpt::flag("progress", 'p' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::flag("strict", 's' as u32),
 ];
 
 /// Bytes compared per read (QEMU's `IO_BUF_SIZE`).

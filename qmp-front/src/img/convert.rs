@@ -17,7 +17,7 @@
 
 use super::common::{open_qcow2, read_qcow2_header, release, Env};
 use super::create::{create, CreateArgs};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::map::block_status;
 use super::num::parse_size;
 use super::Failure;
@@ -35,146 +35,34 @@ const OPT_SALVAGE: u32 = 262;
 
 /// qemu-img 10's long options for convert, in its table order.
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "progress",
-        has_arg: HasArg::No,
-        id: 'p' as u32,
-    },
-    LongOpt {
-        name: "source-format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "source-image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "source-snapshot",
-        has_arg: HasArg::Required,
-        id: 'l' as u32,
-    },
-    LongOpt {
-        name: "source-cache",
-        has_arg: HasArg::Required,
-        id: 'T' as u32,
-    },
-    LongOpt {
-        name: "target-format",
-        has_arg: HasArg::Required,
-        id: 'O' as u32,
-    },
-    LongOpt {
-        name: "target-image-opts",
-        has_arg: HasArg::No,
-        id: OPT_TARGET_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "target-options",
-        has_arg: HasArg::Required,
-        id: 'o' as u32,
-    },
-    LongOpt {
-        name: "compress",
-        has_arg: HasArg::No,
-        id: 'c' as u32,
-    },
-    LongOpt {
-        name: "target-cache",
-        has_arg: HasArg::Required,
-        id: 't' as u32,
-    },
-    LongOpt {
-        name: "backing",
-        has_arg: HasArg::Required,
-        id: 'B' as u32,
-    },
-    LongOpt {
-        name: "backing-format",
-        has_arg: HasArg::Required,
-        id: 'F' as u32,
-    },
-    LongOpt {
-        name: "backing-format",
-        has_arg: HasArg::Required,
-        id: 'F' as u32,
-    },
-    LongOpt {
-        name: "no-create",
-        has_arg: HasArg::No,
-        id: 'n' as u32,
-    },
-    LongOpt {
-        name: "target-is-zero",
-        has_arg: HasArg::No,
-        id: OPT_TARGET_IS_ZERO,
-    },
-    LongOpt {
-        name: "sparse-size",
-        has_arg: HasArg::Required,
-        id: 'S' as u32,
-    },
-    LongOpt {
-        name: "bitmaps",
-        has_arg: HasArg::No,
-        id: OPT_BITMAPS,
-    },
-    LongOpt {
-        name: "skip-broken-bitmaps",
-        has_arg: HasArg::No,
-        id: OPT_SKIP_BROKEN,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "rate",
-        has_arg: HasArg::Required,
-        id: 'r' as u32,
-    },
-    LongOpt {
-        name: "parallel",
-        has_arg: HasArg::Required,
-        id: 'm' as u32,
-    },
-    LongOpt {
-        name: "copy-range-offloading",
-        has_arg: HasArg::No,
-        id: 'C' as u32,
-    },
-    LongOpt {
-        name: "salvage",
-        has_arg: HasArg::No,
-        id: OPT_SALVAGE,
-    },
-    LongOpt {
-        name: "oob-writes",
-        has_arg: HasArg::No,
-        id: 'W' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::flag("progress", 'p' as u32),
+    LongOpt::value("source-format", 'f' as u32),
+    LongOpt::flag("source-image-opts", OPT_IMAGE_OPTS),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("source-snapshot", 'l' as u32),
+    LongOpt::value("source-cache", 'T' as u32),
+    LongOpt::value("target-format", 'O' as u32),
+    LongOpt::flag("target-image-opts", OPT_TARGET_IMAGE_OPTS),
+    LongOpt::value("target-options", 'o' as u32),
+    LongOpt::flag("compress", 'c' as u32),
+    LongOpt::value("target-cache", 't' as u32),
+    LongOpt::value("backing", 'B' as u32),
+    LongOpt::value("backing-format", 'F' as u32),
+    LongOpt::value("backing-format", 'F' as u32),
+    LongOpt::flag("no-create", 'n' as u32),
+    LongOpt::flag("target-is-zero", OPT_TARGET_IS_ZERO),
+    LongOpt::value("sparse-size", 'S' as u32),
+    LongOpt::flag("bitmaps", OPT_BITMAPS),
+    LongOpt::flag("skip-broken-bitmaps", OPT_SKIP_BROKEN),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::value("rate", 'r' as u32),
+    LongOpt::value("parallel", 'm' as u32),
+    LongOpt::flag("copy-range-offloading", 'C' as u32),
+    LongOpt::flag("salvage", OPT_SALVAGE),
+    LongOpt::flag("oob-writes", 'W' as u32),
+    LongOpt::value("object", OPT_OBJECT),
 ];
 
 /// Largest read (QEMU's `IO_BUF_SIZE`).

@@ -13,7 +13,7 @@ use formats::qcow2::create::{create_file, CreateOptions};
 use formats::qcow2::header::CompressionType;
 
 use super::common::{release, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::num::parse_size;
 use super::open::strerror;
 use super::Failure;
@@ -21,46 +21,14 @@ use super::Failure;
 const OPT_OBJECT: u32 = 256;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "backing",
-        has_arg: HasArg::Required,
-        id: 'b' as u32,
-    },
-    LongOpt {
-        name: "backing-format",
-        has_arg: HasArg::Required,
-        id: 'F' as u32,
-    },
-    LongOpt {
-        name: "backing-unsafe",
-        has_arg: HasArg::No,
-        id: 'u' as u32,
-    },
-    LongOpt {
-        name: "options",
-        has_arg: HasArg::Required,
-        id: 'o' as u32,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::value("object", OPT_OBJECT),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::value("backing", 'b' as u32),
+    LongOpt::value("backing-format", 'F' as u32),
+    LongOpt::flag("backing-unsafe", 'u' as u32),
+    LongOpt::value("options", 'o' as u32),
 ];
 
 /// The type of a creation option, deciding how its value is parsed and

@@ -30,6 +30,26 @@ pub struct LongOpt {
     pub id: u32,
 }
 
+impl LongOpt {
+    /// A long option without a value.
+    pub const fn flag(name: &'static str, id: u32) -> LongOpt {
+        LongOpt {
+            name,
+            has_arg: HasArg::No,
+            id,
+        }
+    }
+
+    /// A long option that takes a value.
+    pub const fn value(name: &'static str, id: u32) -> LongOpt {
+        LongOpt {
+            name,
+            has_arg: HasArg::Required,
+            id,
+        }
+    }
+}
+
 /// One parsed option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parsed {
@@ -201,21 +221,9 @@ mod tests {
     use super::*;
 
     const LONGS: &[LongOpt] = &[
-        LongOpt {
-            name: "format",
-            has_arg: HasArg::Required,
-            id: 'f' as u32,
-        },
-        LongOpt {
-            name: "flush-interval",
-            has_arg: HasArg::Required,
-            id: 300,
-        },
-        LongOpt {
-            name: "write",
-            has_arg: HasArg::No,
-            id: 'w' as u32,
-        },
+        LongOpt::value("format", 'f' as u32),
+        LongOpt::value("flush-interval", 300),
+        LongOpt::flag("write", 'w' as u32),
     ];
 
     fn args(s: &[&str]) -> Vec<String> {

@@ -13,7 +13,7 @@ use super::common::{
     allocated_size, open_qcow2, parse_output, read_qcow2_header, size_to_str, snapshot_icount,
     snapshot_row, Env,
 };
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::open::probe_format;
 use super::qjson::QValue;
 use super::Failure;
@@ -24,46 +24,14 @@ const OPT_IMAGE_OPTS: u32 = 258;
 const OPT_LIMITS: u32 = 259;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "backing-chain",
-        has_arg: HasArg::No,
-        id: 'b' as u32,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "output",
-        has_arg: HasArg::Required,
-        id: OPT_OUTPUT,
-    },
-    LongOpt {
-        name: "limits",
-        has_arg: HasArg::No,
-        id: OPT_LIMITS,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::flag("backing-chain", 'b' as u32),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::value("output", OPT_OUTPUT),
+    LongOpt::flag("limits", OPT_LIMITS),
+    LongOpt::value("object", OPT_OBJECT),
 ];
 
 /// What `info` reports about one node (QAPI `BlockNodeInfo`).

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use block_core::{Graph, Node};
 
 use super::common::{parse_output, release, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::num::parse_size;
 use super::Failure;
 
@@ -25,46 +25,14 @@ const OPT_START_OFFSET: u32 = 259;
 const OPT_MAX_LENGTH: u32 = 260;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "start-offset",
-        has_arg: HasArg::Required,
-        id: OPT_START_OFFSET,
-    },
-    LongOpt {
-        name: "max-length",
-        has_arg: HasArg::Required,
-        id: OPT_MAX_LENGTH,
-    },
-    LongOpt {
-        name: "output",
-        has_arg: HasArg::Required,
-        id: OPT_OUTPUT,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("start-offset", OPT_START_OFFSET),
+    LongOpt::value("max-length", OPT_MAX_LENGTH),
+    LongOpt::value("output", OPT_OUTPUT),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::value("object", OPT_OBJECT),
 ];
 
 /// One extent (`MapEntry`).

@@ -6,7 +6,7 @@
 use block_core::{Perm, Prealloc};
 
 use super::common::{release, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::num::parse_size;
 use super::{Failure, PROG};
 
@@ -16,41 +16,13 @@ const OPT_PREALLOCATION: u32 = 258;
 const OPT_SHRINK: u32 = 259;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "preallocation",
-        has_arg: HasArg::Required,
-        id: OPT_PREALLOCATION,
-    },
-    LongOpt {
-        name: "shrink",
-        has_arg: HasArg::No,
-        id: OPT_SHRINK,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::value("object", OPT_OBJECT),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::value("preallocation", OPT_PREALLOCATION),
+    LongOpt::flag("shrink", OPT_SHRINK),
 ];
 
 /// The `resize` subcommand.

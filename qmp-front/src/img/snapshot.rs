@@ -4,7 +4,7 @@
 //! layout is QEMU's `bdrv_snapshot_dump` (dates in UTC).
 
 use super::common::{open_qcow2, release, snapshot_row, Env};
-use super::getopt::{getopt_long, HasArg, LongOpt};
+use super::getopt::{getopt_long, LongOpt};
 use super::open::probe_format;
 use super::Failure;
 
@@ -12,56 +12,16 @@ const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
 
 const LONGS: &[LongOpt] = &[
-    LongOpt {
-        name: "help",
-        has_arg: HasArg::No,
-        id: 'h' as u32,
-    },
-    LongOpt {
-        name: "quiet",
-        has_arg: HasArg::No,
-        id: 'q' as u32,
-    },
-    LongOpt {
-        name: "object",
-        has_arg: HasArg::Required,
-        id: OPT_OBJECT,
-    },
-    LongOpt {
-        name: "format",
-        has_arg: HasArg::Required,
-        id: 'f' as u32,
-    },
-    LongOpt {
-        name: "image-opts",
-        has_arg: HasArg::No,
-        id: OPT_IMAGE_OPTS,
-    },
-    LongOpt {
-        name: "force-share",
-        has_arg: HasArg::No,
-        id: 'U' as u32,
-    },
-    LongOpt {
-        name: "list",
-        has_arg: HasArg::No,
-        id: 'l' as u32,
-    },
-    LongOpt {
-        name: "apply",
-        has_arg: HasArg::Required,
-        id: 'a' as u32,
-    },
-    LongOpt {
-        name: "create",
-        has_arg: HasArg::Required,
-        id: 'c' as u32,
-    },
-    LongOpt {
-        name: "delete",
-        has_arg: HasArg::Required,
-        id: 'd' as u32,
-    },
+    LongOpt::flag("help", 'h' as u32),
+    LongOpt::flag("quiet", 'q' as u32),
+    LongOpt::value("object", OPT_OBJECT),
+    LongOpt::value("format", 'f' as u32),
+    LongOpt::flag("image-opts", OPT_IMAGE_OPTS),
+    LongOpt::flag("force-share", 'U' as u32),
+    LongOpt::flag("list", 'l' as u32),
+    LongOpt::value("apply", 'a' as u32),
+    LongOpt::value("create", 'c' as u32),
+    LongOpt::value("delete", 'd' as u32),
 ];
 
 #[derive(Clone, PartialEq, Eq)]
