@@ -107,7 +107,7 @@ impl<'g> Image<'g> {
 }
 
 impl Qcow2 {
-    async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size;
         if self.read_only {
             return Err(Error::ReadOnly {

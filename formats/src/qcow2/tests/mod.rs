@@ -153,10 +153,26 @@ enum Op {
     Write(u64, u64, u8),
     Zero(u64, u64),
     Discard(u64, u64),
+    /// One whole cluster written compressed.
+    Compressed(u64, u64, u8),
 }
 
 fn random_ops(seed: u64, size: u64, cs: u64, n: usize, discard: bool) -> Vec<Op> {
+    random_ops_with(seed, size, cs, n, discard, false)
+}
+
+fn random_ops_with(
+    seed: u64,
+    size: u64,
+    cs: u64,
+    n: usize,
+    discard: bool,
+    compress: bool,
+) -> Vec<Op> {
     let mut r = Rng(seed);
+    // QEMU refuses compressed writes over clusters with data (EIO): they
+    // go only where nothing was written before.
+    let mut touched = std::collections::HashSet::new();
     (0..n)
         .map(|_| {
             let aligned = r.below(3) == 0;
@@ -167,10 +183,23 @@ fn random_ops(seed: u64, size: u64, cs: u64, n: usize, discard: bool) -> Vec<Op>
                 let off = r.below(size - 3 * cs) & !511;
                 (off, (1 + r.below(3 * cs / 512)) * 512)
             };
-            match r.below(if discard { 6 } else { 5 }) {
+            match r.below(if compress {
+                8
+            } else if discard {
+                6
+            } else {
+                5
+            }) {
                 0 => Op::Zero(off, len),
-                5 => Op::Discard(off, len),
-                _ => Op::Write(off, len, 1 + r.below(250) as u8),
+                5 if discard => Op::Discard(off, len),
+                6 | 7 if !touched.contains(&(off / cs)) => {
+                    touched.insert(off / cs);
+                    Op::Compressed(off / cs * cs, cs, 1 + r.below(250) as u8)
+                }
+                _ => {
+                    touched.extend(off / cs..(off + len).div_ceil(cs));
+                    Op::Write(off, len, 1 + r.below(250) as u8)
+                }
             }
         })
         .collect()
@@ -181,6 +210,7 @@ fn qemu_cmd(op: &Op) -> String {
         Op::Write(o, l, p) => format!("write -P {p} {o} {l}"),
         Op::Zero(o, l) => format!("write -z {o} {l}"),
         Op::Discard(o, l) => format!("discard {o} {l}"),
+        Op::Compressed(o, l, p) => format!("write -c -P {p} {o} {l}"),
     }
 }
 
@@ -193,12 +223,17 @@ async fn apply(n: &Node, op: &Op) {
         }
         Op::Zero(o, l) => n.pwrite_zeroes(o, l, WriteFlags::default()).await.unwrap(),
         Op::Discard(o, l) => n.pdiscard(o, l).await.unwrap(),
+        Op::Compressed(o, l, p) => crate::qcow2::Qcow2::of(n)
+            .unwrap()
+            .write_compressed(o, &vec![p; l as usize])
+            .await
+            .unwrap(),
     }
 }
 
 fn model_apply(m: &mut [u8], op: &Op) {
     match *op {
-        Op::Write(o, l, p) => m[o as usize..(o + l) as usize].fill(p),
+        Op::Write(o, l, p) | Op::Compressed(o, l, p) => m[o as usize..(o + l) as usize].fill(p),
         Op::Zero(o, l) => m[o as usize..(o + l) as usize].fill(0),
         Op::Discard(..) => {}
     }
