@@ -188,17 +188,15 @@ impl IoBuf {
 
     /// A buffer holding a copy of `data`.
     pub fn from_slice(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
+        let mut b = Self::for_read(data.len());
         b.copy_from_slice(data);
         b
     }
 
     /// A buffer of `len` bytes, each set to `byte`.
     pub fn filled(len: usize, byte: u8) -> Self {
-        let mut b = Self::zeroed(len);
-        if byte != 0 {
-            b.fill(byte);
-        }
+        let mut b = Self::for_read(len);
+        b.fill(byte);
         b
     }
 
@@ -255,7 +253,7 @@ impl IoBuf {
             self.len += tail.len;
             return;
         }
-        let mut joined = IoBuf::zeroed(self.len + tail.len);
+        let mut joined = IoBuf::for_read(self.len + tail.len);
         joined[..self.len].copy_from_slice(self);
         joined[self.len..].copy_from_slice(&tail);
         *self = joined;
