@@ -10,6 +10,12 @@ sequential reads at depth 4. The image is a fully written 1 GiB qcow2
 (64 KiB clusters) on a disk-backed file system, opened with
 cache.direct=on by both daemons; rounds alternate qsd, strata, qsd, ...
 
+For the read workloads each round also reads the image file itself with
+fio (io_uring, O_DIRECT, same pattern): the "disk" column is what the
+device gives at the client's queue depth, the ceiling for both daemons
+when neither reads ahead. With --image on a tmpfs the device drops out and
+the ratio measures the servers' own CPU cost.
+
 Usage: benches/nbd-vs-qsd.py [--rounds 5] [--runtime 5]
                              [--stratad target/release/stratad]
 """
@@ -88,6 +94,16 @@ def fio(sock, args, runtime):
     return side["iops"], side["clat_ns"]["mean"] / 1000.0
 
 
+def fio_disk(image, args, runtime):
+    """The same workload straight on the image file: the device's ceiling."""
+    argv = ["fio", "--name=disk", "--ioengine=io_uring", "--direct=1", "--readonly",
+            f"--filename={image}", "--time_based", f"--runtime={runtime}",
+            "--output-format=json", "--randrepeat=1", "--norandommap"] + args
+    out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         timeout=runtime * 4 + 60).stdout
+    return json.loads(out)["jobs"][0]["read"]["iops"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -107,8 +123,11 @@ def main():
     for name, args in WORKLOADS:
         if a.only not in name:
             continue
-        q_iops, s_iops, ratios, q_lat, s_lat = [], [], [], [], []
+        q_iops, s_iops, ratios, q_lat, s_lat, d_iops = [], [], [], [], [], []
+        reads = "--rw=randread" in args or "--rw=read" in args
         for _ in range(a.rounds):
+            if reads:
+                d_iops.append(fio_disk(a.image, args, a.runtime))
             res = {}
             for tool, binary in (("qsd", a.qsd), ("strata", a.stratad)):
                 p = start(binary, a.image, sock)
@@ -122,13 +141,16 @@ def main():
             s_lat.append(res["strata"][1])
             ratios.append(res["strata"][0] / res["qsd"][0])
         row = (name, statistics.median(q_iops), statistics.median(s_iops), statistics.median(ratios),
-               statistics.median(q_lat), statistics.median(s_lat))
+               statistics.median(q_lat), statistics.median(s_lat),
+               statistics.median(d_iops) if d_iops else None)
         rows.append(row)
         print(f"  {name}: ratio {row[3]:.2f}", flush=True)
     print()
-    print(f"{'workload':18} {'qsd IOPS':>10} {'strata IOPS':>12} {'ratio':>6} {'qsd lat us':>11} {'strata lat us':>14}")
-    for name, q, s, r, ql, sl in rows:
-        print(f"{name:18} {q:10.0f} {s:12.0f} {r:6.2f} {ql:11.1f} {sl:14.1f}")
+    print(f"{'workload':18} {'qsd IOPS':>10} {'strata IOPS':>12} {'ratio':>6} {'qsd lat us':>11} "
+          f"{'strata lat us':>14} {'disk IOPS':>10}")
+    for name, q, s, r, ql, sl, d in rows:
+        disk = f"{d:10.0f}" if d is not None else f"{'-':>10}"
+        print(f"{name:18} {q:10.0f} {s:12.0f} {r:6.2f} {ql:11.1f} {sl:14.1f} {disk}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ impl Node {
         let (start, end) = (round_down(offset, a), round_up(offset + len, a));
         let _t = self.tracked.begin(start, end, false).await;
         let bounce = self
-            .read_aligned(start, IoBuf::zeroed((end - start) as usize))
+            .read_aligned(start, IoBuf::for_read((end - start) as usize))
             .await?;
         let mut buf = buf;
         let head = (offset - start) as usize;

@@ -232,9 +232,11 @@ pub fn snapshot_row(s: Option<&formats::qcow2::snapshot::SnapshotInfo>) -> Strin
         secs % 60,
         (s.vm_clock_nsec / 1_000_000) % 1000
     );
+    // No icount (recorded as -1, or extra data too short to hold one)
+    // shows as "--", as QEMU prints it.
     let icount = match snapshot_icount(s) {
         Some(v) if v != u64::MAX => v.to_string(),
-        _ => String::new(),
+        _ => "--".to_owned(),
     };
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
@@ -262,5 +264,39 @@ mod tests {
         assert_eq!(size_to_str(1 << 30), "1 GiB");
         assert_eq!(size_to_str(3 << 29), "1.5 GiB");
         assert_eq!(size_to_str(1_000_000), "977 KiB");
+    }
+
+    #[test]
+    fn snapshot_row_icount_like_qemu() {
+        let mut sn = formats::qcow2::snapshot::SnapshotInfo {
+            id: "1".into(),
+            name: "snap0".into(),
+            l1_table_offset: 0x60000,
+            l1_size: 2,
+            date_sec: 0,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            extra: [
+                0u64.to_be_bytes(),
+                (1u64 << 30).to_be_bytes(),
+                0u64.to_be_bytes(),
+            ]
+            .concat(),
+        };
+        let icount = |sn: &formats::qcow2::snapshot::SnapshotInfo| {
+            snapshot_row(Some(sn))
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_owned()
+        };
+        // qemu-img snapshot -c records 0; a daemon without icount -1;
+        // older images have no icount field at all.
+        assert_eq!(icount(&sn), "0");
+        sn.extra[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(icount(&sn), "--");
+        sn.extra.truncate(16);
+        assert_eq!(icount(&sn), "--");
     }
 }

@@ -514,7 +514,7 @@ async fn transmission(
                     reply_error(conn, &neg, &req, proto::err::EOVERFLOW, "request too large").await;
                 break;
             }
-            let mut buf = IoBuf::zeroed(req.len as usize);
+            let mut buf = IoBuf::for_read(req.len as usize);
             if rd.read_exact(&mut buf).await.is_err() {
                 break;
             }
@@ -675,7 +675,7 @@ async fn handle(
             }
             match exp
                 .blk
-                .pread(req.offset, IoBuf::zeroed(req.len as usize))
+                .pread(req.offset, IoBuf::for_read(req.len as usize))
                 .await
             {
                 Ok(buf) => {
@@ -755,7 +755,7 @@ async fn handle(
                 let n = (end - off).min(proto::MAX_BUFFER);
                 r = exp
                     .blk
-                    .pread(off, IoBuf::zeroed(n as usize))
+                    .pread(off, IoBuf::for_read(n as usize))
                     .await
                     .map(|_| ());
                 off += n;
@@ -794,7 +794,7 @@ async fn sparse_read(conn: &ConnHandle, neg: &Negotiated, req: &Request) -> std:
             );
             conn.send(&[&h, &p]).await?;
         } else {
-            match exp.blk.pread(off, IoBuf::zeroed(n as usize)).await {
+            match exp.blk.pread(off, IoBuf::for_read(n as usize)).await {
                 Ok(buf) => {
                     let h = proto::chunk_header(
                         neg.extended,
