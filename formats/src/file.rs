@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 use std::ffi::CString;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use block_core::aio::EngineFile;
@@ -38,6 +38,8 @@ pub struct FileDriver {
     direct: bool,
     no_flush: bool,
     locking: bool,
+    /// A second descriptor for the image locks (see [`lock_descriptor`]).
+    lock_fd: Option<OwnedFd>,
     block_device: bool,
     align: u32,
     nowait_misses: Cell<u32>,
@@ -46,6 +48,29 @@ pub struct FileDriver {
 
 fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
+}
+
+/// Opens a second open file description of the file behind `fd` to hold
+/// the image locks. OFD locks live as long as their open file description,
+/// and the one the engine uses may be registered with an io_uring, whose
+/// teardown after a process dies runs asynchronously in the kernel: locks
+/// on it would outlive a killed process for a while, and QEMU could not
+/// open the image right after. This description is only ever a plain
+/// descriptor, closed the moment the process ends. `None` (lock on the
+/// engine's descriptor) when it cannot be opened.
+fn lock_descriptor(fd: RawFd, st: &libc::stat) -> Option<OwnedFd> {
+    let proc_path = CString::new(format!("/proc/self/fd/{fd}")).ok()?;
+    // SAFETY: `proc_path` is a valid NUL-terminated string. Read access is
+    // what the shared locks QEMU's scheme uses need.
+    let lfd = unsafe { libc::open(proc_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if lfd < 0 {
+        return None;
+    }
+    // SAFETY: `lfd` was just returned by open and is owned by no one else.
+    let owned = unsafe { OwnedFd::from_raw_fd(lfd) };
+    let lst = fstat(lfd).ok()?;
+    // The same file, not whatever the name leads to now.
+    (lst.st_dev == st.st_dev && lst.st_ino == st.st_ino).then_some(owned)
 }
 
 fn fstat(fd: RawFd) -> std::io::Result<libc::stat> {
@@ -184,6 +209,11 @@ impl FileDriver {
             st.st_size as u64
         };
         let align = if direct { probe_alignment(fd) } else { 1 };
+        let lock_fd = if locking {
+            lock_descriptor(fd, &st)
+        } else {
+            None
+        };
         Ok(FileDriver {
             path: path.to_owned(),
             file: ctx.open_file(owned),
@@ -192,6 +222,7 @@ impl FileDriver {
             direct,
             no_flush,
             locking,
+            lock_fd,
             block_device,
             align,
             nowait_misses: Cell::new(0),
@@ -201,6 +232,13 @@ impl FileDriver {
 
     fn fd(&self) -> RawFd {
         self.file.raw_fd()
+    }
+
+    /// The descriptor that carries the image locks.
+    fn lock_fd(&self) -> RawFd {
+        self.lock_fd
+            .as_ref()
+            .map_or_else(|| self.fd(), |f| f.as_raw_fd())
     }
 
     /// Tries to serve a read from the page cache without blocking.
@@ -557,14 +595,14 @@ impl BlockDriver for FileDriver {
 
     fn check_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
         if self.locking {
-            lock::check(self.fd(), &self.path, perm, shared)?;
+            lock::check(self.lock_fd(), &self.path, perm, shared)?;
         }
         Ok(())
     }
 
     fn set_perm(&self, perm: Perm, shared: Perm) {
         if self.locking {
-            lock::apply(self.fd(), perm, shared);
+            lock::apply(self.lock_fd(), perm, shared);
         }
     }
 }
