@@ -87,6 +87,7 @@ impl Qcow2 {
         }
         let dirty = self.cache(w).dirty();
         if dirty.is_empty() && !self.dep_flag(other).get() {
+            self.settle(w);
             return Ok(());
         }
         for (off, t) in dirty {
@@ -95,7 +96,16 @@ impl Qcow2 {
         }
         self.sync_file().await?;
         self.dep_flag(other).set(false);
+        self.settle(w);
         Ok(())
+    }
+
+    /// With every L2 table on disk, no entry there points to a cluster
+    /// freed before: those may be allocated again.
+    fn settle(&self, w: Which) {
+        if matches!(w, Which::L2) {
+            self.unsettled.borrow_mut().clear();
+        }
     }
 
     /// Flushes both caches (refcounts first unless a dependency says

@@ -118,6 +118,11 @@ pub struct Qcow2 {
     end_cluster: Cell<u64>,
     /// Clusters picked for an allocation whose refcount is not set yet.
     reserved: RefCell<Vec<(u64, u64)>>,
+    /// Clusters freed since the L2 cache was last written out: an L2 entry
+    /// on disk may still point to them, so handing them out again (and
+    /// writing new data into them) before that flush would let a crash
+    /// leave the old entry reading someone else's data.
+    unsettled: RefCell<std::collections::HashSet<u64>>,
     /// pass-discard-request, -snapshot (kept for snapshot deletion), -other.
     pass_discard: [bool; 3],
     no_flush: bool,
@@ -439,6 +444,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         free_hint: Cell::new(0),
         end_cluster: Cell::new(end_cluster),
         reserved: RefCell::new(Vec::new()),
+        unsettled: RefCell::new(std::collections::HashSet::new()),
         pass_discard,
         no_flush: flags.cache_no_flush,
         broken: Cell::new(false),

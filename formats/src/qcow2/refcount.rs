@@ -99,7 +99,10 @@ impl Qcow2 {
     async fn find_free(&self, from: u64) -> Result<u64> {
         let mut c = from.max(1);
         loop {
-            if !self.is_reserved(c) && self.get_refcount(c).await? == 0 {
+            if !self.is_reserved(c)
+                && !self.unsettled.borrow().contains(&c)
+                && self.get_refcount(c).await? == 0
+            {
                 return Ok(c);
             }
             c += 1;
@@ -222,6 +225,7 @@ impl Qcow2 {
             if c < self.free_hint.get() {
                 self.free_hint.set(c);
             }
+            self.unsettled.borrow_mut().insert(c);
             let cur = self.compressed_cursor.get();
             if cur != 0 && cur >> self.cluster_bits == c {
                 // Never append compressed data to a cluster given back.

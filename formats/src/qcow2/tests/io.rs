@@ -796,3 +796,45 @@ fn room_made_ahead_is_given_back_on_close() {
         assert_eq!(raw_of(&img, &d), model, "{mode:?}");
     });
 }
+
+/// A cluster freed by a discard is not handed out again before the L2
+/// change that dropped it is on disk: otherwise new data lands in it while
+/// the L2 entry on disk still points there, and a crash in that window
+/// leaves the discarded guest cluster reading another one's data (or, for
+/// a compressed cluster, failing to decompress).
+#[test]
+fn freed_clusters_wait_for_the_l2_flush_before_reuse() {
+    let d = Dir::new("reuse");
+    on_engines(|g, mode| {
+        let img = d.file("r.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+        run(g, async {
+            let n = g
+                .open(q2_opts(&img).with("discard", "unmap"))
+                .await
+                .unwrap();
+            let q = crate::qcow2::Qcow2::of(&n).unwrap();
+            n.pwrite(0, IoBuf::filled(65536, 0xaa), WriteFlags::default())
+                .await
+                .unwrap();
+            n.flush().await.unwrap();
+            let h = q.l2_entry(0).await.unwrap().host();
+            assert_ne!(h, 0);
+            n.pdiscard(0, 65536).await.unwrap();
+            {
+                let _g = q.meta.lock().await;
+                let c = q.alloc_cluster().await.unwrap();
+                assert_ne!(c, h, "{mode:?}: freed cluster reused before the L2 flush");
+            }
+            n.flush().await.unwrap();
+            {
+                let _g = q.meta.lock().await;
+                q.free_hint.set(0);
+                let c = q.alloc_cluster().await.unwrap();
+                assert_eq!(c, h, "{mode:?}: freed cluster not reused after the flush");
+            }
+            close(g, n).await;
+        });
+    });
+}
