@@ -3,6 +3,7 @@
 //! helpers live here; `io.rs` covers guest I/O, `image.rs` whole-image
 //! operations (open errors, create, check, snapshots, bitmaps).
 
+mod crash;
 mod image;
 mod io;
 
