@@ -735,6 +735,199 @@ fn check_matches_qemu_img() {
     }
 }
 
+/// Reads the big-endian u64 at `off` of a file.
+fn peek64(path: &Path, off: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap_or_else(|e| panic!("read {} at {off:#x}: {e}", path.display()));
+    u64::from_be_bytes(b)
+}
+
+/// Writes the big-endian u64 `v` at `off` of a file.
+fn poke64(path: &Path, off: u64, v: u64) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&v.to_be_bytes(), off)
+        .unwrap_or_else(|e| panic!("write {} at {off:#x}: {e}", path.display()));
+}
+
+const COPIED: u64 = 1 << 63;
+
+/// File offset of active L1 entry `i` (header field l1_table_offset).
+fn l1_entry_pos(path: &Path, i: u64) -> u64 {
+    peek64(path, 40) + i * 8
+}
+
+/// File offset of entry `j` of the L2 table active L1 entry `i` points to.
+fn l2_entry_pos(path: &Path, i: u64, j: u64) -> u64 {
+    (peek64(path, l1_entry_pos(path, i)) & 0x00ff_ffff_ffff_fe00) + j * 8
+}
+
+/// Runs `check <args> img` with qemu-img on one copy of `src` and with
+/// strata-img on another; both print, exit and (when repairing) leave the
+/// image the same way. Returns the exit status.
+fn check_copies_agree(src: &Path, args: &[&str], dir: &Path) -> i32 {
+    let (cq, cs) = (dir.join("cq.qcow2"), dir.join("cs.qcow2"));
+    std::fs::copy(src, &cq).unwrap();
+    std::fs::copy(src, &cs).unwrap();
+    let run = |tool: &str, img: &str| {
+        let mut a = vec!["check"];
+        a.extend_from_slice(args);
+        a.push(img);
+        let mut o = exec(tool, &a, dir);
+        o.stdout = o.stdout.replace(img, "IMG");
+        o
+    };
+    let q = run("qemu-img", "cq.qcow2");
+    let s = run(STRATA, "cs.qcow2");
+    assert_eq!(s, q, "check {args:?} of {}", src.display());
+    if args.contains(&"-r") {
+        assert_eq!(
+            read(&cs),
+            read(&cq),
+            "check {args:?} of {} repaired differently",
+            src.display()
+        );
+    }
+    q.code
+}
+
+/// OFLAG_COPIED cleared where the refcount is 1, or set where it is 2
+/// (clusters and L2 tables shared with an internal snapshot), on L1 and L2
+/// entries: both tools report the same lines and counts, repair alike,
+/// and the repaired images are clean.
+#[test]
+fn check_oflag_copied_matches_qemu_img() {
+    let d = Scratch::new("oflag");
+    let dir = d.q();
+    // Guest 0: data, 64k: preallocated zero cluster, 5M: data; 600M sits in
+    // a second L2 table.
+    let plain = dir.join("plain.qcow2");
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "plain.qcow2", "1G"],
+        &dir,
+    );
+    qemu_io(
+        "plain.qcow2",
+        "qcow2",
+        &[
+            "write 0 128k",
+            "write -z 64k 64k",
+            "write 5M 64k",
+            "write 600M 64k",
+        ],
+        &dir,
+    );
+    assert_eq!(
+        peek64(&plain, l2_entry_pos(&plain, 0, 1)) & 1,
+        1,
+        "zero alloc"
+    );
+    // The same with a snapshot, then the first L2 table copied by a write:
+    // L2 table 0 has refcount 1 but points to shared clusters, L2 table 1
+    // is shared itself.
+    let snap = dir.join("snap.qcow2");
+    std::fs::copy(&plain, &snap).unwrap();
+    must("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], &dir);
+    qemu_io("snap.qcow2", "qcow2", &["write 2M 64k"], &dir);
+    let data0 = peek64(&snap, l2_entry_pos(&snap, 0, 0));
+    assert_eq!(data0 & COPIED, 0, "shared cluster: {data0:#x}");
+    assert_eq!(peek64(&snap, l1_entry_pos(&snap, 1)) & COPIED, 0);
+    assert_ne!(peek64(&snap, l1_entry_pos(&snap, 0)) & COPIED, 0);
+
+    // (name, image, file offset of the entry whose flag is flipped)
+    let l2 = |p: &Path, j| l2_entry_pos(p, 0, j);
+    // Guest 600M: 88M into the second L2 table, 64k per entry.
+    let at600m = |p: &Path| l2_entry_pos(p, 1, 88 * 16);
+    let cases: Vec<(&str, &Path, u64)> = vec![
+        ("plain-l2-data", &plain, l2(&plain, 0)),
+        ("plain-l2-zero-alloc", &plain, l2(&plain, 1)),
+        ("plain-l2-second-table", &plain, at600m(&plain)),
+        ("plain-l1", &plain, l1_entry_pos(&plain, 0)),
+        ("plain-l1-second", &plain, l1_entry_pos(&plain, 1)),
+        ("snap-l2-shared-data", &snap, l2(&snap, 0)),
+        ("snap-l2-own-data", &snap, l2(&snap, 32)),
+        ("snap-l2-shared-table", &snap, at600m(&snap)),
+        ("snap-l1-shared-table", &snap, l1_entry_pos(&snap, 1)),
+        ("snap-l1-own-table", &snap, l1_entry_pos(&snap, 0)),
+    ];
+    for (name, src, pos) in cases {
+        let img = dir.join(format!("{name}.qcow2"));
+        std::fs::copy(src, &img).unwrap();
+        let e = peek64(&img, pos);
+        assert_ne!(
+            e & 0x00ff_ffff_ffff_fe00,
+            0,
+            "{name}: entry {e:#x} unallocated"
+        );
+        poke64(&img, pos, e ^ COPIED);
+        for out in ["--output=human", "--output=json"] {
+            assert_eq!(check_copies_agree(&img, &[out], &dir), 2, "{name}");
+            assert_eq!(
+                check_copies_agree(&img, &["-r", "leaks", out], &dir),
+                0,
+                "{name}"
+            );
+        }
+        assert_eq!(check_copies_agree(&img, &["-r", "all"], &dir), 0, "{name}");
+        let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+        assert!(c.stdout.contains("identical"), "{name}: {c:?}");
+        for f in ["cq.qcow2", "cs.qcow2"] {
+            assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{name}: {f}");
+        }
+    }
+
+    // Wrong flags beside wrong refcounts: `-r leaks` repairs the flags only
+    // when the refcounts end up right, and flags are judged against the
+    // refcounts as repaired.
+    let leak_and_flag = dir.join("leak-flag.qcow2");
+    std::fs::copy(&plain, &leak_and_flag).unwrap();
+    let pos = l2(&leak_and_flag, 0);
+    poke64(&leak_and_flag, pos, peek64(&leak_and_flag, pos) & !COPIED);
+    let len = std::fs::metadata(&leak_and_flag).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&leak_and_flag)
+        .unwrap()
+        .set_len(len + 65536)
+        .unwrap();
+    poke_refcount(&leak_and_flag, len / 65536, 1);
+    // Cluster shared with the snapshot whose refcount dropped to 1, flag
+    // clear: an error before repair, right after `-r all`.
+    let low = dir.join("low-refcount.qcow2");
+    std::fs::copy(&snap, &low).unwrap();
+    poke_refcount(&low, (data0 & 0x00ff_ffff_ffff_fe00) / 65536, 1);
+    // Same, and the flag set: right before repair, wrong after it.
+    let low_set = dir.join("low-refcount-set.qcow2");
+    std::fs::copy(&low, &low_set).unwrap();
+    let pos = l2(&low_set, 0);
+    poke64(&low_set, pos, data0 | COPIED);
+    for img in [&leak_and_flag, &low, &low_set] {
+        for args in [
+            &[][..],
+            &["--output=json"],
+            &["-r", "leaks"],
+            &["-r", "leaks", "--output=json"],
+            &["-r", "all"],
+            &["-r", "all", "--output=json"],
+        ] {
+            check_copies_agree(img, args, &dir);
+        }
+        let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+        assert!(c.stdout.contains("identical"), "{}: {c:?}", img.display());
+        for f in ["cq.qcow2", "cs.qcow2"] {
+            assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{}", img.display());
+        }
+    }
+}
+
 #[test]
 fn map_matches_qemu_img() {
     let d = Scratch::new("map");

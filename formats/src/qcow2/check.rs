@@ -6,6 +6,16 @@
 //! (too low) are fixed by rewriting refcounts through the normal refcount
 //! path, then everything is flushed.
 //!
+//! Then, as QEMU's `check_oflag_copied` does, every active L1 entry and
+//! every entry of an active L2 table with a host cluster must carry
+//! OFLAG_COPIED exactly when the cluster's stored refcount is 1. This runs
+//! after the refcount repair so that it judges repaired refcounts; a wrong
+//! flag is repaired with `errors`, or with `leaks` when the refcounts
+//! came out clean (the flag can then be trusted to follow them). The write
+//! path relies on the flag to decide whether a cluster may be written in
+//! place, so a flag set on a shared cluster would let a write leak into a
+//! snapshot.
+//!
 //! Runs on the loop thread under `meta`. Memory is bounded by the image
 //! file's size in clusters (and refused beyond [`MAX_CHECK_CLUSTERS`]).
 
@@ -14,7 +24,8 @@ use std::rc::Rc;
 use block_core::{Error, IoBuf, Result};
 
 use super::header::{be16, be32, be64};
-use super::l2::L1E_OFFSET_MASK;
+use super::l2::{L2Entry, L1E_OFFSET_MASK, OFLAG_COPIED};
+use super::meta::Which;
 use super::{DiscardKind, Qcow2};
 
 /// Largest number of host clusters `check` tracks (1 GiB of counters).
@@ -47,6 +58,34 @@ pub struct CheckReport {
     /// Every cluster whose stored refcount differs from its use, in
     /// cluster order (what `qemu-img check` reports line by line).
     pub mismatches: Vec<RefcountMismatch>,
+    /// OFLAG_COPIED flags that disagree with the refcount, in L1 order
+    /// (each L2 table's entry before its data clusters).
+    pub copied: Vec<CopiedMismatch>,
+}
+
+/// Which table entry carries a wrong OFLAG_COPIED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopiedEntry {
+    /// Active L1 entry `l1_index`, pointing to an L2 table.
+    L2Table {
+        /// Index in the active L1 table.
+        l1_index: usize,
+    },
+    /// An entry of an active L2 table, pointing to a data cluster.
+    Data,
+}
+
+/// An L1 or L2 entry whose OFLAG_COPIED does not say "refcount is 1".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopiedMismatch {
+    /// What the entry points to.
+    pub what: CopiedEntry,
+    /// The entry as found (first 64 bits for extended L2 entries).
+    pub entry: u64,
+    /// The stored refcount of the cluster it points to.
+    pub refcount: u64,
+    /// Whether the flag was rewritten.
+    pub fixed: bool,
 }
 
 /// A cluster whose stored refcount is not the number of its references.
@@ -199,6 +238,11 @@ impl Qcow2 {
         }
         // Refcounts past the file (the table may cover more).
         cnt.report.image_end_offset = end << cb;
+        let r = &cnt.report;
+        let refcounts_clean =
+            r.check_errors == 0 && r.corruptions == r.corruptions_fixed && r.leaks == r.leaks_fixed;
+        let fix_copied = !self.read_only && (repair.errors || (repair.leaks && refcounts_clean));
+        self.check_copied(fix_copied, &mut cnt.report).await?;
         if repair.leaks || repair.errors {
             self.flush_caches_if_writable().await?;
         }
@@ -267,6 +311,106 @@ impl Qcow2 {
                     }
                     last_host = h;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares OFLAG_COPIED of the active L1 entries and of the entries of
+    /// the active L2 tables with the stored refcounts; rewrites wrong flags
+    /// when `fix`.
+    async fn check_copied(&self, fix: bool, report: &mut CheckReport) -> Result<()> {
+        let cs = self.cluster_size;
+        let cb = self.cluster_bits;
+        // Clusters of an external data file have no refcounts; QEMU takes
+        // them as 1.
+        let external = !Rc::ptr_eq(&self.data, &self.file);
+        let l1 = self.l1.borrow().clone();
+        for (i, &e) in l1.iter().enumerate() {
+            let l2_off = e & L1E_OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            // Like QEMU: a refcount that cannot be read was already
+            // reported by the refcount comparison.
+            let Ok(rc) = self.get_refcount(l2_off >> cb).await else {
+                continue;
+            };
+            if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                if fix {
+                    let v = if rc == 1 {
+                        e | OFLAG_COPIED
+                    } else {
+                        e & !OFLAG_COPIED
+                    };
+                    self.write_l1_entry(i, v).await?;
+                    report.corruptions_fixed += 1;
+                }
+                report.corruptions += 1;
+                report.copied.push(CopiedMismatch {
+                    what: CopiedEntry::L2Table { l1_index: i },
+                    entry: e,
+                    refcount: rc,
+                    fixed: fix,
+                });
+            }
+            // An unaligned table was reported by the walk; it is checked
+            // where it points, but only repaired through the L2 cache,
+            // which holds aligned tables only.
+            let aligned = l2_off.is_multiple_of(cs);
+            let t = match self.l2_cache_peek(l2_off) {
+                Some(t) => t.borrow().clone(),
+                None => self
+                    .file
+                    .pread(l2_off, IoBuf::zeroed(cs as usize))
+                    .await?
+                    .to_vec(),
+            };
+            let mut fixes: Vec<(usize, L2Entry)> = Vec::new();
+            for j in 0..(1usize << self.l2_bits) {
+                let le = self.l2_entry_at(&t, j);
+                let h = le.host();
+                if le.is_compressed() || h == 0 {
+                    continue;
+                }
+                let rc = if external {
+                    1
+                } else {
+                    match self.get_refcount(h >> cb).await {
+                        Ok(rc) => rc,
+                        Err(_) => continue,
+                    }
+                };
+                if (rc == 1) == le.copied() {
+                    continue;
+                }
+                let fixed = fix && aligned;
+                report.corruptions += 1;
+                report.copied.push(CopiedMismatch {
+                    what: CopiedEntry::Data,
+                    entry: le.entry,
+                    refcount: rc,
+                    fixed,
+                });
+                if fixed {
+                    let entry = if rc == 1 {
+                        le.entry | OFLAG_COPIED
+                    } else {
+                        le.entry & !OFLAG_COPIED
+                    };
+                    fixes.push((j, L2Entry { entry, ..le }));
+                }
+            }
+            if !fixes.is_empty() {
+                let t = self.load_table(Which::L2, l2_off).await?;
+                {
+                    let mut b = t.borrow_mut();
+                    for &(j, le) in &fixes {
+                        self.set_l2_entry_at(&mut b, j, le);
+                    }
+                }
+                self.mark_dirty(Which::L2, l2_off);
+                report.corruptions_fixed += fixes.len() as u64;
             }
         }
         Ok(())

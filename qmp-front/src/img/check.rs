@@ -3,7 +3,7 @@
 //! repair summary with its second pass, and the exit statuses (0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
 
-use formats::qcow2::check::{CheckReport, Repair};
+use formats::qcow2::check::{CheckReport, CopiedEntry, Repair};
 
 use super::common::{open_qcow2, parse_output, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
@@ -150,7 +150,11 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
                         ),
                     );
                 }
-                img.check(Repair::default()).await.map(|again| CheckReport {
+                let again = img.check(Repair::default()).await;
+                if let Ok(again) = &again {
+                    report_mismatches(again, false);
+                }
+                again.map(|again| CheckReport {
                     leaks_fixed: r.leaks_fixed,
                     corruptions_fixed: r.corruptions_fixed,
                     ..again
@@ -204,7 +208,8 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 
 /// The per-cluster lines qemu-img prints on stderr: a first pass that
 /// repairs nothing, then, when repairing and something was found, the
-/// repairing pass.
+/// repairing pass; then the OFLAG_COPIED findings, judged against the
+/// repaired refcounts.
 fn report_mismatches(r: &CheckReport, fix: bool) {
     let line = |m: &formats::qcow2::check::RefcountMismatch, repairing: bool| {
         let what = if repairing && m.fixed {
@@ -222,6 +227,19 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
     let mut s: String = r.mismatches.iter().map(|m| line(m, false)).collect();
     if fix && !r.mismatches.is_empty() {
         s.extend(r.mismatches.iter().map(|m| line(m, true)));
+    }
+    for c in &r.copied {
+        let what = if c.fixed { "Repairing" } else { "ERROR" };
+        s.push_str(&match c.what {
+            CopiedEntry::L2Table { l1_index } => format!(
+                "{what} OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={:x} refcount={}\n",
+                c.entry, c.refcount
+            ),
+            CopiedEntry::Data => format!(
+                "{what} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}\n",
+                c.entry, c.refcount
+            ),
+        });
     }
     eprint!("{s}");
 }
