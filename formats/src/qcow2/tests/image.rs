@@ -440,6 +440,75 @@ fn check_reports_like_qemu_and_repairs_leaks() {
 }
 
 #[test]
+fn check_finds_and_repairs_wrong_copied_flags() {
+    use crate::qcow2::check::{CopiedEntry, CopiedMismatch, Repair};
+    let d = Dir::new("copied");
+    let img = d.file("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+    qemu_io(&img, &["write -P 1 0 64k".into()]);
+    qemu_img(&["snapshot", "-c", "s1", &img]);
+    // After the snapshot the L2 table (at 0x40000) and the data cluster
+    // (at 0x50000) have refcount 2: neither entry may carry the flag.
+    let l1 = 0x30000;
+    let l2 = 0x40000;
+    patch(&img, l1, &(0x40000 | (1u64 << 63)).to_be_bytes());
+    patch(&img, l2, &(0x50000 | (1u64 << 63)).to_be_bytes());
+    let json = qemu_check_json(&img);
+    assert_eq!(json_field(&json, "corruptions"), 2, "{json}");
+    let want = vec![
+        CopiedMismatch {
+            what: CopiedEntry::L2Table { l1_index: 0 },
+            entry: 0x8000_0000_0004_0000,
+            refcount: 2,
+            fixed: false,
+        },
+        CopiedMismatch {
+            what: CopiedEntry::Data,
+            entry: 0x8000_0000_0005_0000,
+            refcount: 2,
+            fixed: false,
+        },
+    ];
+    on_engines(|g, mode| {
+        run(g, async {
+            let r = crate::qcow2::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!(r.copied, want, "{mode:?}");
+            assert_eq!((r.corruptions, r.corruptions_fixed), (2, 0), "{mode:?}");
+            assert!(r.mismatches.is_empty(), "{mode:?} {r:?}");
+        });
+    });
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    run(&g, async {
+        let r = crate::qcow2::check_image(
+            &g,
+            q2_opts(&img),
+            Repair {
+                leaks: false,
+                errors: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.corruptions_fixed, 2, "{r:?}");
+        assert!(r.copied.iter().all(|c| c.fixed), "{r:?}");
+        let again = crate::qcow2::check_image(&g, q2_opts(&img), Repair::default())
+            .await
+            .unwrap();
+        assert_eq!(again.corruptions, 0, "{again:?}");
+        assert!(again.copied.is_empty(), "{again:?}");
+    });
+    check_clean(&img);
+    qemu_io(&img, &["read -P 1 0 64k".into()]);
+}
+
+#[test]
 fn dirty_lazy_refcount_image_is_repaired_on_open() {
     let d = Dir::new("dirty");
     on_engines(|g, mode| {
