@@ -81,6 +81,9 @@ pub(crate) enum DiscardKind {
     Snapshot,
     /// Anything else (COW, metadata moves).
     Other,
+    /// Clusters freed by `check` repairs: always passed down, as QEMU's
+    /// QCOW2_DISCARD_ALWAYS, so a repaired image holds no stale data.
+    Always,
 }
 
 /// An open qcow2 image.

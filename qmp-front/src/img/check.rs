@@ -3,9 +3,9 @@
 //! repair summary with its second pass, and the exit statuses (0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
 
-use formats::qcow2::check::{CheckReport, CopiedEntry, Repair};
+use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, Repair};
 
-use super::common::{open_qcow2, parse_output, Env};
+use super::common::{open_qcow2_with, parse_output, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
 use super::open::probe_format;
 use super::qjson::QValue;
@@ -133,7 +133,7 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         eprintln!("{PROG}: This image format does not support checks");
         return Ok(EXIT_UNSUPPORTED);
     }
-    let img = env.block_on(open_qcow2(&env.graph, filename, fix, force_share))?;
+    let img = env.block_on(open_qcow2_with(&env.graph, filename, fix, force_share, fix))?;
     let result = env.block_on(async {
         let first = img.check(repair).await;
         if let Ok(r) = &first {
@@ -224,7 +224,8 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
             m.cluster, m.refcount, m.reference
         )
     };
-    let mut s: String = r.mismatches.iter().map(|m| line(m, false)).collect();
+    let mut s: String = r.findings.iter().map(finding).collect();
+    s.extend(r.mismatches.iter().map(|m| line(m, false)));
     if fix && !r.mismatches.is_empty() {
         s.extend(r.mismatches.iter().map(|m| line(m, true)));
     }
@@ -242,6 +243,46 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
         });
     }
     eprint!("{s}");
+}
+
+/// QEMU's line for malformed metadata found while counting references.
+fn finding(f: &Finding) -> String {
+    match *f {
+        Finding::L1Reserved { entry } => {
+            format!("ERROR found L1 entry with reserved bits set: {entry:x}\n")
+        }
+        Finding::L2TableUnaligned { offset } => format!(
+            "ERROR l2_offset={offset:x}: Table is not cluster aligned; L1 entry corrupted\n"
+        ),
+        Finding::L2Reserved { entry } => {
+            format!("ERROR found l2 entry with reserved bits set: {entry:x}\n")
+        }
+        Finding::CompressedCopied { coffset } => format!(
+            "ERROR: coffset={coffset:#x}: copied flag must never be set for compressed clusters\n"
+        ),
+        Finding::CompressedWithDataFile { index, entry } => {
+            format!("ERROR compressed cluster {index} with data file, entry={entry:#x}\n")
+        }
+        Finding::CompressedWithBitmap { index, entry } => format!(
+            "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}\n"
+        ),
+        Finding::BadAllocBitmap { offset } => format!(
+            "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap\n"
+        ),
+        Finding::UnallocatedWithBitmap => {
+            "ERROR: Unallocated cluster has non-zero subcluster allocation map\n".to_owned()
+        }
+        Finding::PreallocUnaligned { offset, fixed } => format!(
+            "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.\n",
+            if fixed { "Repairing" } else { "ERROR" }
+        ),
+        Finding::DataUnaligned { offset } => format!(
+            "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.\n"
+        ),
+        Finding::BeyondEnd { offset, len } => format!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}\n"
+        ),
+    }
 }
 
 fn qprint(quiet: bool, s: &str) {
