@@ -928,6 +928,146 @@ fn check_oflag_copied_matches_qemu_img() {
     }
 }
 
+/// Malformed L1 and L2 entries (reserved bits, unaligned tables and
+/// clusters, COPIED on compressed clusters, bad extended-L2 bitmaps,
+/// clusters past the end of the file): both tools print the same
+/// findings, count and repair them alike.
+#[test]
+fn check_malformed_entries_match_qemu_img() {
+    let d = Scratch::new("malformed");
+    let dir = d.q();
+    let std_img = dir.join("std.qcow2");
+    let ext_img = dir.join("ext.qcow2");
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "std.qcow2", "1G"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "ext.qcow2",
+            "1G",
+        ],
+        &dir,
+    );
+    // Entry 0: data, 1: preallocated zeros, 4: compressed.
+    for img in ["std.qcow2", "ext.qcow2"] {
+        qemu_io(
+            img,
+            "qcow2",
+            &["write 0 128k", "write -z 64k 64k", "write -c 256k 64k"],
+            &dir,
+        );
+    }
+    let l1 = l1_entry_pos(&std_img, 0);
+    let e = |p: &Path, j: u64| l2_entry_pos(p, 0, j);
+    // Extended entries are 16 bytes: the entry, then its bitmap.
+    let x = |j: u64| l2_entry_pos(&ext_img, 0, 2 * j);
+    let xb = |j: u64| l2_entry_pos(&ext_img, 0, 2 * j + 1);
+    let old = |p: &Path, off: u64| peek64(p, off);
+    let comp = old(&std_img, e(&std_img, 4));
+    assert_ne!(comp & (1 << 62), 0, "compressed: {comp:#x}");
+    type Patch = Vec<(u64, u64)>;
+    let cases: Vec<(&str, &Path, Patch)> = vec![
+        ("l1-reserved", &std_img, vec![(l1, old(&std_img, l1) | 2)]),
+        (
+            "l1-reserved-bit0",
+            &std_img,
+            vec![(l1, old(&std_img, l1) | 1)],
+        ),
+        (
+            "l2-reserved",
+            &std_img,
+            vec![(e(&std_img, 0), old(&std_img, e(&std_img, 0)) | 1 << 56 | 2)],
+        ),
+        (
+            "data-unaligned",
+            &std_img,
+            vec![(e(&std_img, 0), old(&std_img, e(&std_img, 0)) + 0x200)],
+        ),
+        (
+            "prealloc-unaligned",
+            &std_img,
+            vec![(e(&std_img, 1), old(&std_img, e(&std_img, 1)) + 0x200)],
+        ),
+        (
+            "past-eof",
+            &std_img,
+            vec![(e(&std_img, 0), COPIED | 1 << 32)],
+        ),
+        (
+            "compressed-copied",
+            &std_img,
+            vec![(e(&std_img, 4), comp | COPIED)],
+        ),
+        (
+            "ext-alloc-and-zero",
+            &ext_img,
+            vec![(xb(0), 0x0000_0001_ffff_ffff)],
+        ),
+        ("ext-unallocated-bitmap", &ext_img, vec![(xb(2), 1)]),
+        ("ext-compressed-bitmap", &ext_img, vec![(xb(4), 1)]),
+        (
+            "ext-data-unaligned",
+            &ext_img,
+            vec![(x(0), old(&ext_img, x(0)) + 0x200)],
+        ),
+        (
+            "ext-prealloc-unaligned",
+            &ext_img,
+            vec![(x(1), old(&ext_img, x(1)) + 0x200)],
+        ),
+    ];
+    for (name, src, patches) in cases {
+        let img = dir.join(format!("{name}.qcow2"));
+        std::fs::copy(src, &img).unwrap();
+        for (off, v) in patches {
+            poke64(&img, off, v);
+        }
+        for args in [
+            &[][..],
+            &["--output=json"],
+            &["-r", "leaks"],
+            &["-r", "leaks", "--output=json"],
+        ] {
+            assert_eq!(check_copies_agree(&img, args, &dir), 2, "{name} {args:?}");
+        }
+        if check_copies_agree(&img, &["-r", "all"], &dir) == 0 {
+            let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+            assert!(c.stdout.contains("identical"), "{name}: {c:?}");
+            for f in ["cq.qcow2", "cs.qcow2"] {
+                assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{name}: {f}");
+            }
+        }
+    }
+
+    // An L1 entry holding only COPIED makes both tools walk the header
+    // as an L2 table. Repairing it would write over the header: both
+    // refuse, mark the image corrupt and fail the check.
+    let hdr = dir.join("header-as-l2.qcow2");
+    std::fs::copy(&std_img, &hdr).unwrap();
+    poke64(&hdr, l1_entry_pos(&hdr, 1), COPIED);
+    for args in [&[][..], &["--output=json"], &["-r", "leaks"]] {
+        assert_eq!(check_copies_agree(&hdr, args, &dir), 2, "{args:?}");
+    }
+    std::fs::copy(&hdr, dir.join("cq.qcow2")).unwrap();
+    std::fs::copy(&hdr, dir.join("cs.qcow2")).unwrap();
+    let q = qemu_img(&["check", "-r", "all", "cq.qcow2"], &dir);
+    let s = strata(&["check", "-r", "all", "cs.qcow2"], &dir);
+    assert_eq!((q.code, s.code), (1, 1), "{q:?} {s:?}");
+    assert!(s.stderr.contains("overlaps with qcow2_header"), "{s:?}");
+    assert_eq!(read(&dir.join("cs.qcow2")), read(&dir.join("cq.qcow2")));
+    // Incompatible feature bit 1: corrupt.
+    assert_ne!(peek64(&dir.join("cs.qcow2"), 72) & 2, 0);
+}
+
 #[test]
 fn map_matches_qemu_img() {
     let d = Scratch::new("map");
