@@ -1050,22 +1050,20 @@ fn check_malformed_entries_match_qemu_img() {
 
     // An L1 entry holding only COPIED makes both tools walk the header
     // as an L2 table. Repairing it would write over the header: both
-    // refuse, mark the image corrupt and fail the check.
+    // refuse, mark the image corrupt and fail the check with the same
+    // lines and the same bytes left on disk.
     let hdr = dir.join("header-as-l2.qcow2");
     std::fs::copy(&std_img, &hdr).unwrap();
     poke64(&hdr, l1_entry_pos(&hdr, 1), COPIED);
     for args in [&[][..], &["--output=json"], &["-r", "leaks"]] {
         assert_eq!(check_copies_agree(&hdr, args, &dir), 2, "{args:?}");
     }
-    std::fs::copy(&hdr, dir.join("cq.qcow2")).unwrap();
-    std::fs::copy(&hdr, dir.join("cs.qcow2")).unwrap();
-    let q = qemu_img(&["check", "-r", "all", "cq.qcow2"], &dir);
-    let s = strata(&["check", "-r", "all", "cs.qcow2"], &dir);
-    assert_eq!((q.code, s.code), (1, 1), "{q:?} {s:?}");
-    assert!(s.stderr.contains("overlaps with qcow2_header"), "{s:?}");
-    assert_eq!(read(&dir.join("cs.qcow2")), read(&dir.join("cq.qcow2")));
+    for args in [&["-r", "all"][..], &["-r", "all", "--output=json"]] {
+        assert_eq!(check_copies_agree(&hdr, args, &dir), 1, "{args:?}");
+    }
     // Incompatible feature bit 1: corrupt.
     assert_ne!(peek64(&dir.join("cs.qcow2"), 72) & 2, 0);
+    assert_eq!(peek64(&hdr, 72) & 2, 0);
 }
 
 #[test]

@@ -69,6 +69,11 @@ pub struct CheckReport {
     /// Malformed metadata met while counting references, in the order
     /// QEMU reports it (before the refcount comparison).
     pub findings: Vec<Finding>,
+    /// Set when a repair was refused because the L2 table it would rewrite
+    /// lies on other metadata: the image was marked corrupt and the check
+    /// stopped there, so the counts are partial (QEMU's check fails with
+    /// EIO at that point).
+    pub aborted: Option<OverlapAbort>,
     /// OFLAG_COPIED flags that disagree with the refcount, in L1 order
     /// (each L2 table's entry before its data clusters).
     pub copied: Vec<CopiedMismatch>,
@@ -143,6 +148,19 @@ pub enum Finding {
         /// Length of the range.
         len: u64,
     },
+}
+
+/// A repair refused by the metadata overlap check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlapAbort {
+    /// The metadata the write would have hit, in QEMU's words
+    /// ("qcow2_header", "refcount block", ...).
+    pub what: &'static str,
+    /// The L2 table offset.
+    pub offset: u64,
+    /// Whether an OFLAG_COPIED repair was refused (else the zeroing of an
+    /// unaligned preallocated cluster).
+    pub copied_repair: bool,
 }
 
 /// Which table entry carries a wrong OFLAG_COPIED.
@@ -299,12 +317,18 @@ impl Qcow2 {
         // Active L1 and everything below it.
         cnt.add(hdr.l1_table_offset, l1.len() as u64 * 8);
         self.check_l1(&l1, &mut cnt, true, repair).await?;
+        if cnt.report.aborted.is_some() {
+            return Ok(cnt.report);
+        }
         // Snapshots.
         for &(l1_off, len) in &snaps {
             cnt.add(l1_off, len);
             let b = self.file.pread(l1_off, IoBuf::zeroed(len as usize)).await?;
             let sl1: Vec<u64> = b.chunks_exact(8).map(|c| be64(c, 0)).collect();
             self.check_l1(&sl1, &mut cnt, false, repair).await?;
+            if cnt.report.aborted.is_some() {
+                return Ok(cnt.report);
+            }
         }
         if snap_table_bad {
             cnt.report.corruptions += 1;
@@ -371,7 +395,7 @@ impl Qcow2 {
         let meta = std::mem::take(&mut cnt.meta);
         self.check_copied(fix_copied, &mut cnt.report, &meta)
             .await?;
-        if repair.leaks || repair.errors {
+        if (repair.leaks || repair.errors) && cnt.report.aborted.is_none() {
             self.flush_caches_if_writable().await?;
         }
         Ok(cnt.report)
@@ -420,6 +444,9 @@ impl Qcow2 {
             };
             let fix = repair.errors && !self.read_only && aligned;
             self.check_l2(&t, l2_off, cnt, active, fix).await?;
+            if cnt.report.aborted.is_some() {
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -498,7 +525,16 @@ impl Qcow2 {
                         fixed: fix,
                     });
                     if fix {
-                        self.zero_l2_entry(l2_off, i, le, &cnt.meta).await?;
+                        if let Some(what) = self.guard_l2_repair(l2_off, &cnt.meta).await? {
+                            cnt.report.check_errors += 1;
+                            cnt.report.aborted = Some(OverlapAbort {
+                                what,
+                                offset: l2_off,
+                                copied_repair: false,
+                            });
+                            return Ok(());
+                        }
+                        self.zero_l2_entry(l2_off, i, le).await?;
                         cnt.report.corruptions_fixed += 1;
                         // The cluster is no longer used.
                         continue;
@@ -521,14 +557,7 @@ impl Qcow2 {
 
     /// Makes entry `i` of the L2 table at `l2_off` a plain zero cluster:
     /// allocated subclusters read as zeros, the host cluster is dropped.
-    async fn zero_l2_entry(
-        &self,
-        l2_off: u64,
-        i: usize,
-        le: L2Entry,
-        meta: &[(u64, u64, &'static str)],
-    ) -> Result<()> {
-        self.guard_l2_repair(l2_off, meta).await?;
+    async fn zero_l2_entry(&self, l2_off: u64, i: usize, le: L2Entry) -> Result<()> {
         let new = if self.extended {
             L2Entry {
                 entry: 0,
@@ -548,21 +577,28 @@ impl Qcow2 {
 
     /// QEMU's overlap check before a repair rewrites (part of) the L2
     /// table at `l2_off`: a "table" lying on other metadata means the L1
-    /// entry is garbage, so the image is marked corrupt and the check
-    /// stops rather than write there.
-    async fn guard_l2_repair(&self, l2_off: u64, meta: &[(u64, u64, &'static str)]) -> Result<()> {
+    /// entry is garbage, so the image is marked corrupt (after earlier
+    /// repairs reach the disk, as QEMU writes each at once) and the
+    /// metadata hit is returned; the caller stops the check.
+    async fn guard_l2_repair(
+        &self,
+        l2_off: u64,
+        meta: &[(u64, u64, &'static str)],
+    ) -> Result<Option<&'static str>> {
         let cs = self.cluster_size;
+        // Whole clusters, as QEMU compares them; u128 because hostile
+        // snapshot entries may put a table near the top of the range.
         let hit = meta.iter().find(|&&(o, n, _)| {
-            n > 0 && l2_off < (o + n).next_multiple_of(cs) && o / cs * cs < l2_off + cs
+            let (o, n, l2, cs) = (o as u128, n as u128, l2_off as u128, cs as u128);
+            n > 0 && l2 < (o + n).next_multiple_of(cs) && o / cs * cs < l2 + cs
         });
         let Some(&(_, _, what)) = hit else {
-            return Ok(());
+            return Ok(None);
         };
+        self.flush_caches().await?;
         let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
         self.signal_corruption(&msg, l2_off, cs).await;
-        Err(self.corrupt(format!(
-            "{msg}: repair of the L2 table at host offset {l2_off:#x}"
-        )))
+        Ok(Some(what))
     }
 
     /// Compares OFLAG_COPIED of the active L1 entries and of the entries of
@@ -656,7 +692,15 @@ impl Qcow2 {
                 }
             }
             if !fixes.is_empty() {
-                self.guard_l2_repair(l2_off, meta).await?;
+                if let Some(what) = self.guard_l2_repair(l2_off, meta).await? {
+                    report.check_errors += 1;
+                    report.aborted = Some(OverlapAbort {
+                        what,
+                        offset: l2_off,
+                        copied_repair: true,
+                    });
+                    return Ok(());
+                }
                 let t = self.load_table(Which::L2, l2_off).await?;
                 {
                     let mut b = t.borrow_mut();

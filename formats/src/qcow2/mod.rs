@@ -476,7 +476,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
                 errors: true,
             })
             .await?;
-        if r.corruptions > r.corruptions_fixed {
+        if r.corruptions > r.corruptions_fixed || r.aborted.is_some() {
             return Err(drv.corrupt("could not repair the dirty image"));
         }
         let v = {

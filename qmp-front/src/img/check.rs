@@ -3,7 +3,7 @@
 //! repair summary with its second pass, and the exit statuses (0 clean,
 //! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
 
-use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, Repair};
+use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, OverlapAbort, Repair};
 
 use super::common::{open_qcow2_with, parse_output, Env};
 use super::getopt::{getopt_long, HasArg, LongOpt};
@@ -138,9 +138,12 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         let first = img.check(repair).await;
         if let Ok(r) = &first {
             report_mismatches(r, fix);
+            if let Some(a) = &r.aborted {
+                eprint!("{}", overlap_lines(a));
+            }
         }
         let r = match first {
-            Ok(r) if r.leaks_fixed > 0 || r.corruptions_fixed > 0 => {
+            Ok(r) if r.aborted.is_none() && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) => {
                 if !json {
                     qprint(
                         quiet,
@@ -164,6 +167,8 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         };
         let c = img.close().await;
         match (r, c) {
+            // The image refuses writes now; closing may fail for that.
+            (Ok(r), _) if r.aborted.is_some() => Ok(r),
             (Ok(r), Ok(())) => Ok(r),
             (Err(e), _) | (_, Err(e)) => Err(e),
         }
@@ -175,6 +180,11 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
             return Ok(1);
         }
     };
+    if report.aborted.is_some() {
+        // QEMU's check returns EIO there, before any summary.
+        eprintln!("{PROG}: Check failed: Input/output error");
+        return Ok(1);
+    }
     if json {
         qprint(quiet, &format!("{}\n", to_json(&report, filename).pretty()));
     } else {
@@ -243,6 +253,20 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
         });
     }
     eprint!("{s}");
+}
+
+/// What QEMU prints when its overlap check refuses a repair write.
+fn overlap_lines(a: &OverlapAbort) -> String {
+    let mut s = format!(
+        "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}); further corruption events will be suppressed\n",
+        a.what
+    );
+    s.push_str(if a.copied_repair {
+        "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error\n"
+    } else {
+        "ERROR: Overlap check failed\n"
+    });
+    s
 }
 
 /// QEMU's line for malformed metadata found while counting references.
