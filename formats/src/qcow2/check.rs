@@ -4,7 +4,17 @@
 //! stored refcounts, as `qemu-img check` does. With `repair`, leaked
 //! clusters (stored refcount too high) and, when asked, refcount errors
 //! (too low) are fixed by rewriting refcounts through the normal refcount
-//! path, then everything is flushed.
+//! path (freed clusters are discarded, as QEMU's QCOW2_DISCARD_ALWAYS),
+//! then everything is flushed.
+//!
+//! The walk over the L1 and L2 tables notes malformed entries as QEMU's
+//! `check_refcounts_l1`/`_l2` do ([`Finding`]): reserved bits, unaligned
+//! tables and clusters, bad extended-L2 bitmaps, references a cluster or
+//! more past the end of the file. They are counted the way QEMU counts
+//! them (an unaligned data cluster still references the cluster it falls
+//! in), so that the refcount comparison that follows agrees with QEMU's.
+//! The only one repaired, with `errors`, is an unaligned preallocated
+//! zero cluster, which becomes a plain zero cluster.
 //!
 //! Then, as QEMU's `check_oflag_copied` does, every active L1 entry and
 //! every entry of an active L2 table with a host cluster must carry
@@ -15,6 +25,13 @@
 //! path relies on the flag to decide whether a cluster may be written in
 //! place, so a flag set on a shared cluster would let a write leak into a
 //! snapshot.
+//!
+//! L2 repairs go through the L2 cache; L1 entries are written at once.
+//! Before an L2 table is rewritten, its cluster is checked against the
+//! header, L1 tables, refcount table and blocks and the snapshot table:
+//! an L1 entry pointing there is garbage, and QEMU marks the image corrupt
+//! and stops the check rather than write, which this does too
+//! ([`CheckReport::aborted`]).
 //!
 //! Runs on the loop thread under `meta`. Memory is bounded by the image
 //! file's size in clusters (and refused beyond [`MAX_CHECK_CLUSTERS`]).

@@ -1,7 +1,10 @@
 //! `strata-img check`: qemu-img's `check` on qcow2 images (raw images
 //! cannot be checked: exit status 63, as in QEMU). Report wording, the
 //! repair summary with its second pass, and the exit statuses (0 clean,
-//! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
+//! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`. Stderr
+//! carries QEMU's lines in QEMU's order: malformed entries found by the
+//! walk, refcount mismatches (again as "Repairing" when repairing), then
+//! OFLAG_COPIED findings; the double-check pass prints its own.
 
 use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, OverlapAbort, Repair};
 
