@@ -966,6 +966,19 @@ fn check_malformed_entries_match_qemu_img() {
             &dir,
         );
     }
+    // A snapshot, then a write that moves the active L2 table: the old
+    // one belongs to the snapshot alone.
+    let snap_img = dir.join("snap.qcow2");
+    std::fs::copy(&std_img, &snap_img).unwrap();
+    must("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], &dir);
+    qemu_io("snap.qcow2", "qcow2", &["write 2M 64k"], &dir);
+    // First snapshot table entry: its L1 table offset.
+    let snap_l1 = peek64(&snap_img, peek64(&snap_img, 64));
+    let snap_l2 = peek64(&snap_img, snap_l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(
+        snap_l2,
+        peek64(&snap_img, l1_entry_pos(&snap_img, 0)) & 0x00ff_ffff_ffff_fe00
+    );
     let l1 = l1_entry_pos(&std_img, 0);
     let e = |p: &Path, j: u64| l2_entry_pos(p, 0, j);
     // Extended entries are 16 bytes: the entry, then its bitmap.
@@ -1013,6 +1026,16 @@ fn check_malformed_entries_match_qemu_img() {
             vec![(xb(0), 0x0000_0001_ffff_ffff)],
         ),
         ("ext-unallocated-bitmap", &ext_img, vec![(xb(2), 1)]),
+        (
+            "snapshot-l1-reserved",
+            &snap_img,
+            vec![(snap_l1, old(&snap_img, snap_l1) | 2)],
+        ),
+        (
+            "snapshot-prealloc-unaligned",
+            &snap_img,
+            vec![(snap_l2 + 8, old(&snap_img, snap_l2 + 8) + 0x200)],
+        ),
         ("ext-compressed-bitmap", &ext_img, vec![(xb(4), 1)]),
         (
             "ext-data-unaligned",
