@@ -735,6 +735,360 @@ fn check_matches_qemu_img() {
     }
 }
 
+/// Reads the big-endian u64 at `off` of a file.
+fn peek64(path: &Path, off: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap_or_else(|e| panic!("read {} at {off:#x}: {e}", path.display()));
+    u64::from_be_bytes(b)
+}
+
+/// Writes the big-endian u64 `v` at `off` of a file.
+fn poke64(path: &Path, off: u64, v: u64) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&v.to_be_bytes(), off)
+        .unwrap_or_else(|e| panic!("write {} at {off:#x}: {e}", path.display()));
+}
+
+const COPIED: u64 = 1 << 63;
+
+/// File offset of active L1 entry `i` (header field l1_table_offset).
+fn l1_entry_pos(path: &Path, i: u64) -> u64 {
+    peek64(path, 40) + i * 8
+}
+
+/// File offset of entry `j` of the L2 table active L1 entry `i` points to.
+fn l2_entry_pos(path: &Path, i: u64, j: u64) -> u64 {
+    (peek64(path, l1_entry_pos(path, i)) & 0x00ff_ffff_ffff_fe00) + j * 8
+}
+
+/// Runs `check <args> img` with qemu-img on one copy of `src` and with
+/// strata-img on another; both print, exit and (when repairing) leave the
+/// image the same way. Returns the exit status.
+fn check_copies_agree(src: &Path, args: &[&str], dir: &Path) -> i32 {
+    let (cq, cs) = (dir.join("cq.qcow2"), dir.join("cs.qcow2"));
+    std::fs::copy(src, &cq).unwrap();
+    std::fs::copy(src, &cs).unwrap();
+    let run = |tool: &str, img: &str| {
+        let mut a = vec!["check"];
+        a.extend_from_slice(args);
+        a.push(img);
+        let mut o = exec(tool, &a, dir);
+        o.stdout = o.stdout.replace(img, "IMG");
+        o
+    };
+    let q = run("qemu-img", "cq.qcow2");
+    let s = run(STRATA, "cs.qcow2");
+    assert_eq!(s, q, "check {args:?} of {}", src.display());
+    if args.contains(&"-r") {
+        assert_eq!(
+            read(&cs),
+            read(&cq),
+            "check {args:?} of {} repaired differently",
+            src.display()
+        );
+    }
+    q.code
+}
+
+/// OFLAG_COPIED cleared where the refcount is 1, or set where it is 2
+/// (clusters and L2 tables shared with an internal snapshot), on L1 and L2
+/// entries: both tools report the same lines and counts, repair alike,
+/// and the repaired images are clean.
+#[test]
+fn check_oflag_copied_matches_qemu_img() {
+    let d = Scratch::new("oflag");
+    let dir = d.q();
+    // Guest 0: data, 64k: preallocated zero cluster, 5M: data; 600M sits in
+    // a second L2 table.
+    let plain = dir.join("plain.qcow2");
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "plain.qcow2", "1G"],
+        &dir,
+    );
+    qemu_io(
+        "plain.qcow2",
+        "qcow2",
+        &[
+            "write 0 128k",
+            "write -z 64k 64k",
+            "write 5M 64k",
+            "write 600M 64k",
+        ],
+        &dir,
+    );
+    assert_eq!(
+        peek64(&plain, l2_entry_pos(&plain, 0, 1)) & 1,
+        1,
+        "zero alloc"
+    );
+    // The same with a snapshot, then the first L2 table copied by a write:
+    // L2 table 0 has refcount 1 but points to shared clusters, L2 table 1
+    // is shared itself.
+    let snap = dir.join("snap.qcow2");
+    std::fs::copy(&plain, &snap).unwrap();
+    must("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], &dir);
+    qemu_io("snap.qcow2", "qcow2", &["write 2M 64k"], &dir);
+    let data0 = peek64(&snap, l2_entry_pos(&snap, 0, 0));
+    assert_eq!(data0 & COPIED, 0, "shared cluster: {data0:#x}");
+    assert_eq!(peek64(&snap, l1_entry_pos(&snap, 1)) & COPIED, 0);
+    assert_ne!(peek64(&snap, l1_entry_pos(&snap, 0)) & COPIED, 0);
+
+    // (name, image, file offset of the entry whose flag is flipped)
+    let l2 = |p: &Path, j| l2_entry_pos(p, 0, j);
+    // Guest 600M: 88M into the second L2 table, 64k per entry.
+    let at600m = |p: &Path| l2_entry_pos(p, 1, 88 * 16);
+    let cases: Vec<(&str, &Path, u64)> = vec![
+        ("plain-l2-data", &plain, l2(&plain, 0)),
+        ("plain-l2-zero-alloc", &plain, l2(&plain, 1)),
+        ("plain-l2-second-table", &plain, at600m(&plain)),
+        ("plain-l1", &plain, l1_entry_pos(&plain, 0)),
+        ("plain-l1-second", &plain, l1_entry_pos(&plain, 1)),
+        ("snap-l2-shared-data", &snap, l2(&snap, 0)),
+        ("snap-l2-own-data", &snap, l2(&snap, 32)),
+        ("snap-l2-shared-table", &snap, at600m(&snap)),
+        ("snap-l1-shared-table", &snap, l1_entry_pos(&snap, 1)),
+        ("snap-l1-own-table", &snap, l1_entry_pos(&snap, 0)),
+    ];
+    for (name, src, pos) in cases {
+        let img = dir.join(format!("{name}.qcow2"));
+        std::fs::copy(src, &img).unwrap();
+        let e = peek64(&img, pos);
+        assert_ne!(
+            e & 0x00ff_ffff_ffff_fe00,
+            0,
+            "{name}: entry {e:#x} unallocated"
+        );
+        poke64(&img, pos, e ^ COPIED);
+        for out in ["--output=human", "--output=json"] {
+            assert_eq!(check_copies_agree(&img, &[out], &dir), 2, "{name}");
+            assert_eq!(
+                check_copies_agree(&img, &["-r", "leaks", out], &dir),
+                0,
+                "{name}"
+            );
+        }
+        assert_eq!(check_copies_agree(&img, &["-r", "all"], &dir), 0, "{name}");
+        let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+        assert!(c.stdout.contains("identical"), "{name}: {c:?}");
+        for f in ["cq.qcow2", "cs.qcow2"] {
+            assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{name}: {f}");
+        }
+    }
+
+    // Wrong flags beside wrong refcounts: `-r leaks` repairs the flags only
+    // when the refcounts end up right, and flags are judged against the
+    // refcounts as repaired.
+    let leak_and_flag = dir.join("leak-flag.qcow2");
+    std::fs::copy(&plain, &leak_and_flag).unwrap();
+    let pos = l2(&leak_and_flag, 0);
+    poke64(&leak_and_flag, pos, peek64(&leak_and_flag, pos) & !COPIED);
+    let len = std::fs::metadata(&leak_and_flag).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&leak_and_flag)
+        .unwrap()
+        .set_len(len + 65536)
+        .unwrap();
+    poke_refcount(&leak_and_flag, len / 65536, 1);
+    // Cluster shared with the snapshot whose refcount dropped to 1, flag
+    // clear: an error before repair, right after `-r all`.
+    let low = dir.join("low-refcount.qcow2");
+    std::fs::copy(&snap, &low).unwrap();
+    poke_refcount(&low, (data0 & 0x00ff_ffff_ffff_fe00) / 65536, 1);
+    // Same, and the flag set: right before repair, wrong after it.
+    let low_set = dir.join("low-refcount-set.qcow2");
+    std::fs::copy(&low, &low_set).unwrap();
+    let pos = l2(&low_set, 0);
+    poke64(&low_set, pos, data0 | COPIED);
+    for img in [&leak_and_flag, &low, &low_set] {
+        for args in [
+            &[][..],
+            &["--output=json"],
+            &["-r", "leaks"],
+            &["-r", "leaks", "--output=json"],
+            &["-r", "all"],
+            &["-r", "all", "--output=json"],
+        ] {
+            check_copies_agree(img, args, &dir);
+        }
+        let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+        assert!(c.stdout.contains("identical"), "{}: {c:?}", img.display());
+        for f in ["cq.qcow2", "cs.qcow2"] {
+            assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{}", img.display());
+        }
+    }
+}
+
+/// Malformed L1 and L2 entries (reserved bits, unaligned tables and
+/// clusters, COPIED on compressed clusters, bad extended-L2 bitmaps,
+/// clusters past the end of the file): both tools print the same
+/// findings, count and repair them alike.
+#[test]
+fn check_malformed_entries_match_qemu_img() {
+    let d = Scratch::new("malformed");
+    let dir = d.q();
+    let std_img = dir.join("std.qcow2");
+    let ext_img = dir.join("ext.qcow2");
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "std.qcow2", "1G"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "ext.qcow2",
+            "1G",
+        ],
+        &dir,
+    );
+    // Entry 0: data, 1: preallocated zeros, 4: compressed.
+    for img in ["std.qcow2", "ext.qcow2"] {
+        qemu_io(
+            img,
+            "qcow2",
+            &["write 0 128k", "write -z 64k 64k", "write -c 256k 64k"],
+            &dir,
+        );
+    }
+    // A snapshot, then a write that moves the active L2 table: the old
+    // one belongs to the snapshot alone.
+    let snap_img = dir.join("snap.qcow2");
+    std::fs::copy(&std_img, &snap_img).unwrap();
+    must("qemu-img", &["snapshot", "-c", "s1", "snap.qcow2"], &dir);
+    qemu_io("snap.qcow2", "qcow2", &["write 2M 64k"], &dir);
+    // First snapshot table entry: its L1 table offset.
+    let snap_l1 = peek64(&snap_img, peek64(&snap_img, 64));
+    let snap_l2 = peek64(&snap_img, snap_l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(
+        snap_l2,
+        peek64(&snap_img, l1_entry_pos(&snap_img, 0)) & 0x00ff_ffff_ffff_fe00
+    );
+    let l1 = l1_entry_pos(&std_img, 0);
+    let e = |p: &Path, j: u64| l2_entry_pos(p, 0, j);
+    // Extended entries are 16 bytes: the entry, then its bitmap.
+    let x = |j: u64| l2_entry_pos(&ext_img, 0, 2 * j);
+    let xb = |j: u64| l2_entry_pos(&ext_img, 0, 2 * j + 1);
+    let old = |p: &Path, off: u64| peek64(p, off);
+    let comp = old(&std_img, e(&std_img, 4));
+    assert_ne!(comp & (1 << 62), 0, "compressed: {comp:#x}");
+    type Patch = Vec<(u64, u64)>;
+    let cases: Vec<(&str, &Path, Patch)> = vec![
+        ("l1-reserved", &std_img, vec![(l1, old(&std_img, l1) | 2)]),
+        (
+            "l1-reserved-bit0",
+            &std_img,
+            vec![(l1, old(&std_img, l1) | 1)],
+        ),
+        (
+            "l2-reserved",
+            &std_img,
+            vec![(e(&std_img, 0), old(&std_img, e(&std_img, 0)) | 1 << 56 | 2)],
+        ),
+        (
+            "data-unaligned",
+            &std_img,
+            vec![(e(&std_img, 0), old(&std_img, e(&std_img, 0)) + 0x200)],
+        ),
+        (
+            "prealloc-unaligned",
+            &std_img,
+            vec![(e(&std_img, 1), old(&std_img, e(&std_img, 1)) + 0x200)],
+        ),
+        (
+            "past-eof",
+            &std_img,
+            vec![(e(&std_img, 0), COPIED | 1 << 32)],
+        ),
+        (
+            "compressed-copied",
+            &std_img,
+            vec![(e(&std_img, 4), comp | COPIED)],
+        ),
+        (
+            "ext-alloc-and-zero",
+            &ext_img,
+            vec![(xb(0), 0x0000_0001_ffff_ffff)],
+        ),
+        ("ext-unallocated-bitmap", &ext_img, vec![(xb(2), 1)]),
+        (
+            "snapshot-l1-reserved",
+            &snap_img,
+            vec![(snap_l1, old(&snap_img, snap_l1) | 2)],
+        ),
+        (
+            "snapshot-prealloc-unaligned",
+            &snap_img,
+            vec![(snap_l2 + 8, old(&snap_img, snap_l2 + 8) + 0x200)],
+        ),
+        ("ext-compressed-bitmap", &ext_img, vec![(xb(4), 1)]),
+        (
+            "ext-data-unaligned",
+            &ext_img,
+            vec![(x(0), old(&ext_img, x(0)) + 0x200)],
+        ),
+        (
+            "ext-prealloc-unaligned",
+            &ext_img,
+            vec![(x(1), old(&ext_img, x(1)) + 0x200)],
+        ),
+    ];
+    for (name, src, patches) in cases {
+        let img = dir.join(format!("{name}.qcow2"));
+        std::fs::copy(src, &img).unwrap();
+        for (off, v) in patches {
+            poke64(&img, off, v);
+        }
+        for args in [
+            &[][..],
+            &["--output=json"],
+            &["-r", "leaks"],
+            &["-r", "leaks", "--output=json"],
+        ] {
+            assert_eq!(check_copies_agree(&img, args, &dir), 2, "{name} {args:?}");
+        }
+        if check_copies_agree(&img, &["-r", "all"], &dir) == 0 {
+            let c = must("qemu-img", &["compare", "cq.qcow2", "cs.qcow2"], &dir);
+            assert!(c.stdout.contains("identical"), "{name}: {c:?}");
+            for f in ["cq.qcow2", "cs.qcow2"] {
+                assert_eq!(qemu_img(&["check", f], &dir).code, 0, "{name}: {f}");
+            }
+        }
+    }
+
+    // An L1 entry holding only COPIED makes both tools walk the header
+    // as an L2 table. Repairing it would write over the header: both
+    // refuse, mark the image corrupt and fail the check with the same
+    // lines and the same bytes left on disk.
+    let hdr = dir.join("header-as-l2.qcow2");
+    std::fs::copy(&std_img, &hdr).unwrap();
+    poke64(&hdr, l1_entry_pos(&hdr, 1), COPIED);
+    for args in [&[][..], &["--output=json"], &["-r", "leaks"]] {
+        assert_eq!(check_copies_agree(&hdr, args, &dir), 2, "{args:?}");
+    }
+    for args in [&["-r", "all"][..], &["-r", "all", "--output=json"]] {
+        assert_eq!(check_copies_agree(&hdr, args, &dir), 1, "{args:?}");
+    }
+    // Incompatible feature bit 1: corrupt.
+    assert_ne!(peek64(&dir.join("cs.qcow2"), 72) & 2, 0);
+    assert_eq!(peek64(&hdr, 72) & 2, 0);
+}
+
 #[test]
 fn map_matches_qemu_img() {
     let d = Scratch::new("map");

@@ -81,6 +81,9 @@ pub(crate) enum DiscardKind {
     Snapshot,
     /// Anything else (COW, metadata moves).
     Other,
+    /// Clusters freed by `check` repairs: always passed down, as QEMU's
+    /// QCOW2_DISCARD_ALWAYS, so a repaired image holds no stale data.
+    Always,
 }
 
 /// An open qcow2 image.
@@ -479,7 +482,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
                 errors: true,
             })
             .await?;
-        if r.corruptions > r.corruptions_fixed {
+        if r.corruptions > r.corruptions_fixed || r.aborted.is_some() {
             return Err(drv.corrupt("could not repair the dirty image"));
         }
         let v = {

@@ -242,6 +242,7 @@ impl Qcow2 {
                 DiscardKind::Request => self.pass_discard[0],
                 DiscardKind::Snapshot => self.pass_discard[1],
                 DiscardKind::Other => self.pass_discard[2],
+                DiscardKind::Always => true,
             };
             if pass && self.file.flags().discard_unmap {
                 // A hint: failures do not matter.

@@ -1,11 +1,14 @@
 //! `strata-img check`: qemu-img's `check` on qcow2 images (raw images
 //! cannot be checked: exit status 63, as in QEMU). Report wording, the
 //! repair summary with its second pass, and the exit statuses (0 clean,
-//! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`.
+//! 1 check failed, 2 corruptions, 3 leaks) follow `img_check`. Stderr
+//! carries QEMU's lines in QEMU's order: malformed entries found by the
+//! walk, refcount mismatches (again as "Repairing" when repairing), then
+//! OFLAG_COPIED findings; the double-check pass prints its own.
 
-use formats::qcow2::check::{CheckReport, Repair};
+use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, OverlapAbort, Repair};
 
-use super::common::{open_qcow2, parse_output, Env};
+use super::common::{open_qcow2_with, parse_output, Env};
 use super::getopt::{getopt_long, LongOpt};
 use super::open::probe_format;
 use super::qjson::QValue;
@@ -97,14 +100,17 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         eprintln!("{PROG}: This image format does not support checks");
         return Ok(EXIT_UNSUPPORTED);
     }
-    let img = env.block_on(open_qcow2(&env.graph, filename, fix, force_share))?;
+    let img = env.block_on(open_qcow2_with(&env.graph, filename, fix, force_share, fix))?;
     let result = env.block_on(async {
         let first = img.check(repair).await;
         if let Ok(r) = &first {
             report_mismatches(r, fix);
+            if let Some(a) = &r.aborted {
+                eprint!("{}", overlap_lines(a));
+            }
         }
         let r = match first {
-            Ok(r) if r.leaks_fixed > 0 || r.corruptions_fixed > 0 => {
+            Ok(r) if r.aborted.is_none() && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) => {
                 if !json {
                     qprint(
                         quiet,
@@ -114,7 +120,11 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
                         ),
                     );
                 }
-                img.check(Repair::default()).await.map(|again| CheckReport {
+                let again = img.check(Repair::default()).await;
+                if let Ok(again) = &again {
+                    report_mismatches(again, false);
+                }
+                again.map(|again| CheckReport {
                     leaks_fixed: r.leaks_fixed,
                     corruptions_fixed: r.corruptions_fixed,
                     ..again
@@ -124,6 +134,8 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         };
         let c = img.close().await;
         match (r, c) {
+            // The image refuses writes now; closing may fail for that.
+            (Ok(r), _) if r.aborted.is_some() => Ok(r),
             (Ok(r), Ok(())) => Ok(r),
             (Err(e), _) | (_, Err(e)) => Err(e),
         }
@@ -135,6 +147,11 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
             return Ok(1);
         }
     };
+    if report.aborted.is_some() {
+        // QEMU's check returns EIO there, before any summary.
+        eprintln!("{PROG}: Check failed: Input/output error");
+        return Ok(1);
+    }
     if json {
         qprint(quiet, &format!("{}\n", to_json(&report, filename).pretty()));
     } else {
@@ -168,7 +185,8 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 
 /// The per-cluster lines qemu-img prints on stderr: a first pass that
 /// repairs nothing, then, when repairing and something was found, the
-/// repairing pass.
+/// repairing pass; then the OFLAG_COPIED findings, judged against the
+/// repaired refcounts.
 fn report_mismatches(r: &CheckReport, fix: bool) {
     let line = |m: &formats::qcow2::check::RefcountMismatch, repairing: bool| {
         let what = if repairing && m.fixed {
@@ -183,11 +201,79 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
             m.cluster, m.refcount, m.reference
         )
     };
-    let mut s: String = r.mismatches.iter().map(|m| line(m, false)).collect();
+    let mut s: String = r.findings.iter().map(finding).collect();
+    s.extend(r.mismatches.iter().map(|m| line(m, false)));
     if fix && !r.mismatches.is_empty() {
         s.extend(r.mismatches.iter().map(|m| line(m, true)));
     }
+    for c in &r.copied {
+        let what = if c.fixed { "Repairing" } else { "ERROR" };
+        s.push_str(&match c.what {
+            CopiedEntry::L2Table { l1_index } => format!(
+                "{what} OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={:x} refcount={}\n",
+                c.entry, c.refcount
+            ),
+            CopiedEntry::Data => format!(
+                "{what} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}\n",
+                c.entry, c.refcount
+            ),
+        });
+    }
     eprint!("{s}");
+}
+
+/// What QEMU prints when its overlap check refuses a repair write.
+fn overlap_lines(a: &OverlapAbort) -> String {
+    let mut s = format!(
+        "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}); further corruption events will be suppressed\n",
+        a.what
+    );
+    s.push_str(if a.copied_repair {
+        "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error\n"
+    } else {
+        "ERROR: Overlap check failed\n"
+    });
+    s
+}
+
+/// QEMU's line for malformed metadata found while counting references.
+fn finding(f: &Finding) -> String {
+    match *f {
+        Finding::L1Reserved { entry } => {
+            format!("ERROR found L1 entry with reserved bits set: {entry:x}\n")
+        }
+        Finding::L2TableUnaligned { offset } => format!(
+            "ERROR l2_offset={offset:x}: Table is not cluster aligned; L1 entry corrupted\n"
+        ),
+        Finding::L2Reserved { entry } => {
+            format!("ERROR found l2 entry with reserved bits set: {entry:x}\n")
+        }
+        Finding::CompressedCopied { coffset } => format!(
+            "ERROR: coffset={coffset:#x}: copied flag must never be set for compressed clusters\n"
+        ),
+        Finding::CompressedWithDataFile { index, entry } => {
+            format!("ERROR compressed cluster {index} with data file, entry={entry:#x}\n")
+        }
+        Finding::CompressedWithBitmap { index, entry } => format!(
+            "ERROR compressed cluster {index} with non-zero subcluster allocation bitmap, entry={entry:#x}\n"
+        ),
+        Finding::BadAllocBitmap { offset } => format!(
+            "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap\n"
+        ),
+        Finding::UnallocatedWithBitmap => {
+            "ERROR: Unallocated cluster has non-zero subcluster allocation map\n".to_owned()
+        }
+        Finding::PreallocUnaligned { offset, fixed } => format!(
+            "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.\n",
+            if fixed { "Repairing" } else { "ERROR" }
+        ),
+        Finding::DataUnaligned { offset } => format!(
+            "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.\n"
+        ),
+        Finding::BeyondEnd { offset, len } => format!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}\n"
+        ),
+    }
 }
 
 fn qprint(quiet: bool, s: &str) {

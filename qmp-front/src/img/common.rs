@@ -132,6 +132,20 @@ pub async fn open_qcow2<'g>(
     writable: bool,
     force_share: bool,
 ) -> Result<formats::qcow2::image::Image<'g>, Failure> {
+    open_qcow2_with(graph, path, writable, force_share, false).await
+}
+
+/// [`open_qcow2`]; with `unmap`, the file node passes discards down, as
+/// QEMU's protocol children always do (BDRV_O_UNMAP): `check` repairs
+/// punch out the clusters they free, whatever the qcow2 node's own
+/// discard settings.
+pub async fn open_qcow2_with<'g>(
+    graph: &'g Graph,
+    path: &str,
+    writable: bool,
+    force_share: bool,
+    unmap: bool,
+) -> Result<formats::qcow2::image::Image<'g>, Failure> {
     if force_share && writable {
         return Err(Failure::Error(format!(
             "Could not open '{path}': force-share=on can only be used with read-only images"
@@ -142,6 +156,9 @@ pub async fn open_qcow2<'g>(
         .with("filename", path);
     if force_share {
         file.insert("force-share", true);
+    }
+    if unmap {
+        file.insert("discard", "unmap");
     }
     let opts = block_core::Options::new()
         .with("file", file)

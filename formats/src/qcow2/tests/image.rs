@@ -440,6 +440,154 @@ fn check_reports_like_qemu_and_repairs_leaks() {
 }
 
 #[test]
+fn check_finds_and_repairs_wrong_copied_flags() {
+    use crate::qcow2::check::{CopiedEntry, CopiedMismatch, Repair};
+    let d = Dir::new("copied");
+    let img = d.file("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+    qemu_io(&img, &["write -P 1 0 64k".into()]);
+    qemu_img(&["snapshot", "-c", "s1", &img]);
+    // After the snapshot the L2 table (at 0x40000) and the data cluster
+    // (at 0x50000) have refcount 2: neither entry may carry the flag.
+    let l1 = 0x30000;
+    let l2 = 0x40000;
+    patch(&img, l1, &(0x40000 | (1u64 << 63)).to_be_bytes());
+    patch(&img, l2, &(0x50000 | (1u64 << 63)).to_be_bytes());
+    let json = qemu_check_json(&img);
+    assert_eq!(json_field(&json, "corruptions"), 2, "{json}");
+    let want = vec![
+        CopiedMismatch {
+            what: CopiedEntry::L2Table { l1_index: 0 },
+            entry: 0x8000_0000_0004_0000,
+            refcount: 2,
+            fixed: false,
+        },
+        CopiedMismatch {
+            what: CopiedEntry::Data,
+            entry: 0x8000_0000_0005_0000,
+            refcount: 2,
+            fixed: false,
+        },
+    ];
+    on_engines(|g, mode| {
+        run(g, async {
+            let r = crate::qcow2::check_image(g, q2_opts(&img), Repair::default())
+                .await
+                .unwrap();
+            assert_eq!(r.copied, want, "{mode:?}");
+            assert_eq!((r.corruptions, r.corruptions_fixed), (2, 0), "{mode:?}");
+            assert!(r.mismatches.is_empty(), "{mode:?} {r:?}");
+        });
+    });
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    run(&g, async {
+        let r = crate::qcow2::check_image(
+            &g,
+            q2_opts(&img),
+            Repair {
+                leaks: false,
+                errors: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.corruptions_fixed, 2, "{r:?}");
+        assert!(r.copied.iter().all(|c| c.fixed), "{r:?}");
+        let again = crate::qcow2::check_image(&g, q2_opts(&img), Repair::default())
+            .await
+            .unwrap();
+        assert_eq!(again.corruptions, 0, "{again:?}");
+        assert!(again.copied.is_empty(), "{again:?}");
+    });
+    check_clean(&img);
+    qemu_io(&img, &["read -P 1 0 64k".into()]);
+}
+
+#[test]
+fn check_notes_malformed_entries_and_zeroes_unaligned_preallocation() {
+    use crate::qcow2::check::{Finding, Repair};
+    let d = Dir::new("malformed");
+    let img = d.file("m.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "1G"]);
+    // L1 at 0x30000, L2 table at 0x40000: entry 0 data at 0x50000, entry 1
+    // preallocated zeros at 0x60000.
+    qemu_io(&img, &["write 0 128k".into(), "write -z 64k 64k".into()]);
+    patch(
+        &img,
+        0x40000,
+        &(0x8000_0000_0005_0000u64 | 1 << 56).to_be_bytes(),
+    );
+    patch(&img, 0x40008, &0x8000_0000_0006_0201u64.to_be_bytes());
+    let json = qemu_check_json(&img);
+    let el = EventLoop::new(AioMode::Threads).unwrap();
+    let g = Rc::new(Graph::new(
+        Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    ));
+    run(&g, async {
+        let r = crate::qcow2::check_image(&g, q2_opts(&img), Repair::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.findings,
+            vec![
+                Finding::L2Reserved {
+                    entry: 0x8100_0000_0005_0000
+                },
+                Finding::PreallocUnaligned {
+                    offset: 0x60200,
+                    fixed: false
+                },
+            ]
+        );
+        // As in QEMU, the unaligned cluster still references what it
+        // covers: cluster 6 and the first bytes of cluster 7 (past EOF).
+        assert_eq!(
+            r.mismatches
+                .iter()
+                .map(|m| (m.cluster, m.refcount, m.reference))
+                .collect::<Vec<_>>(),
+            vec![(7, 0, 1)],
+            "{r:?}"
+        );
+        assert_eq!(r.corruptions, json_field(&json, "corruptions"), "{json}");
+        let r = crate::qcow2::check_image(
+            &g,
+            q2_opts(&img),
+            Repair {
+                leaks: true,
+                errors: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            r.findings[1],
+            Finding::PreallocUnaligned {
+                offset: 0x60200,
+                fixed: true
+            }
+        );
+        // Cluster 6 was left without a reference and is freed.
+        assert_eq!((r.leaks_fixed, r.corruptions_fixed), (1, 1), "{r:?}");
+    });
+    let mut b = [0u8; 8];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut b, 0x40008)
+        .unwrap();
+    assert_eq!(u64::from_be_bytes(b), 1, "a plain zero cluster");
+    qemu_io(&img, &["read -P 0 64k 64k".into()]);
+}
+
+#[test]
 fn dirty_lazy_refcount_image_is_repaired_on_open() {
     let d = Dir::new("dirty");
     on_engines(|g, mode| {
