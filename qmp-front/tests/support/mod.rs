@@ -149,6 +149,11 @@ impl Drop for Daemon {
             if self.wait(Duration::from_secs(10)).is_some() {
                 return;
             }
+            // A daemon stuck where it does not see SIGTERM must not outlive
+            // the test (holding its files and inherited descriptors).
+            let _ = Command::new("timeout")
+                .args(["10", "pkill", "-KILL", "-P", &self.child.id().to_string()])
+                .status();
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
