@@ -451,14 +451,7 @@ impl Qcow2 {
             if !aligned {
                 cnt.find(Finding::L2TableUnaligned { offset: l2_off });
             }
-            let t = match self.l2_cache_peek(l2_off) {
-                Some(t) => t.borrow().clone(),
-                None => self
-                    .file
-                    .pread(l2_off, IoBuf::zeroed(cs as usize))
-                    .await?
-                    .to_vec(),
-            };
+            let t = self.l2_table_bytes(l2_off).await?;
             let fix = repair.errors && !self.read_only && aligned;
             self.check_l2(&t, l2_off, cnt, active, fix).await?;
             if cnt.report.aborted.is_some() {
@@ -665,14 +658,7 @@ impl Qcow2 {
             // where it points, but only repaired through the L2 cache,
             // which holds aligned tables only.
             let aligned = l2_off.is_multiple_of(cs);
-            let t = match self.l2_cache_peek(l2_off) {
-                Some(t) => t.borrow().clone(),
-                None => self
-                    .file
-                    .pread(l2_off, IoBuf::zeroed(cs as usize))
-                    .await?
-                    .to_vec(),
-            };
+            let t = self.l2_table_bytes(l2_off).await?;
             let mut fixes: Vec<(usize, L2Entry)> = Vec::new();
             for j in 0..(1usize << self.l2_bits) {
                 let le = self.l2_entry_at(&t, j);
@@ -730,6 +716,19 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// An L2 table's bytes: the cached copy (which may be newer than the
+    /// disk) or the disk's.
+    async fn l2_table_bytes(&self, l2_off: u64) -> Result<Vec<u8>> {
+        Ok(match self.l2_cache_peek(l2_off) {
+            Some(t) => t.borrow().clone(),
+            None => self
+                .file
+                .pread(l2_off, IoBuf::zeroed(self.cluster_size as usize))
+                .await?
+                .to_vec(),
+        })
     }
 
     fn l2_cache_peek(&self, off: u64) -> Option<super::cache::Table> {

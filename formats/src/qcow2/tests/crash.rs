@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use block_core::{AioMode, EventBus, EventLoop, Graph, IoBuf, Prealloc, WriteFlags};
 
-use super::{q2_opts, qemu_img, tool, Dir, Rng};
+use super::{create_qcow2, q2_opts, tool, Dir, Rng};
 use crate::qcow2::Qcow2;
 
 const SIZE: u64 = 32 << 20;
@@ -342,16 +342,7 @@ fn killed_writers_leave_consistent_images_and_flushed_data() {
         for k in 0..60u64 {
             let img = d.file("k.qcow2");
             let _ = std::fs::remove_file(&img);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                cfg,
-                &img,
-                &SIZE.to_string(),
-            ]);
+            create_qcow2(&img, cfg, SIZE);
             let seed = cs * 1000 + k;
             let delay = Duration::from_millis(2 + rng.below(120));
             let killed = run_and_kill(&img, seed, cs, delay);

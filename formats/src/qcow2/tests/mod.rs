@@ -70,6 +70,20 @@ fn qemu_io(img: &str, cmds: &[String]) -> String {
     text
 }
 
+/// Creates a qcow2 image with qemu-img (`opts` for `-o`).
+fn create_qcow2(img: &str, opts: &str, size: u64) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        img,
+        &size.to_string(),
+    ]);
+}
+
 fn check_clean(img: &str) {
     let (ok, text) = tool("qemu-img", &["check", img]);
     assert!(
