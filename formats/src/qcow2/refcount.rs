@@ -15,6 +15,10 @@ use super::header::{be16, be32, be64, put32, put64, MAX_REFTABLE_BYTES};
 use super::meta::Which;
 use super::{DiscardKind, Qcow2};
 
+/// How many freed clusters may wait for an L2 flush (see `unsettled`)
+/// before an allocation flushes the L2 cache to reuse them.
+const MAX_UNSETTLED: usize = 4096;
+
 /// Reads entry `i` of a refcount block with `order` (log2 of the width).
 pub(crate) fn rc_get(b: &[u8], order: u32, i: usize) -> u64 {
     match order {
@@ -115,6 +119,11 @@ impl Qcow2 {
     /// Allocates one cluster (refcount one); returns its host offset.
     pub(crate) async fn alloc_cluster(&self) -> Result<u64> {
         self.check_writable_meta()?;
+        if self.unsettled.borrow().len() >= MAX_UNSETTLED {
+            // Many discards without a flush: write the L2 tables out so
+            // their clusters can be used again instead of growing the file.
+            self.flush_cache(Which::L2).await?;
+        }
         let c = self.find_free(self.free_hint.get()).await?;
         self.reserve(c, c + 1);
         let r = self.update_refcount(c, 1, DiscardKind::Other).await;

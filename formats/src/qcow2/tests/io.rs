@@ -838,3 +838,45 @@ fn freed_clusters_wait_for_the_l2_flush_before_reuse() {
         });
     });
 }
+
+/// Freed clusters waiting for an L2 flush are bounded: past a limit an
+/// allocation writes the L2 tables out and reuses them, so discards and
+/// writes without flushes do not grow the file without end.
+#[test]
+fn many_unsettled_clusters_are_reused_after_an_automatic_flush() {
+    let d = Dir::new("unsettled");
+    on_engines(|g, mode| {
+        let img = d.file("u.qcow2");
+        let _ = std::fs::remove_file(&img);
+        create_qcow2(&img, "cluster_size=512", 4 << 20);
+        run(g, async {
+            // Caches large enough that no eviction writes tables out.
+            let opts = q2_opts(&img)
+                .with("discard", "unmap")
+                .with("l2-cache-size", "1M")
+                .with("refcount-cache-size", "1M");
+            let n = g.open(opts).await.unwrap();
+            let q = crate::qcow2::Qcow2::of(&n).unwrap();
+            n.pwrite(0, IoBuf::filled(3 << 20, 0x5a), WriteFlags::default())
+                .await
+                .unwrap();
+            n.flush().await.unwrap();
+            let end = q.end_cluster.get();
+            n.pdiscard(0, 3 << 20).await.unwrap();
+            // Rewriting as much, still without a flush, reuses the
+            // discarded clusters instead of appending as many new ones.
+            n.pwrite(0, IoBuf::filled(3 << 20, 0x6b), WriteFlags::default())
+                .await
+                .unwrap();
+            let grown = q.end_cluster.get() - end;
+            assert!(
+                grown < 64,
+                "{mode:?}: the image grew by {grown} clusters instead of reusing freed ones"
+            );
+            let b = n.pread(0, IoBuf::zeroed(3 << 20)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 0x6b));
+            close(g, n).await;
+        });
+        check_clean(&img);
+    });
+}
