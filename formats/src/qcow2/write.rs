@@ -154,29 +154,27 @@ impl Qcow2 {
             let gc = off >> self.cluster_bits;
             let g = self.meta.lock().await;
             if self.allocating.busy(gc, gc) {
-                if let Some(host) = self.fresh.host_of(gc) {
-                    let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
-                    let part = take(&mut rest, n);
-                    match self.join_fresh(g, off, host, part, flags).await? {
-                        Ok(part) => {
-                            done += n;
-                            match &mut out {
-                                Some(o) => o.unsplit(part),
-                                None => out = Some(part),
-                            }
-                        }
-                        Err(mut part) => {
-                            // The allocation failed: write anew.
-                            part.unsplit(rest);
-                            rest = part;
-                        }
-                    }
+                let Some(host) = self.fresh.host_of(gc) else {
+                    // Another request is allocating this cluster: its
+                    // mapping is about to change, so look again once it is
+                    // done.
+                    drop(g);
+                    self.allocating.wait_range_idle(gc, gc).await;
                     continue;
+                };
+                let n = (self.cluster_size - self.offset_in_cluster(off)).min(len - done);
+                let part = take(&mut rest, n);
+                match self.join_fresh(g, off, host, part, flags).await? {
+                    Ok(part) => {
+                        done += n;
+                        append(&mut out, part);
+                    }
+                    Err(mut part) => {
+                        // The allocation failed: write anew.
+                        part.unsplit(rest);
+                        rest = part;
+                    }
                 }
-                // Another request is allocating this cluster: its mapping
-                // is about to change, so look again once it is done.
-                drop(g);
-                self.allocating.wait_range_idle(gc, gc).await;
                 continue;
             }
             let run = self.inplace_run(off, len - done).await?;
@@ -207,10 +205,7 @@ impl Qcow2 {
                 }
             };
             done += n;
-            match &mut out {
-                Some(o) => o.unsplit(part),
-                None => out = Some(part),
-            }
+            append(&mut out, part);
         }
         Ok(out.unwrap_or(rest))
     }
@@ -859,6 +854,14 @@ impl Qcow2 {
         self.hdr.borrow_mut().size = size;
         self.size.set(size);
         Ok(())
+    }
+}
+
+/// Adds `part`, the next piece written, to the buffer handed back.
+fn append(out: &mut Option<IoBuf>, part: IoBuf) {
+    match out {
+        Some(o) => o.unsplit(part),
+        None => *out = Some(part),
     }
 }
 

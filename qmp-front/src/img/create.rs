@@ -15,7 +15,7 @@ use formats::qcow2::header::CompressionType;
 use super::common::{release, Env};
 use super::getopt::{getopt_long, LongOpt};
 use super::num::parse_size;
-use super::open::strerror;
+use super::open::{split_commas, strerror};
 use super::Failure;
 
 const OPT_OBJECT: u32 = 256;
@@ -169,23 +169,7 @@ fn parse_bool(s: &str) -> Option<bool> {
 /// Splits `-o` text into `(key, value)` pairs (`,,` escapes a comma; a key
 /// without `=` means `on`).
 pub fn split_opts(s: &str) -> Vec<(String, String)> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
-    items
+    split_commas(s)
         .into_iter()
         .filter(|i| !i.is_empty())
         .map(|i| match i.split_once('=') {

@@ -155,9 +155,9 @@ pub fn strerror(e: &std::io::Error) -> String {
     }
 }
 
-/// Splits QEMU's `key=value,key=value` syntax (`,,` escapes a comma).
-pub fn parse_keyval(s: &str) -> Result<Options, String> {
-    let mut opts = Options::new();
+/// Splits QEMU's comma-separated option text into items (`,,` escapes a
+/// comma); empty items are kept.
+pub fn split_commas(s: &str) -> Vec<String> {
     let mut items = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -174,6 +174,13 @@ pub fn parse_keyval(s: &str) -> Result<Options, String> {
         }
     }
     items.push(cur);
+    items
+}
+
+/// Splits QEMU's `key=value,key=value` syntax (`,,` escapes a comma).
+pub fn parse_keyval(s: &str) -> Result<Options, String> {
+    let mut opts = Options::new();
+    let items = split_commas(s);
     for item in items {
         if item.is_empty() {
             continue;
