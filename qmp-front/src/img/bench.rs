@@ -315,9 +315,13 @@ fn run_bench(el: &EventLoop, blk: &Rc<BlockBackend>, o: &BenchOpts) -> Result<()
     // The first bench_cb(): nothing completed yet, issue the first batch.
     bench.issue();
     let mut handles = Vec::with_capacity(workers);
+    // One allocation cut into a window per request, as qemu-img bench does:
+    // neighbouring windows often share physically contiguous pages, so the
+    // block layer can merge sequential requests into fewer device requests.
+    let mut all = IoBuf::filled(o.bufsize as usize * workers, o.pattern);
     for _ in 0..workers {
         let b = Rc::clone(&bench);
-        let buf = IoBuf::filled(o.bufsize as usize, o.pattern);
+        let buf = all.split_to(o.bufsize as usize);
         handles.push(ctx.spawn(async move { b.worker(buf).await }));
     }
     el.block_on(std::future::poll_fn(|cx| {
