@@ -89,6 +89,11 @@ impl TableCache {
         self.slots.borrow_mut().remove(&offset);
     }
 
+    /// Drops every table.
+    pub(crate) fn clear(&self) {
+        self.slots.borrow_mut().clear();
+    }
+
     /// Marks a cached table dirty.
     pub(crate) fn mark_dirty(&self, offset: u64) {
         if let Some(x) = self.slots.borrow_mut().get_mut(&offset) {

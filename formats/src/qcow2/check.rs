@@ -53,6 +53,11 @@ const L2E_STD_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// Extended L2 bitmap: the allocation half.
 const BITMAP_ALL_ALLOC: u64 = 0xffff_ffff;
 
+/// Refcount table entry bits that must be zero.
+const REFT_RESERVED_MASK: u64 = 0x1ff;
+/// Refcount table entry bits holding the refcount block offset.
+const REFT_OFFSET_MASK: u64 = !REFT_RESERVED_MASK;
+
 /// Largest number of host clusters `check` tracks (1 GiB of counters).
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
 
@@ -94,6 +99,23 @@ pub struct CheckReport {
     /// OFLAG_COPIED flags that disagree with the refcount, in L1 order
     /// (each L2 table's entry before its data clusters).
     pub copied: Vec<CopiedMismatch>,
+    /// The refcount structure was rebuilt from the counted references.
+    pub rebuilt: Option<Rebuilt>,
+    /// Only a rebuild could repair the refcounts, and repairing errors was
+    /// not asked for: the check failed (QEMU's EIO) after the comparison.
+    pub need_rebuild: bool,
+}
+
+/// What the second pass after a rebuild found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Malformed metadata met again while counting the references.
+    pub findings: Vec<Finding>,
+    /// Refcounts that still differ, mostly the old refcount table and
+    /// blocks now leaked; `fixed` when the leak was repaired.
+    pub repaired: Vec<RefcountMismatch>,
+    /// A cluster in use still had refcount 0.
+    pub still_broken: bool,
 }
 
 /// Malformed L1 or L2 entries (QEMU's `check_refcounts_l1` and
@@ -157,6 +179,32 @@ pub enum Finding {
         /// The host offset.
         offset: u64,
     },
+    /// A refcount table entry with reserved bits set.
+    RefTableReserved {
+        /// Index in the refcount table.
+        index: usize,
+    },
+    /// A refcount table entry pointing to an unaligned offset.
+    RefBlockUnaligned {
+        /// Index in the refcount table.
+        index: usize,
+    },
+    /// A refcount block past the end of the file; with `fixed`, the file
+    /// was grown to hold it (a cluster of zeros).
+    RefBlockOutside {
+        /// Index in the refcount table.
+        index: usize,
+        /// Whether the file was grown.
+        fixed: bool,
+    },
+    /// A refcount block whose cluster is also used by other metadata or
+    /// data.
+    RefBlockShared {
+        /// Index in the refcount table.
+        index: usize,
+        /// References to its cluster.
+        refcount: u64,
+    },
     /// A reference to a range ending a cluster or more past the end of
     /// the file.
     BeyondEnd {
@@ -173,11 +221,23 @@ pub struct OverlapAbort {
     /// The metadata the write would have hit, in QEMU's words
     /// ("qcow2_header", "refcount block", ...).
     pub what: &'static str,
-    /// The L2 table offset.
+    /// Where the refused write would have gone.
     pub offset: u64,
-    /// Whether an OFLAG_COPIED repair was refused (else the zeroing of an
-    /// unaligned preallocated cluster).
-    pub copied_repair: bool,
+    /// The write that was refused.
+    pub write: RefusedWrite,
+}
+
+/// Which repair write the overlap check refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedWrite {
+    /// Zeroing an unaligned preallocated zero cluster (an L2 table).
+    PreallocZero,
+    /// An OFLAG_COPIED repair (an L2 table).
+    CopiedFlag,
+    /// A rebuilt refcount block.
+    Refblock,
+    /// A rebuilt refcount table.
+    Reftable,
 }
 
 /// Which table entry carries a wrong OFLAG_COPIED.
@@ -234,7 +294,21 @@ struct Counts {
     meta: Vec<(u64, u64, &'static str)>,
     file_len: u64,
     refs: Vec<u64>,
+    /// The refcount table or blocks cannot be trusted.
+    rebuild: bool,
     report: CheckReport,
+}
+
+/// One comparison of stored refcounts with counted references.
+#[derive(Default)]
+struct Comparison {
+    mismatches: Vec<RefcountMismatch>,
+    corruptions: u64,
+    leaks: u64,
+    /// One past the last cluster in use or with a refcount.
+    end: u64,
+    /// A cluster in use has refcount 0.
+    rebuild: bool,
 }
 
 impl Counts {
@@ -267,11 +341,127 @@ impl Counts {
 
 impl Qcow2 {
     /// Checks the image; repairs what `repair` allows.
+    ///
+    /// As QEMU's `qcow2_check_refcounts`: the references are counted, then
+    /// compared with the stored refcounts without repairing anything. A
+    /// refcount structure that cannot be trusted (a refcount table entry
+    /// that is malformed or shared, or a cluster in use with refcount 0,
+    /// whose refcount block may be missing) is rebuilt from the counted
+    /// references when errors may be repaired; otherwise the mismatches
+    /// are repaired one by one.
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
         let _g = self.lock_meta_idle().await;
         self.flush_caches_if_writable().await?;
+        let fix_errors = repair.errors && !self.read_only;
+        let fix = (repair.leaks || repair.errors) && !self.read_only;
+        let mut cnt = self.calculate_refcounts(repair).await?;
+        if cnt.report.aborted.is_some() {
+            return Ok(cnt.report);
+        }
+        let cmp = self.compare_refcounts(&cnt.refs).await?;
+        let rebuild = cnt.rebuild || cmp.rebuild;
+        let mut report = std::mem::take(&mut cnt.report);
+        report.corruptions += cmp.corruptions;
+        report.leaks += cmp.leaks;
+        report.image_end_offset = cmp.end << self.cluster_bits;
+        report.mismatches = cmp.mismatches;
+        if rebuild && fix_errors {
+            self.rebuild_and_recount(&mut cnt, &mut report, repair)
+                .await?;
+            if report.aborted.is_some() {
+                return Ok(report);
+            }
+        } else if fix {
+            if rebuild {
+                // QEMU fails the check here (EIO), before OFLAG_COPIED.
+                report.need_rebuild = true;
+                report.check_errors += 1;
+                return Ok(report);
+            }
+            for m in report.mismatches.iter_mut() {
+                let leak = m.refcount > m.reference;
+                if (leak && repair.leaks) || (!leak && repair.errors) {
+                    let delta = m.reference as i64 - m.refcount as i64;
+                    self.update_refcount(m.cluster, delta, DiscardKind::Always)
+                        .await?;
+                    m.fixed = true;
+                    if leak {
+                        report.leaks_fixed += 1;
+                    } else {
+                        report.corruptions_fixed += 1;
+                    }
+                }
+            }
+        }
+        let r = &report;
+        let refcounts_clean =
+            r.check_errors == 0 && r.corruptions == r.corruptions_fixed && r.leaks == r.leaks_fixed;
+        let fix_copied = !self.read_only && (repair.errors || (repair.leaks && refcounts_clean));
+        let meta = std::mem::take(&mut cnt.meta);
+        self.check_copied(fix_copied, &mut report, &meta).await?;
+        if (repair.leaks || repair.errors) && report.aborted.is_none() {
+            self.flush_caches_if_writable().await?;
+        }
+        Ok(report)
+    }
+
+    /// After a rebuild, QEMU's second pass: counts the references again
+    /// (repairing nothing), then repairs the leaks the rebuild left (the
+    /// old refcount table and blocks), and turns what the rebuild fixed
+    /// into the `*_fixed` counters.
+    async fn rebuild_and_recount(
+        &self,
+        cnt: &mut Counts,
+        report: &mut CheckReport,
+        repair: Repair,
+    ) -> Result<()> {
+        let (old_corruptions, old_leaks) = (
+            report.corruptions - report.corruptions_fixed,
+            report.leaks - report.leaks_fixed,
+        );
+        let refused = self
+            .rebuild_refcount_structure(&mut cnt.refs, &cnt.meta)
+            .await?;
+        if let Some(a) = refused {
+            // The image is marked corrupt; QEMU's check fails here.
+            report.rebuilt = Some(Rebuilt::default());
+            report.aborted = Some(a);
+            return Ok(());
+        }
+        let again = self.calculate_refcounts(Repair::default()).await?;
+        let cmp = self.compare_refcounts(&again.refs).await?;
+        let mut repaired = cmp.mismatches;
+        let mut fresh_leaks = 0;
+        for m in repaired.iter_mut() {
+            if m.refcount > m.reference && m.refcount != 0 && repair.leaks {
+                let delta = m.reference as i64 - m.refcount as i64;
+                self.update_refcount(m.cluster, delta, DiscardKind::Always)
+                    .await?;
+                m.fixed = true;
+            } else if m.refcount > m.reference {
+                fresh_leaks += 1;
+            }
+        }
+        let new_corruptions = again.report.corruptions;
+        report.check_errors += again.report.check_errors;
+        report.corruptions_fixed += old_corruptions.saturating_sub(new_corruptions);
+        report.leaks_fixed += old_leaks;
+        report.corruptions = report.corruptions_fixed + new_corruptions;
+        report.leaks = report.leaks_fixed + fresh_leaks;
+        report.image_end_offset = cmp.end << self.cluster_bits;
+        report.rebuilt = Some(Rebuilt {
+            findings: again.report.findings,
+            repaired,
+            still_broken: cmp.rebuild,
+        });
+        cnt.meta = again.meta;
+        Ok(())
+    }
+
+    /// Counts every cluster's references (QEMU's `calculate_refcounts`),
+    /// noting malformed metadata on the way.
+    async fn calculate_refcounts(&self, repair: Repair) -> Result<Counts> {
         let cs = self.cluster_size;
-        let cb = self.cluster_bits;
         let fsize = self.file.size();
         // Like QEMU, compare refcounts of the clusters inside the file.
         let nclusters = fsize.div_ceil(cs).max(self.end_cluster.get());
@@ -283,6 +473,7 @@ impl Qcow2 {
             file_len: fsize,
             meta: Vec::new(),
             refs: vec![0; nclusters as usize],
+            rebuild: false,
             report: CheckReport::default(),
         };
         let hdr = self.hdr.borrow().clone();
@@ -307,15 +498,17 @@ impl Qcow2 {
             snap_table_end += (40 + extra + id_len + name_len).div_ceil(8) * 8;
         }
         let l1 = self.l1.borrow().clone();
-        let reftable = self.reftable.borrow().clone();
+        let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
+        // The table as stored, reserved bits included.
+        let rt = self
+            .file
+            .pread(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
+            .await?;
+        let reftable: Vec<u64> = rt.chunks_exact(8).map(|c| be64(c, 0)).collect();
         cnt.meta = vec![
             (0, cs, "qcow2_header"),
             (hdr.l1_table_offset, l1.len() as u64 * 8, "active L1 table"),
-            (
-                hdr.refcount_table_offset,
-                hdr.refcount_table_clusters as u64 * cs,
-                "refcount table",
-            ),
+            (hdr.refcount_table_offset, rt_bytes, "refcount table"),
             (
                 hdr.snapshots_offset,
                 snap_table_end - hdr.snapshots_offset,
@@ -325,8 +518,9 @@ impl Qcow2 {
         cnt.meta.extend(
             reftable
                 .iter()
-                .filter(|&&b| b != 0)
-                .map(|&b| (b, cs, "refcount block")),
+                .map(|&e| e & REFT_OFFSET_MASK)
+                .filter(|&b| b != 0)
+                .map(|b| (b, cs, "refcount block")),
         );
         cnt.meta
             .extend(snaps.iter().map(|&(o, n)| (o, n, "inactive L1 table")));
@@ -335,7 +529,7 @@ impl Qcow2 {
         cnt.add(hdr.l1_table_offset, l1.len() as u64 * 8);
         self.check_l1(&l1, &mut cnt, true, repair).await?;
         if cnt.report.aborted.is_some() {
-            return Ok(cnt.report);
+            return Ok(cnt);
         }
         // Snapshots.
         for &(l1_off, len) in &snaps {
@@ -344,7 +538,7 @@ impl Qcow2 {
             let sl1: Vec<u64> = b.chunks_exact(8).map(|c| be64(c, 0)).collect();
             self.check_l1(&sl1, &mut cnt, false, repair).await?;
             if cnt.report.aborted.is_some() {
-                return Ok(cnt.report);
+                return Ok(cnt);
             }
         }
         if snap_table_bad {
@@ -352,12 +546,7 @@ impl Qcow2 {
             cnt.report.check_errors += 1;
         }
         cnt.add(hdr.snapshots_offset, snap_table_end - hdr.snapshots_offset);
-        // Refcount table and blocks.
-        let rt_off = hdr.refcount_table_offset;
-        cnt.add(rt_off, hdr.refcount_table_clusters as u64 * cs);
-        for &b in reftable.iter().filter(|&&b| b != 0) {
-            cnt.add(b, cs);
-        }
+        cnt.add(hdr.refcount_table_offset, rt_bytes);
         match self.bitmap_extents().await {
             Ok(v) => {
                 for (off, len) in v {
@@ -369,53 +558,90 @@ impl Qcow2 {
                 cnt.report.check_errors += 1;
             }
         }
-        // Compare.
-        let mut end = 0;
-        for c in 0..cnt.refs.len() as u64 {
-            let want = cnt.refs[c as usize];
+        self.check_refblocks(&reftable, &mut cnt, repair.errors)
+            .await?;
+        Ok(cnt)
+    }
+
+    /// QEMU's `check_refblocks`: each refcount table entry must be free of
+    /// reserved bits, cluster aligned, inside the file (with `fix`, the
+    /// file grows to hold it) and used by nothing else. The first two and
+    /// the last call for a rebuild.
+    async fn check_refblocks(&self, reftable: &[u64], cnt: &mut Counts, fix: bool) -> Result<()> {
+        let cs = self.cluster_size;
+        let fix = fix && !self.read_only;
+        for (index, &e) in reftable.iter().enumerate() {
+            let off = e & REFT_OFFSET_MASK;
+            let c = off / cs;
+            if e & REFT_RESERVED_MASK != 0 {
+                cnt.find(Finding::RefTableReserved { index });
+                cnt.rebuild = true;
+                continue;
+            }
+            if !off.is_multiple_of(cs) {
+                cnt.find(Finding::RefBlockUnaligned { index });
+                cnt.rebuild = true;
+                continue;
+            }
+            if c >= cnt.refs.len() as u64 {
+                cnt.find(Finding::RefBlockOutside { index, fixed: fix });
+                if fix {
+                    if c >= MAX_CHECK_CLUSTERS {
+                        return Err(Error::unsupported("qcow2", "checking images this large"));
+                    }
+                    self.file
+                        .truncate(off + cs, false, block_core::Prealloc::Off)
+                        .await?;
+                    cnt.file_len = self.file.size();
+                    cnt.refs.resize(cnt.file_len.div_ceil(cs) as usize, 0);
+                    cnt.report.corruptions_fixed += 1;
+                    cnt.add(off, cs);
+                }
+                continue;
+            }
+            if off != 0 {
+                cnt.add(off, cs);
+                let refcount = cnt.refs[c as usize];
+                if refcount != 1 {
+                    cnt.find(Finding::RefBlockShared { index, refcount });
+                    cnt.rebuild = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stored refcounts against counted references, cluster by cluster
+    /// (QEMU's `compare_refcounts` with nothing to repair).
+    async fn compare_refcounts(&self, refs: &[u64]) -> Result<Comparison> {
+        let mut cmp = Comparison::default();
+        for c in 0..refs.len() as u64 {
+            let want = refs[c as usize];
             let have = self.get_refcount(c).await?;
             if have > 0 || want > 0 {
-                end = c + 1;
+                cmp.end = c + 1;
             }
             if have == want {
                 continue;
             }
-            let fix = if have > want {
-                cnt.report.leaks += 1;
-                repair.leaks && !self.read_only
+            if have == 0 {
+                // Maybe no refcount block covers it: only a rebuild can
+                // set it safely.
+                cmp.rebuild = true;
+            }
+            if have > want {
+                cmp.leaks += 1;
             } else {
-                cnt.report.corruptions += 1;
-                repair.errors && !self.read_only
-            };
-            cnt.report.mismatches.push(RefcountMismatch {
+                cmp.corruptions += 1;
+            }
+            cmp.mismatches.push(RefcountMismatch {
                 cluster: c,
                 refcount: have,
                 reference: want,
-                fixed: fix,
+                fixed: false,
             });
-            if fix {
-                let delta = want as i64 - have as i64;
-                self.update_refcount(c, delta, DiscardKind::Always).await?;
-                if have > want {
-                    cnt.report.leaks_fixed += 1;
-                } else {
-                    cnt.report.corruptions_fixed += 1;
-                }
-            }
         }
-        // Refcounts past the file (the table may cover more).
-        cnt.report.image_end_offset = end << cb;
-        let r = &cnt.report;
-        let refcounts_clean =
-            r.check_errors == 0 && r.corruptions == r.corruptions_fixed && r.leaks == r.leaks_fixed;
-        let fix_copied = !self.read_only && (repair.errors || (repair.leaks && refcounts_clean));
-        let meta = std::mem::take(&mut cnt.meta);
-        self.check_copied(fix_copied, &mut cnt.report, &meta)
-            .await?;
-        if (repair.leaks || repair.errors) && cnt.report.aborted.is_none() {
-            self.flush_caches_if_writable().await?;
-        }
-        Ok(cnt.report)
+        Ok(cmp)
     }
 
     async fn flush_caches_if_writable(&self) -> Result<()> {
@@ -540,7 +766,7 @@ impl Qcow2 {
                             cnt.report.aborted = Some(OverlapAbort {
                                 what,
                                 offset: l2_off,
-                                copied_repair: false,
+                                write: RefusedWrite::PreallocZero,
                             });
                             return Ok(());
                         }
@@ -700,7 +926,7 @@ impl Qcow2 {
                     report.aborted = Some(OverlapAbort {
                         what,
                         offset: l2_off,
-                        copied_repair: true,
+                        write: RefusedWrite::CopiedFlag,
                     });
                     return Ok(());
                 }

@@ -198,6 +198,12 @@ impl Qcow2 {
         self.cache(w).remove(offset)
     }
 
+    /// Drops every table of a cache without writing any back (the
+    /// structure they belong to is being replaced).
+    pub(crate) fn drop_cached_tables(&self, w: Which) {
+        self.cache(w).clear()
+    }
+
     /// The L2 entry at `idx` of a table's bytes.
     pub(crate) fn l2_entry_at(&self, t: &[u8], idx: usize) -> L2Entry {
         if self.extended {

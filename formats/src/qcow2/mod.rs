@@ -50,6 +50,7 @@ pub mod header;
 pub mod image;
 pub mod l2;
 mod meta;
+mod rebuild;
 mod refcount;
 mod room;
 pub mod snapshot;
@@ -307,7 +308,11 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
     let rt = file
         .pread(hdr.refcount_table_offset, IoBuf::zeroed(rt_bytes as usize))
         .await?;
-    let reftable: Vec<u64> = rt.chunks_exact(8).map(|c| header::be64(c, 0)).collect();
+    // Reserved bits are ignored, as QEMU does; `check` reports them.
+    let reftable: Vec<u64> = rt
+        .chunks_exact(8)
+        .map(|c| header::be64(c, 0) & !0x1ff)
+        .collect();
     for (i, &e) in reftable.iter().enumerate() {
         if e & (cs - 1) != 0 {
             return Err(Error::Corrupt {

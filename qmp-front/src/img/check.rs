@@ -6,7 +6,9 @@
 //! walk, refcount mismatches (again as "Repairing" when repairing), then
 //! OFLAG_COPIED findings; the double-check pass prints its own.
 
-use formats::qcow2::check::{CheckReport, CopiedEntry, Finding, OverlapAbort, Repair};
+use formats::qcow2::check::{
+    CheckReport, CopiedEntry, Finding, OverlapAbort, RefusedWrite, Repair,
+};
 
 use super::common::{open_qcow2_with, parse_output, Env};
 use super::getopt::{getopt_long, LongOpt};
@@ -147,7 +149,7 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
             return Ok(1);
         }
     };
-    if report.aborted.is_some() {
+    if report.aborted.is_some() || report.need_rebuild {
         // QEMU's check returns EIO there, before any summary.
         eprintln!("{PROG}: Check failed: Input/output error");
         return Ok(1);
@@ -203,7 +205,16 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
     };
     let mut s: String = r.findings.iter().map(finding).collect();
     s.extend(r.mismatches.iter().map(|m| line(m, false)));
-    if fix && !r.mismatches.is_empty() {
+    if let Some(b) = &r.rebuilt {
+        s.push_str("Rebuilding refcount structure\n");
+        s.extend(b.findings.iter().map(finding));
+        s.extend(b.repaired.iter().map(|m| line(m, true)));
+        if b.still_broken {
+            s.push_str("ERROR rebuilt refcount structure is still broken\n");
+        }
+    } else if r.need_rebuild {
+        s.push_str("ERROR need to rebuild refcount structures\n");
+    } else if fix && !r.mismatches.is_empty() {
         s.extend(r.mismatches.iter().map(|m| line(m, true)));
     }
     for c in &r.copied {
@@ -228,10 +239,14 @@ fn overlap_lines(a: &OverlapAbort) -> String {
         "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}); further corruption events will be suppressed\n",
         a.what
     );
-    s.push_str(if a.copied_repair {
-        "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error\n"
-    } else {
-        "ERROR: Overlap check failed\n"
+    s.push_str(&match a.write {
+        RefusedWrite::CopiedFlag => {
+            "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error\n"
+                .to_owned()
+        }
+        RefusedWrite::PreallocZero => "ERROR: Overlap check failed\n".to_owned(),
+        RefusedWrite::Refblock => format!("{PROG}: ERROR writing refblock: Input/output error\n"),
+        RefusedWrite::Reftable => format!("{PROG}: ERROR writing reftable: Input/output error\n"),
     });
     s
 }
@@ -270,6 +285,19 @@ fn finding(f: &Finding) -> String {
         Finding::DataUnaligned { offset } => format!(
             "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted.\n"
         ),
+        Finding::RefTableReserved { index } => {
+            format!("ERROR refcount table entry {index} has reserved bits set\n")
+        }
+        Finding::RefBlockUnaligned { index } => format!(
+            "ERROR refcount block {index} is not cluster aligned; refcount table entry corrupted\n"
+        ),
+        Finding::RefBlockOutside { index, fixed } => format!(
+            "{} refcount block {index} is outside image\n",
+            if fixed { "Repairing" } else { "ERROR" }
+        ),
+        Finding::RefBlockShared { index, refcount } => {
+            format!("ERROR refcount block {index} refcount={refcount}\n")
+        }
         Finding::BeyondEnd { offset, len } => format!(
             "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}\n"
         ),

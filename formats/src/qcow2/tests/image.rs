@@ -1125,3 +1125,70 @@ fn compressed_clusters_are_packed() {
         assert!(raw[11 * 65536..12 * 65536] == clusters[11][..]);
     });
 }
+
+/// A refcount table entry cleared, then `check` with `errors` on the open
+/// image: the structure is rebuilt, and writes that follow in the same
+/// session allocate around everything in use (the driver forgot the old
+/// refcount blocks it had cached and uses the new table).
+#[test]
+fn rebuilt_refcounts_serve_later_allocations() {
+    use crate::qcow2::check::Repair;
+    let d = Dir::new("rebuild");
+    let img = d.file("r.qcow2");
+    create_qcow2(&img, "cluster_size=4096", 32 << 20);
+    qemu_io(
+        &img,
+        &["write -P 1 0 256k".into(), "write -P 2 8M 64k".into()],
+    );
+    // Refcount table at the offset in the header; clear entry 0.
+    let rt = u64::from_be_bytes(std::fs::read(&img).unwrap()[48..56].try_into().unwrap());
+    patch(&img, rt, &0u64.to_be_bytes());
+    on_engines(|g, mode| {
+        let copy = d.file(&format!("r-{mode:?}.qcow2"));
+        std::fs::copy(&img, &copy).unwrap();
+        run(g, async {
+            let n = open(g, &copy, false).await;
+            let q = crate::qcow2::Qcow2::of(&n).expect("qcow2 node");
+            let r = q
+                .check(Repair {
+                    leaks: true,
+                    errors: true,
+                })
+                .await
+                .unwrap();
+            assert!(r.rebuilt.is_some(), "{mode:?}: {r:?}");
+            assert_eq!(r.corruptions, r.corruptions_fixed, "{mode:?}: {r:?}");
+            // Fresh clusters, and a write into an existing one.
+            for i in 0..64u64 {
+                n.pwrite(
+                    (1 << 20) + i * 65536,
+                    IoBuf::filled(4096, 3),
+                    WriteFlags::default(),
+                )
+                .await
+                .unwrap();
+            }
+            n.pwrite(4096, IoBuf::filled(4096, 4), WriteFlags::default())
+                .await
+                .unwrap();
+            close(g, n).await;
+        });
+        check_clean(&copy);
+        let out = qemu_io(
+            &copy,
+            &[
+                "read -P 1 0 4k".into(),
+                "read -P 4 4k 4k".into(),
+                "read -P 1 8k 248k".into(),
+                "read -P 2 8M 64k".into(),
+                "read -P 3 1M 4k".into(),
+                "read -P 3 5056k 4k".into(),
+                "read -P 0 5060k 60k".into(),
+            ],
+        );
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "{mode:?}: {out}"
+        );
+    });
+}
