@@ -443,7 +443,7 @@ fn damaged_reftable(
 
 /// Refcount structures that cannot be trusted: a refcount table entry
 /// cleared (clusters in use with refcount 0), pointing past the end of
-/// the file, at an L2 table, or with reserved bits; the whole table
+/// the file, at an L2 table, unaligned, or with reserved bits; the whole table
 /// cleared for several cluster sizes and refcount widths, with
 /// compressed clusters, extended L2 entries and snapshots. Both tools
 /// print the same, `-r leaks` refuses, and `-r all` rebuilds the
@@ -501,6 +501,21 @@ fn check_rebuilds_refcount_structure_like_qemu_img() {
             ),
             // QEMU's overlap check refuses the rebuilt block over the old
             // one, and marks the image corrupt.
+            false,
+        ),
+        (
+            "unaligned",
+            // Every refcount read fails (EIO) and marks the image corrupt,
+            // so QEMU's rebuild cannot write: the same failure, the same
+            // corrupt bit.
+            damaged_reftable(
+                &dir,
+                "unaligned.qcow2",
+                "cluster_size=65536",
+                "64M",
+                two,
+                |p, rt| poke64(p, rt, peek64(p, rt) + 0x1000),
+            ),
             false,
         ),
         (

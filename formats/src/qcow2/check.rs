@@ -104,6 +104,22 @@ pub struct CheckReport {
     /// Only a rebuild could repair the refcounts, and repairing errors was
     /// not asked for: the check failed (QEMU's EIO) after the comparison.
     pub need_rebuild: bool,
+    /// Clusters whose refcount could not be read (their refcount block is
+    /// unaligned), in cluster order; each is a check error.
+    pub unreadable: Vec<u64>,
+    /// The corruption signalled when the first of them was read.
+    pub signal: Option<CorruptionSignal>,
+}
+
+/// A corruption found while reading metadata (QEMU's
+/// `qcow2_signal_corruption`): fatal, and marked in the header, when the
+/// image is writable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptionSignal {
+    /// What is wrong, in QEMU's words.
+    pub msg: String,
+    /// Whether the image was marked corrupt.
+    pub fatal: bool,
 }
 
 /// What the second pass after a rebuild found.
@@ -219,8 +235,9 @@ pub enum Finding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OverlapAbort {
     /// The metadata the write would have hit, in QEMU's words
-    /// ("qcow2_header", "refcount block", ...).
-    pub what: &'static str,
+    /// ("qcow2_header", "refcount block", ...); `None` when the image had
+    /// already been marked corrupt, so the write failed without a check.
+    pub what: Option<&'static str>,
     /// Where the refused write would have gone.
     pub offset: u64,
     /// The write that was refused.
@@ -305,10 +322,15 @@ struct Comparison {
     mismatches: Vec<RefcountMismatch>,
     corruptions: u64,
     leaks: u64,
-    /// One past the last cluster in use or with a refcount.
+    /// One past the last cluster in use or with a refcount (QEMU reports
+    /// at least one cluster even when no refcount could be read).
     end: u64,
     /// A cluster in use has refcount 0.
     rebuild: bool,
+    /// Clusters whose refcount block is unaligned.
+    unreadable: Vec<u64>,
+    /// The corruption signalled on the first of them.
+    signal: Option<CorruptionSignal>,
 }
 
 impl Counts {
@@ -363,8 +385,11 @@ impl Qcow2 {
         let mut report = std::mem::take(&mut cnt.report);
         report.corruptions += cmp.corruptions;
         report.leaks += cmp.leaks;
-        report.image_end_offset = cmp.end << self.cluster_bits;
+        report.image_end_offset = cmp.end.max(1) << self.cluster_bits;
         report.mismatches = cmp.mismatches;
+        report.check_errors += cmp.unreadable.len() as u64;
+        report.unreadable = cmp.unreadable;
+        report.signal = cmp.signal;
         if rebuild && fix_errors {
             self.rebuild_and_recount(&mut cnt, &mut report, repair)
                 .await?;
@@ -448,7 +473,7 @@ impl Qcow2 {
         report.leaks_fixed += old_leaks;
         report.corruptions = report.corruptions_fixed + new_corruptions;
         report.leaks = report.leaks_fixed + fresh_leaks;
-        report.image_end_offset = cmp.end << self.cluster_bits;
+        report.image_end_offset = cmp.end.max(1) << self.cluster_bits;
         report.rebuilt = Some(Rebuilt {
             findings: again.report.findings,
             repaired,
@@ -615,8 +640,22 @@ impl Qcow2 {
     /// (QEMU's `compare_refcounts` with nothing to repair).
     async fn compare_refcounts(&self, refs: &[u64]) -> Result<Comparison> {
         let mut cmp = Comparison::default();
+        let rb_bits = self.rb_bits();
         for c in 0..refs.len() as u64 {
             let want = refs[c as usize];
+            if let Some(msg) = self.unaligned_refblock((c >> rb_bits) as usize) {
+                // QEMU's get_refcount fails (EIO) for each of its clusters,
+                // signalling the corruption the first time.
+                if cmp.signal.is_none() {
+                    self.signal_corruption_at(&msg, None).await;
+                    cmp.signal = Some(CorruptionSignal {
+                        msg,
+                        fatal: !self.read_only,
+                    });
+                }
+                cmp.unreadable.push(c);
+                continue;
+            }
             let have = self.get_refcount(c).await?;
             if have > 0 || want > 0 {
                 cmp.end = c + 1;
@@ -764,7 +803,7 @@ impl Qcow2 {
                         if let Some(what) = self.guard_l2_repair(l2_off, &cnt.meta).await? {
                             cnt.report.check_errors += 1;
                             cnt.report.aborted = Some(OverlapAbort {
-                                what,
+                                what: Some(what),
                                 offset: l2_off,
                                 write: RefusedWrite::PreallocZero,
                             });
@@ -924,7 +963,7 @@ impl Qcow2 {
                 if let Some(what) = self.guard_l2_repair(l2_off, meta).await? {
                     report.check_errors += 1;
                     report.aborted = Some(OverlapAbort {
-                        what,
+                        what: Some(what),
                         offset: l2_off,
                         write: RefusedWrite::CopiedFlag,
                     });

@@ -65,6 +65,14 @@ impl Qcow2 {
     ) -> Result<Option<OverlapAbort>> {
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
+        if self.broken.get() {
+            // Marked corrupt while counting: QEMU's first block write fails.
+            return Ok(Some(OverlapAbort {
+                what: None,
+                offset: 0,
+                write: RefusedWrite::Refblock,
+            }));
+        }
         self.check_writable_meta()?;
         // Cached blocks describe the old structure; the new blocks may even
         // sit at the same offsets.
@@ -238,7 +246,7 @@ impl Qcow2 {
         let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
         self.signal_corruption(&msg, off, len).await;
         Some(OverlapAbort {
-            what,
+            what: Some(what),
             offset: off,
             write,
         })

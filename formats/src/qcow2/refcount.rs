@@ -71,10 +71,39 @@ impl Qcow2 {
         }
     }
 
+    /// QEMU's complaint about refcount block `r` when its offset is not
+    /// cluster aligned (the open accepts such a table, as QEMU's does;
+    /// only using the block is an error).
+    pub(crate) fn unaligned_refblock(&self, r: usize) -> Option<String> {
+        let off = self.reftable.borrow().get(r).copied().unwrap_or(0);
+        if off & (self.cluster_size - 1) == 0 {
+            return None;
+        }
+        // C's %#x: no prefix for zero.
+        let index = if r == 0 {
+            "0".to_owned()
+        } else {
+            format!("{r:#x}")
+        };
+        Some(format!(
+            "Refblock offset {off:#x} unaligned (reftable index: {index})"
+        ))
+    }
+
+    /// The offset of refcount block `r` (0: none), or the corruption
+    /// error (signalled) when it is unaligned.
+    async fn refblock_offset(&self, r: usize) -> Result<u64> {
+        if let Some(msg) = self.unaligned_refblock(r) {
+            self.signal_corruption_at(&msg, None).await;
+            return Err(self.corrupt(msg));
+        }
+        Ok(self.reftable.borrow().get(r).copied().unwrap_or(0))
+    }
+
     /// Refcount of cluster `c` (0 beyond the table or without a block).
     pub(crate) async fn get_refcount(&self, c: u64) -> Result<u64> {
         let r = (c >> self.rb_bits()) as usize;
-        let off = self.reftable.borrow().get(r).copied().unwrap_or(0);
+        let off = self.refblock_offset(r).await?;
         if off == 0 {
             return Ok(0);
         }
@@ -194,7 +223,7 @@ impl Qcow2 {
     ) -> Result<u64> {
         self.check_writable_meta()?;
         let r = (c >> self.rb_bits()) as usize;
-        let mut off = self.reftable.borrow().get(r).copied().unwrap_or(0);
+        let mut off = self.refblock_offset(r).await?;
         if off == 0 {
             if delta < 0 {
                 return Err(self.corrupt(format!(

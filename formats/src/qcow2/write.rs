@@ -65,12 +65,22 @@ impl Qcow2 {
     /// bit in the header (version 3), refuses further writes and emits
     /// BLOCK_IMAGE_CORRUPTED once.
     pub(crate) async fn signal_corruption(&self, msg: &str, offset: u64, size: u64) {
-        self.broken.set(true);
+        self.signal_corruption_at(msg, Some((offset, size))).await
+    }
+
+    /// [`Qcow2::signal_corruption`] with the affected range when known. On
+    /// a read-only image the corruption is not fatal, as in QEMU: reported,
+    /// but neither marked nor stopping reads.
+    pub(crate) async fn signal_corruption_at(&self, msg: &str, range: Option<(u64, u64)>) {
+        let fatal = !self.read_only;
+        if fatal {
+            self.broken.set(true);
+        }
         if self.corruption_signalled.replace(true) {
             return;
         }
         let v3 = self.hdr.borrow().version >= 3;
-        if v3 {
+        if v3 && fatal {
             let features = {
                 let mut h = self.hdr.borrow_mut();
                 h.incompatible_features |= super::header::INCOMPAT_CORRUPT;
@@ -96,9 +106,9 @@ impl Qcow2 {
                 device: String::new(),
                 node_name: self.node_name.clone(),
                 msg: msg.to_owned(),
-                offset: Some(offset),
-                size: Some(size),
-                fatal: true,
+                offset: range.map(|r| r.0),
+                size: range.map(|r| r.1),
+                fatal,
             });
     }
 

@@ -7,7 +7,7 @@
 //! OFLAG_COPIED findings; the double-check pass prints its own.
 
 use formats::qcow2::check::{
-    CheckReport, CopiedEntry, Finding, OverlapAbort, RefusedWrite, Repair,
+    CheckReport, CopiedEntry, CorruptionSignal, Finding, OverlapAbort, RefusedWrite, Repair,
 };
 
 use super::common::{open_qcow2_with, parse_output, Env};
@@ -204,7 +204,27 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
         )
     };
     let mut s: String = r.findings.iter().map(finding).collect();
-    s.extend(r.mismatches.iter().map(|m| line(m, false)));
+    // The first comparison, in cluster order: mismatches, and clusters
+    // whose refcount could not be read (after the corruption they hit).
+    let mut first: Vec<(u64, String)> = r
+        .mismatches
+        .iter()
+        .map(|m| (m.cluster, line(m, false)))
+        .collect();
+    first.extend(r.unreadable.iter().enumerate().map(|(i, &c)| {
+        let mut l = String::new();
+        if i == 0 {
+            if let Some(sig) = &r.signal {
+                l.push_str(&signal_line(sig));
+            }
+        }
+        l.push_str(&format!(
+            "Can't get refcount for cluster {c}: Input/output error\n"
+        ));
+        (c, l)
+    }));
+    first.sort_by_key(|x| x.0);
+    s.extend(first.into_iter().map(|x| x.1));
     if let Some(b) = &r.rebuilt {
         s.push_str("Rebuilding refcount structure\n");
         s.extend(b.findings.iter().map(finding));
@@ -233,12 +253,31 @@ fn report_mismatches(r: &CheckReport, fix: bool) {
     eprint!("{s}");
 }
 
-/// What QEMU prints when its overlap check refuses a repair write.
+/// QEMU's line for a corruption it signals.
+fn signal_line(sig: &CorruptionSignal) -> String {
+    if sig.fatal {
+        format!(
+            "qcow2: Marking image as corrupt: {}; further corruption events will be suppressed\n",
+            sig.msg
+        )
+    } else {
+        format!(
+            "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed\n",
+            sig.msg
+        )
+    }
+}
+
+/// What QEMU prints when its overlap check refuses a repair write (or the
+/// write fails because the image was already marked corrupt).
 fn overlap_lines(a: &OverlapAbort) -> String {
-    let mut s = format!(
-        "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}); further corruption events will be suppressed\n",
-        a.what
-    );
+    let mut s = String::new();
+    if let Some(what) = a.what {
+        s.push_str(&signal_line(&CorruptionSignal {
+            msg: format!("Preventing invalid write on metadata (overlaps with {what})"),
+            fatal: true,
+        }));
+    }
     s.push_str(&match a.write {
         RefusedWrite::CopiedFlag => {
             "ERROR: Could not write L2 table; metadata overlap check failed: Input/output error\n"

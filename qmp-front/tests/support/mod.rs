@@ -175,7 +175,11 @@ impl Client {
     /// Connects (retrying while the daemon starts) and negotiates.
     pub fn connect(path: &Path) -> Client {
         let mut c = Self::connect_raw(path);
-        c.send(json!({"execute": "qmp_capabilities"}).to_string().as_bytes());
+        c.send(
+            json!({"execute": "qmp_capabilities"})
+                .to_string()
+                .as_bytes(),
+        );
         let mut r = c.reply();
         // qemu-storage-daemon sometimes greets twice when the client
         // connects the moment its socket appears (about 2 in 100 starts).

@@ -1192,3 +1192,39 @@ fn rebuilt_refcounts_serve_later_allocations() {
         );
     });
 }
+
+/// An unaligned refcount block offset does not stop the open (QEMU opens
+/// such images too): data reads work, and the first write that needs the
+/// refcounts fails, marking the image corrupt.
+#[test]
+fn unaligned_refcount_block_fails_only_when_used() {
+    let d = Dir::new("unaligned-rb");
+    let img = d.file("u.qcow2");
+    create_qcow2(&img, "cluster_size=65536", 32 << 20);
+    qemu_io(&img, &["write -P 5 0 64k".into()]);
+    let rt = u64::from_be_bytes(std::fs::read(&img).unwrap()[48..56].try_into().unwrap());
+    let e = u64::from_be_bytes(
+        std::fs::read(&img).unwrap()[rt as usize..rt as usize + 8]
+            .try_into()
+            .unwrap(),
+    );
+    patch(&img, rt, &(e + 0x1000).to_be_bytes());
+    on_engines(|g, mode| {
+        let copy = d.file(&format!("u-{mode:?}.qcow2"));
+        std::fs::copy(&img, &copy).unwrap();
+        run(g, async {
+            let n = open(g, &copy, false).await;
+            let b = n.pread(0, IoBuf::zeroed(65536)).await.unwrap();
+            assert!(b.iter().all(|&x| x == 5), "{mode:?}");
+            let err = n
+                .pwrite(1 << 20, IoBuf::filled(65536, 1), WriteFlags::default())
+                .await
+                .expect_err("a write needing refcounts");
+            assert!(err.to_string().contains("unaligned"), "{mode:?}: {err}");
+            drop(n);
+            g.close_all().await.unwrap();
+        });
+        let info = qemu_img(&["info", "--output=json", "-U", &copy]);
+        assert!(info.contains("\"corrupt\": true"), "{mode:?}: {info}");
+    });
+}
