@@ -87,10 +87,7 @@ impl<'g> Image<'g> {
             Ok(())
         } else {
             let _g = self.drv.meta.lock().await;
-            match self.drv.flush_caches().await {
-                Ok(()) => self.drv.give_back_room().await,
-                e => e,
-            }
+            self.drv.settle_for_close().await
         };
         let r = match r {
             Ok(()) if !self.drv.read_only => self.drv.file.flush().await,

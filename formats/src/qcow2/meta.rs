@@ -123,6 +123,10 @@ impl Qcow2 {
     /// Records that L2 tables must wait for refcount blocks (call before
     /// changing an L2 table to use a newly allocated cluster).
     pub(crate) async fn l2_needs_rc(&self) -> Result<()> {
+        if self.lazy_refcounts {
+            // Refcounts may lag once the image is marked dirty.
+            return self.mark_image_dirty().await;
+        }
         if self.rc_dep_l2.get() {
             self.flush_cache(Which::L2).await?;
         }

@@ -49,6 +49,7 @@ pub mod create;
 pub mod header;
 pub mod image;
 pub mod l2;
+mod lazy;
 mod meta;
 mod rebuild;
 mod refcount;
@@ -130,6 +131,9 @@ pub struct Qcow2 {
     /// pass-discard-request, -snapshot (kept for snapshot deletion), -other.
     pass_discard: [bool; 3],
     no_flush: bool,
+    /// Refcounts may lag behind L2 tables while the dirty bit is set
+    /// (`lazy.rs`).
+    lazy_refcounts: bool,
     /// Host clusters with in-place data writes in flight.
     inflight: cache::InFlight,
     /// Guest clusters with an allocating write in flight: its data is
@@ -265,6 +269,9 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
             "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
         ));
     }
+
+    let lazy = hdr.version >= 3
+        && lazy_opt.unwrap_or(hdr.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0);
 
     let cs = hdr.cluster_size();
     // L1 and refcount tables (sizes bounded by Header::parse).
@@ -448,6 +455,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         unsettled: RefCell::new(std::collections::HashSet::new()),
         pass_discard,
         no_flush: flags.cache_no_flush,
+        lazy_refcounts: !read_only && lazy,
         broken: Cell::new(false),
         corruption_signalled: Cell::new(false),
         compressed_cursor: Cell::new(0),
@@ -769,8 +777,7 @@ impl BlockDriver for Qcow2 {
                 return Ok(());
             }
             let _g = self.meta.lock().await;
-            self.flush_caches().await?;
-            self.give_back_room().await
+            self.settle_for_close().await
         })
     }
 

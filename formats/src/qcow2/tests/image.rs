@@ -1228,3 +1228,47 @@ fn unaligned_refcount_block_fails_only_when_used() {
         assert!(info.contains("\"corrupt\": true"), "{mode:?}: {info}");
     });
 }
+
+/// Lazy refcounts (from the header or the `lazy-refcounts` option): the
+/// first allocating write marks the image dirty on disk, and a clean close
+/// clears the bit; without them the bit is never set.
+#[test]
+fn lazy_refcounts_mark_the_image_dirty_until_close() {
+    let d = Dir::new("lazy");
+    let dirty_on_disk = |img: &str| std::fs::read(img).unwrap()[79] & 1 != 0;
+    for (create, opt, lazy) in [
+        ("lazy_refcounts=on", None, true),
+        ("lazy_refcounts=on", Some(false), false),
+        ("lazy_refcounts=off", Some(true), true),
+        ("lazy_refcounts=off", None, false),
+    ] {
+        let img = d.file("l.qcow2");
+        let _ = std::fs::remove_file(&img);
+        create_qcow2(&img, create, 16 << 20);
+        let el = EventLoop::new(AioMode::Threads).unwrap();
+        let g = Rc::new(Graph::new(
+            Rc::clone(el.context()),
+            crate::registry(),
+            EventBus::new(),
+        ));
+        run(&g, async {
+            let mut o = q2_opts(&img);
+            if let Some(v) = opt {
+                o = o.with("lazy-refcounts", v);
+            }
+            let n = g.open(o).await.unwrap();
+            assert!(!dirty_on_disk(&img), "{create} {opt:?}: dirty at open");
+            n.pwrite(1 << 20, IoBuf::filled(65536, 9), WriteFlags::default())
+                .await
+                .unwrap();
+            n.flush().await.unwrap();
+            assert_eq!(dirty_on_disk(&img), lazy, "{create} {opt:?}");
+            drop(n);
+            g.close_all().await.unwrap();
+        });
+        assert!(!dirty_on_disk(&img), "{create} {opt:?}: dirty after close");
+        check_clean(&img);
+        let out = qemu_io(&img, &["read -P 9 1M 64k".into()]);
+        assert!(!out.contains("verification failed"), "{out}");
+    }
+}
