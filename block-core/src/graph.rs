@@ -287,7 +287,8 @@ impl Graph {
 
     /// Opens (inline options) or looks up (a node-name string) the child
     /// given in `opts[key]`. Children inherit the parent's common flags
-    /// unless they set their own; `None` when the key is absent.
+    /// unless they set their own, except `discard`, which defaults to
+    /// `unmap`; `None` when the key is absent.
     pub async fn open_child(
         &self,
         opts: &mut Options,
@@ -298,7 +299,13 @@ impl Graph {
             None | Some(OptValue::Null) => Ok(None),
             Some(OptValue::Str(name)) => self.lookup(&name).map(Some),
             Some(OptValue::Map(child)) => {
-                let node = Box::pin(self.open_inner(child, Some(parent_flags))).await?;
+                // As QEMU: a child discards when its parent passes a
+                // discard down (the parent's driver applies the policy).
+                let flags = NodeFlags {
+                    discard_unmap: true,
+                    ..parent_flags
+                };
+                let node = Box::pin(self.open_inner(child, Some(flags))).await?;
                 self.inline.borrow_mut().insert(node.name().to_owned());
                 Ok(Some(node))
             }

@@ -70,6 +70,18 @@ impl<'g> Image<'g> {
         &self.drv
     }
 
+    /// Changes the virtual size (shrinking discards what lies past it).
+    pub async fn resize(&self, size: u64) -> Result<()> {
+        self.drv
+            .truncate_impl(size, block_core::Prealloc::Off)
+            .await
+    }
+
+    /// Changes the width of refcount entries.
+    pub async fn change_refcount_width(&self, bits: u32) -> Result<()> {
+        self.drv.change_refcount_width(bits).await
+    }
+
     /// Checks the image; repairs what `repair` allows.
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
         self.drv.check(repair).await

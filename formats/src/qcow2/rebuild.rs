@@ -63,6 +63,19 @@ impl Qcow2 {
         refs: &mut Vec<u64>,
         meta: &[(u64, u64, &'static str)],
     ) -> Result<Option<OverlapAbort>> {
+        let order = self.hdr.borrow().refcount_order;
+        self.write_refcount_structure(refs, meta, order).await
+    }
+
+    /// Writes a refcount structure of entries `1 << order` bits wide that
+    /// describes `refs`, and switches the header (refcount order too) to
+    /// it.
+    async fn write_refcount_structure(
+        &self,
+        refs: &mut Vec<u64>,
+        meta: &[(u64, u64, &'static str)],
+        order: u32,
+    ) -> Result<Option<OverlapAbort>> {
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
         if self.broken.get() {
@@ -79,7 +92,10 @@ impl Qcow2 {
         self.drop_cached_tables(Which::Refcount);
         let mut table: Vec<u64> = Vec::new();
         let end = refs.len() as u64;
-        let grown = match self.write_refblocks(refs, 0, end, &mut table, meta).await? {
+        let grown = match self
+            .write_refblocks(refs, 0, end, &mut table, meta, order)
+            .await?
+        {
             Ok(g) => g,
             Err(a) => return Ok(Some(a)),
         };
@@ -90,7 +106,7 @@ impl Qcow2 {
             let start = alloc_in_memory(refs, clusters, &mut first_free);
             // The table's own clusters change the blocks that cover them.
             let grown = match self
-                .write_refblocks(refs, start, start + clusters, &mut table, meta)
+                .write_refblocks(refs, start, start + clusters, &mut table, meta, order)
                 .await?
             {
                 Ok(g) => g,
@@ -123,9 +139,20 @@ impl Qcow2 {
             let mut h = [0u8; 12];
             put64(&mut h, 0, table_off);
             put32(&mut h, 8, table_clusters as u32);
-            self.file
-                .pwrite(48, IoBuf::from_slice(&h), WriteFlags::default())
-                .await?;
+            if order == self.hdr.borrow().refcount_order {
+                self.file
+                    .pwrite(48, IoBuf::from_slice(&h), WriteFlags::default())
+                    .await?;
+            } else {
+                // The width changes with the table, in one write: header
+                // bytes 48 to 100 (version 3), the rest as it stands.
+                let mut w = self.hdr.borrow().serialize()?[48..100].to_vec();
+                w[..12].copy_from_slice(&h);
+                put32(&mut w, 48, order);
+                self.file
+                    .pwrite(48, IoBuf::from_slice(&w), WriteFlags::default())
+                    .await?;
+            }
             self.sync_now().await
         };
         if let Err(e) = io.await {
@@ -136,6 +163,7 @@ impl Qcow2 {
             let mut h = self.hdr.borrow_mut();
             h.refcount_table_offset = table_off;
             h.refcount_table_clusters = table_clusters as u32;
+            h.refcount_order = order;
         }
         table.resize((len / 8) as usize, 0);
         *self.reftable.borrow_mut() = table;
@@ -162,11 +190,11 @@ impl Qcow2 {
         mut end: u64,
         table: &mut Vec<u64>,
         meta: &[(u64, u64, &'static str)],
+        order: u32,
     ) -> Result<std::result::Result<bool, OverlapAbort>> {
         let cs = self.cluster_size;
         let cb = self.cluster_bits;
-        let rb_bits = self.rb_bits();
-        let order = self.hdr.borrow().refcount_order;
+        let rb_bits = self.cluster_bits + 3 - order;
         let max = if order == 6 {
             u64::MAX
         } else {
@@ -226,6 +254,84 @@ impl Qcow2 {
             c = start + n;
         }
         Ok(Ok(grown))
+    }
+
+    /// Changes the width of refcount entries to `bits` (QEMU's amend
+    /// `refcount_bits`): every refcount is read, a new structure of the
+    /// new width is written into free clusters and switched to in one
+    /// header write, then the old table and blocks are freed. Refused,
+    /// before any write, when a refcount does not fit the new width.
+    pub async fn change_refcount_width(&self, bits: u32) -> Result<()> {
+        let _g = self.lock_meta_idle().await;
+        self.check_writable_meta()?;
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                node: self.node_name.clone(),
+            });
+        }
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(Error::invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        let order = bits.trailing_zeros();
+        if order == self.hdr.borrow().refcount_order {
+            return Ok(());
+        }
+        if self.hdr.borrow().version < 3 {
+            return Err(Error::invalid(
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        // Settled L2 tables: no freed cluster is still referenced on disk.
+        self.flush_caches().await?;
+        let cs = self.cluster_size;
+        let max = if bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let n = self.file.size().div_ceil(cs);
+        let mut refs = Vec::with_capacity(n as usize);
+        for c in 0..n {
+            let r = self.get_refcount(c).await?;
+            if r > max {
+                return Err(Error::invalid(format!(
+                    "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {:#x} has a refcount of {r}",
+                    c * cs
+                )));
+            }
+            refs.push(r);
+        }
+        let (old_table, old_clusters) = {
+            let h = self.hdr.borrow();
+            (h.refcount_table_offset, h.refcount_table_clusters as u64)
+        };
+        let old_blocks: Vec<u64> = self
+            .reftable
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|&b| b != 0)
+            .collect();
+        // Every cluster in use has a refcount, so the new structure only
+        // lands on free clusters: nothing for the overlap check to guard.
+        if let Some(a) = self.write_refcount_structure(&mut refs, &[], order).await? {
+            return Err(self.corrupt(format!(
+                "refcount structure write refused at {:#x}",
+                a.offset
+            )));
+        }
+        let cb = self.cluster_bits;
+        for b in old_blocks {
+            self.update_refcount(b >> cb, -1, super::DiscardKind::Other)
+                .await?;
+        }
+        for i in 0..old_clusters {
+            self.update_refcount((old_table >> cb) + i, -1, super::DiscardKind::Other)
+                .await?;
+        }
+        self.flush_caches().await
     }
 
     /// The overlap check before a rebuild write: hitting metadata that the

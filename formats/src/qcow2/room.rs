@@ -94,6 +94,27 @@ impl Qcow2 {
         (self.end_cluster.get() << self.cluster_bits).max(self.data_end())
     }
 
+    /// Cuts the file after the last cluster with a refcount (QEMU's
+    /// `qcow2_get_last_cluster` scan), giving back any room too. Called
+    /// after a shrink, with every table written.
+    pub(crate) async fn cut_file_after_last_used(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        let len = self.file.size();
+        let mut end = len.div_ceil(cs);
+        while end > 1 && self.get_refcount(end - 1).await? == 0 {
+            end -= 1;
+        }
+        if end * cs < len {
+            self.file.truncate(end * cs, false, Prealloc::Off).await?;
+        }
+        self.room.start.set(0);
+        self.room.end.set(0);
+        if self.end_cluster.get() > end {
+            self.end_cluster.set(end);
+        }
+        Ok(())
+    }
+
     /// Cuts the file back to the last cluster in use. Called on close
     /// after the metadata is written.
     pub(crate) async fn give_back_room(&self) -> Result<()> {

@@ -756,7 +756,9 @@ impl Qcow2 {
             let clusters = (new_n * 8).div_ceil(cs);
             let new_off = self.alloc_contiguous(clusters).await?;
             self.flush_caches().await?;
-            let mut tb = vec![0u8; (clusters * cs) as usize];
+            // The table rounded to 512 bytes, not to the cluster: QEMU
+            // writes no more, so the file ends where QEMU's would.
+            let mut tb = vec![0u8; (new_n * 8).next_multiple_of(512) as usize];
             for (i, &e) in self.l1.borrow().iter().enumerate() {
                 put64(&mut tb, i * 8, e);
             }
@@ -804,11 +806,9 @@ impl Qcow2 {
 impl Qcow2 {
     /// Shrinks the image: clusters past the new end are freed (L2 entries
     /// first, then refcounts), L2 tables wholly past it too, then the header
-    /// takes the new size. The file itself is not shortened.
+    /// takes the new size, and the file ends after the last cluster still
+    /// in use, as QEMU leaves it.
     async fn shrink(&self, size: u64) -> Result<()> {
-        if self.hdr.borrow().nb_snapshots > 0 {
-            return Err(Error::invalid("Can't resize an image which has snapshots"));
-        }
         let cs = self.cluster_size;
         let start = size.div_ceil(cs) * cs;
         let old = self.size.get();
@@ -828,7 +828,8 @@ impl Qcow2 {
                 );
                 self.mark_dirty(Which::L2, l2_off);
                 if e.host() != 0 || e.is_compressed() {
-                    self.free_l2_cluster(e, DiscardKind::Other).await?;
+                    // Discarded whatever pass-discard-other says, as QEMU does.
+                    self.free_l2_cluster(e, DiscardKind::Always).await?;
                 }
             }
             off += cs;
@@ -849,7 +850,7 @@ impl Qcow2 {
             self.write_l1_entry(i, 0).await?;
             self.sync_now().await?;
             self.forget_table(Which::L2, l2);
-            self.update_refcount(l2 >> self.cluster_bits, -1, DiscardKind::Other)
+            self.update_refcount(l2 >> self.cluster_bits, -1, DiscardKind::Always)
                 .await?;
         }
         self.flush_caches().await?;
@@ -863,7 +864,7 @@ impl Qcow2 {
         self.sync_now().await?;
         self.hdr.borrow_mut().size = size;
         self.size.set(size);
-        Ok(())
+        self.cut_file_after_last_used().await
     }
 }
 

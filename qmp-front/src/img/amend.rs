@@ -1,10 +1,11 @@
-//! `strata-img amend`: qemu-img's `amend` for qcow2, for what changes the
-//! header alone: `lazy_refcounts` on and off, and `compat` up (0.10 to
-//! 1.1) and down (1.1 to 0.10, when the image uses nothing version 2
-//! cannot express). Options qemu-img knows but that would need the image
-//! rewritten (`size`, `refcount_bits`, a new data file, encryption) are
-//! refused with a message saying so; unknown and creation-only options
-//! fail as in qemu-img.
+//! `strata-img amend`: qemu-img's `amend` for qcow2. Header changes are
+//! made here: `lazy_refcounts` on and off, and `compat` up (0.10 to 1.1)
+//! and down (1.1 to 0.10, when the image uses nothing version 2 cannot
+//! express). `size` and `refcount_bits` go through the format driver
+//! (resize, and a new refcount structure of the new width), between the
+//! upgrade and the other changes, as QEMU orders them. A new data file
+//! name and encryption are refused with a message saying so; unknown and
+//! creation-only options fail as in qemu-img.
 //!
 //! The image is opened once through the format driver to check it (and to
 //! give qemu-img's messages for missing files, wrong formats and locks),
@@ -159,6 +160,18 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
 struct Wanted {
     version: Option<u32>,
     lazy: Option<bool>,
+    /// A new refcount width in bits.
+    refcount_bits: Option<u32>,
+    /// A new virtual size.
+    size: Option<u64>,
+}
+
+impl Wanted {
+    /// Whether the format driver must do part of the work (the rest only
+    /// edits the header).
+    fn needs_driver(&self) -> bool {
+        self.refcount_bits.is_some() || self.size.is_some()
+    }
 }
 
 fn amend(
@@ -183,6 +196,55 @@ fn amend(
         print!("{AMEND_HELP}");
         return Ok(());
     }
+    let (node, user) = open_protocol(&env, filename)?;
+    let r = env.block_on(async {
+        let h = read_header(&node, filename).await?;
+        let want = parse(options, &h)?;
+        progress.print(0.0, 100);
+        if !want.needs_driver() {
+            return apply(&node, h, &want, progress).await.map(|()| None);
+        }
+        // QEMU's order: upgrade, refcount width, size, then the rest.
+        if want.version > Some(h.version) {
+            let up = Wanted {
+                version: want.version,
+                ..Wanted::default()
+            };
+            apply(&node, h, &up, progress).await?;
+        }
+        Ok(Some(want))
+    });
+    close_protocol(&env, node, user)?;
+    let Some(want) = r? else { return Ok(()) };
+    env.block_on(async {
+        let img = super::common::open_qcow2_with(&env.graph, filename, true, false, false).await?;
+        let io = |e: block_core::Error| Failure::Error(e.to_string());
+        let mut r = Ok(());
+        if let Some(bits) = want.refcount_bits {
+            r = img.change_refcount_width(bits).await.map_err(io);
+        }
+        if let (Ok(()), Some(size)) = (&r, want.size) {
+            r = img.resize(size).await.map_err(io);
+        }
+        let c = img.close().await.map_err(io);
+        r.and(c)
+    })?;
+    let (node, user) = open_protocol(&env, filename)?;
+    let r = env.block_on(async {
+        let h = read_header(&node, filename).await?;
+        let rest = Wanted {
+            version: want.version.filter(|&v| v < h.version),
+            lazy: want.lazy,
+            ..Wanted::default()
+        };
+        apply(&node, h, &rest, progress).await
+    });
+    close_protocol(&env, node, user)?;
+    r
+}
+
+/// Opens the image file itself, holding the write lock.
+fn open_protocol(env: &Env, filename: &str) -> Result<(Rc<Node>, u64), Failure> {
     let node = env
         .block_on(
             env.graph.open(
@@ -200,14 +262,15 @@ fn amend(
             Perm::CONSISTENT_READ,
         )
         .map_err(|e| Failure::Error(format!("Could not open '{filename}': {e}")))?;
-    let r = env.block_on(async {
-        let h = read_header(&node, filename).await?;
-        let want = parse(options, &h)?;
-        progress.print(0.0, 100);
-        apply(&node, h, &want, progress).await
-    });
+    Ok((node, user))
+}
+
+/// Releases and closes what [`open_protocol`] opened.
+fn close_protocol(env: &Env, node: Rc<Node>, user: u64) -> Result<(), Failure> {
     node.remove_user(user);
-    r
+    drop(node);
+    env.block_on(env.graph.close_all())
+        .map_err(|e| Failure::Error(e.to_string()))
 }
 
 async fn read_header(node: &Rc<Node>, filename: &str) -> Result<Header, Failure> {
@@ -268,9 +331,13 @@ fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
         let Some(v) = v else { continue };
         match *name {
             "size" => {
+                // 0 leaves the size alone, as in QEMU.
                 let n = super::num::parse_size("x", v, 0, i64::MAX).unwrap_or(0) as u64;
-                if n != h.size {
-                    return Err(unsupported("Resizing with amend (use resize instead)"));
+                if !n.is_multiple_of(512) {
+                    return Err(err("The new size must be a multiple of 512".into()));
+                }
+                if n != 0 && n != h.size {
+                    w.size = Some(n);
                 }
             }
             "compat" => {
@@ -312,7 +379,7 @@ fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
                     ));
                 }
                 if n != h.refcount_bits() as u64 {
-                    return Err(unsupported("Changing the refcount width"));
+                    w.refcount_bits = Some(n as u32);
                 }
             }
             _ => {}
@@ -321,6 +388,12 @@ fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
     let version = w.version.unwrap_or(h.version);
     // Only a change is checked: asking for what the image has is a no-op.
     let lazy_now = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+    if w.refcount_bits.is_some_and(|b| b != 16) && version < 3 {
+        return Err(err(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
+                .into(),
+        ));
+    }
     if w.lazy == Some(true) && !lazy_now && version < 3 {
         return Err(err(
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"
