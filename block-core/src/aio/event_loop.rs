@@ -56,6 +56,17 @@ impl AioContext {
         self.exec.spawn_detached(fut)
     }
 
+    /// Sets how long the loop watches for completions (nanoseconds)
+    /// before it sleeps in the kernel; 0 never polls. Polling trades some
+    /// CPU for latency: a completion or a client message that arrives
+    /// within that time is handled without a sleep and a wake-up. The
+    /// thread-pool engine does not poll.
+    pub fn set_poll_ns(&self, ns: u64) {
+        if let Engine::Uring(r) = &self.engine {
+            r.set_poll_ns(ns);
+        }
+    }
+
     /// The engine's name: "io_uring" or "threads".
     pub fn engine_name(&self) -> &'static str {
         self.engine.name()
