@@ -29,7 +29,12 @@ class Qmp:
         self.events = []
         self.greeting = self.read()
         if negotiate:
-            self.cmd("qmp_capabilities")
+            r = self.cmd("qmp_capabilities")
+            # qemu-storage-daemon sometimes greets twice when the client
+            # connects the moment its socket appears.
+            if "QMP" in r:
+                r = self.reply()
+            assert r == {"return": {}}, r
 
     def read(self):
         while b"\n" not in self.buf:
