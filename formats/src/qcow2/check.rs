@@ -320,8 +320,6 @@ struct Counts {
 #[derive(Default)]
 struct Comparison {
     mismatches: Vec<RefcountMismatch>,
-    corruptions: u64,
-    leaks: u64,
     /// One past the last cluster in use or with a refcount (QEMU reports
     /// at least one cluster even when no refcount could be read).
     end: u64,
@@ -331,6 +329,25 @@ struct Comparison {
     unreadable: Vec<u64>,
     /// The corruption signalled on the first of them.
     signal: Option<CorruptionSignal>,
+}
+
+/// The first metadata range in `meta` that the write `[off, off + len)`
+/// would touch, compared in whole clusters as QEMU's overlap check does;
+/// u128 because hostile snapshot entries may put a table near the top of
+/// the range.
+pub(crate) fn metadata_hit(
+    meta: &[(u64, u64, &'static str)],
+    off: u64,
+    len: u64,
+    cs: u64,
+) -> Option<&'static str> {
+    let (o, l, cs) = (off as u128, len as u128, cs as u128);
+    meta.iter()
+        .find(|&&(mo, ml, _)| {
+            let (mo, ml) = (mo as u128, ml as u128);
+            ml > 0 && o < (mo + ml).next_multiple_of(cs) && mo / cs * cs < o + l
+        })
+        .map(|&(_, _, what)| what)
 }
 
 impl Counts {
@@ -383,8 +400,10 @@ impl Qcow2 {
         let cmp = self.compare_refcounts(&cnt.refs).await?;
         let rebuild = cnt.rebuild || cmp.rebuild;
         let mut report = std::mem::take(&mut cnt.report);
-        report.corruptions += cmp.corruptions;
-        report.leaks += cmp.leaks;
+        let leaks = cmp.mismatches.iter().filter(|m| m.refcount > m.reference);
+        let leaks = leaks.count() as u64;
+        report.leaks += leaks;
+        report.corruptions += cmp.mismatches.len() as u64 - leaks;
         report.image_end_offset = cmp.end.max(1) << self.cluster_bits;
         report.mismatches = cmp.mismatches;
         report.check_errors += cmp.unreadable.len() as u64;
@@ -668,11 +687,6 @@ impl Qcow2 {
                 // set it safely.
                 cmp.rebuild = true;
             }
-            if have > want {
-                cmp.leaks += 1;
-            } else {
-                cmp.corruptions += 1;
-            }
             cmp.mismatches.push(RefcountMismatch {
                 cluster: c,
                 refcount: have,
@@ -861,13 +875,7 @@ impl Qcow2 {
         meta: &[(u64, u64, &'static str)],
     ) -> Result<Option<&'static str>> {
         let cs = self.cluster_size;
-        // Whole clusters, as QEMU compares them; u128 because hostile
-        // snapshot entries may put a table near the top of the range.
-        let hit = meta.iter().find(|&&(o, n, _)| {
-            let (o, n, l2, cs) = (o as u128, n as u128, l2_off as u128, cs as u128);
-            n > 0 && l2 < (o + n).next_multiple_of(cs) && o / cs * cs < l2 + cs
-        });
-        let Some(&(_, _, what)) = hit else {
+        let Some(what) = metadata_hit(meta, l2_off, cs, cs) else {
             return Ok(None);
         };
         self.flush_caches().await?;

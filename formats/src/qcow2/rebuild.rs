@@ -343,12 +343,7 @@ impl Qcow2 {
         meta: &[(u64, u64, &'static str)],
         write: RefusedWrite,
     ) -> Option<OverlapAbort> {
-        let cs = self.cluster_size as u128;
-        let (o, l) = (off as u128, len as u128);
-        let &(_, _, what) = meta.iter().find(|&&(mo, ml, _)| {
-            let (mo, ml) = (mo as u128, ml as u128);
-            ml > 0 && o < (mo + ml).next_multiple_of(cs) && mo / cs * cs < o + l
-        })?;
+        let what = super::check::metadata_hit(meta, off, len, self.cluster_size)?;
         let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
         self.signal_corruption(&msg, off, len).await;
         Some(OverlapAbort {
