@@ -87,7 +87,7 @@ impl Qcow2 {
         }
         let dirty = self.cache(w).dirty();
         if dirty.is_empty() && !self.dep_flag(other).get() {
-            self.settle(w);
+            self.settle(w).await;
             return Ok(());
         }
         for (off, t) in dirty {
@@ -96,16 +96,33 @@ impl Qcow2 {
         }
         self.sync_file().await?;
         self.dep_flag(other).set(false);
-        self.settle(w);
+        self.settle(w).await;
         Ok(())
     }
 
     /// With every L2 table on disk, no entry there points to a cluster
-    /// freed before: those may be allocated again.
-    fn settle(&self, w: Which) {
-        if matches!(w, Which::L2) {
-            self.unsettled.borrow_mut().clear();
+    /// freed before: those are discarded on the file, if asked, and may
+    /// be allocated again (in that order, so a punch never hits new data).
+    async fn settle(&self, w: Which) {
+        if !matches!(w, Which::L2) {
+            return;
         }
+        let mut hosts = std::mem::take(&mut *self.discard_on_settle.borrow_mut());
+        hosts.sort_unstable();
+        let cs = self.cluster_size;
+        let mut i = 0;
+        while i < hosts.len() {
+            let mut end = hosts[i] + cs;
+            let mut j = i + 1;
+            while j < hosts.len() && hosts[j] <= end {
+                end = end.max(hosts[j] + cs);
+                j += 1;
+            }
+            // A hint: failures do not matter.
+            let _ = self.file.pdiscard(hosts[i], end - hosts[i]).await;
+            i = j;
+        }
+        self.unsettled.borrow_mut().clear();
     }
 
     /// Flushes both caches (refcounts first unless a dependency says

@@ -46,6 +46,7 @@ mod cache;
 pub mod check;
 mod compress;
 pub mod create;
+mod expand;
 pub mod header;
 pub mod image;
 pub mod l2;
@@ -128,6 +129,11 @@ pub struct Qcow2 {
     /// writing new data into them) before that flush would let a crash
     /// leave the old entry reading someone else's data.
     unsettled: RefCell<std::collections::HashSet<u64>>,
+    /// Freed clusters (host offsets) to discard on the file once the L2
+    /// tables that dropped them are written: punched out earlier, a crash
+    /// would leave an L2 entry on disk reading a hole (and a compressed
+    /// cluster that cannot be decompressed).
+    discard_on_settle: RefCell<Vec<u64>>,
     /// pass-discard-request, -snapshot (kept for snapshot deletion), -other.
     pass_discard: [bool; 3],
     no_flush: bool,
@@ -453,6 +459,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         end_cluster: Cell::new(end_cluster),
         reserved: RefCell::new(Vec::new()),
         unsettled: RefCell::new(std::collections::HashSet::new()),
+        discard_on_settle: RefCell::new(Vec::new()),
         pass_discard,
         no_flush: flags.cache_no_flush,
         lazy_refcounts: !read_only && lazy,

@@ -283,8 +283,7 @@ impl Qcow2 {
                 DiscardKind::Always => true,
             };
             if pass && self.file.flags().discard_unmap {
-                // A hint: failures do not matter.
-                let _ = self.file.pdiscard(host, self.cluster_size).await;
+                self.discard_on_settle.borrow_mut().push(host);
             }
         }
         Ok(new)
