@@ -1443,10 +1443,36 @@ fn amend_matches_qemu_img() {
             &["create", "-q", "-f", "raw", "r.raw", "1M"],
             dir,
         );
+        // Internal snapshots across an upgrade and a downgrade, with zero
+        // clusters (plain and preallocated) in snapshot and active tables.
+        create("compat=0.10", "sn2.q");
+        qemu_io("sn2.q", "qcow2", &["write -P 1 0 128k"], dir);
+        must("qemu-img", &["snapshot", "-c", "s1", "sn2.q"], dir);
+        qemu_io("sn2.q", "qcow2", &["write -P 2 0 64k"], dir);
+        create("", "sn3.q");
+        qemu_io(
+            "sn3.q",
+            "qcow2",
+            &["write -P 1 0 128k", "write -z 512k 64k"],
+            dir,
+        );
+        must("qemu-img", &["snapshot", "-c", "s1", "sn3.q"], dir);
+        qemu_io(
+            "sn3.q",
+            "qcow2",
+            &["write -P 2 0 64k", "write -z 0 64k", "write -z 640k 64k"],
+            dir,
+        );
     };
     setup(&d.q());
     setup(&d.s());
+    // Snapshots carry their creation time: both tools get the same bytes.
+    for img in ["sn2.q", "sn3.q"] {
+        std::fs::copy(d.q().join(img), d.s().join(img)).unwrap();
+    }
     let cases: &[&[&str]] = &[
+        &["amend", "-p", "-o", "compat=1.1", "sn2.q"],
+        &["amend", "-p", "-o", "compat=0.10", "sn3.q"],
         &["amend", "-p", "-o", "lazy_refcounts=on", "v3.q"],
         &["amend", "-o", "lazy_refcounts=off", "lz.q"],
         &["amend", "-p", "-o", "compat=0.10", "lz.q"],
@@ -1609,4 +1635,170 @@ fn help_matches_qemu_img() {
     ] {
         same(args, &d.q());
     }
+}
+
+/// Strips the extra data from every snapshot table entry in place, as
+/// version 2 images written by old QEMU releases have them.
+fn strip_snapshot_extra_data(path: &Path) {
+    let mut f = read(path);
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let be16 = |b: &[u8], o: usize| u16::from_be_bytes(b[o..o + 2].try_into().unwrap()) as usize;
+    let n = be32(&f, 60);
+    let off = u64::from_be_bytes(f[64..72].try_into().unwrap()) as usize;
+    let (mut pos, mut end, mut out) = (off, off, Vec::new());
+    for _ in 0..n {
+        let (ids, names, extra) = (be16(&f, pos + 12), be16(&f, pos + 14), be32(&f, pos + 36));
+        let mut e = f[pos..pos + 40].to_vec();
+        e[36..40].fill(0);
+        e.extend_from_slice(&f[pos + 40 + extra..pos + 40 + extra + ids + names]);
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        out.extend(e);
+        end = pos + 40 + extra + ids + names;
+        pos += (40 + extra + ids + names).div_ceil(8) * 8;
+    }
+    out.resize(end - off, 0);
+    f[off..end].copy_from_slice(&out);
+    std::fs::write(path, f).unwrap();
+}
+
+/// Cases where Strata's bytes differ from qemu-img's on purpose, checked by
+/// what the image holds: an upgrade whose snapshots lack version 3's extra
+/// data (the table is rewritten, in other free clusters), and a downgrade
+/// where a snapshot maps as data a cluster the active layer has as a
+/// preallocated zero cluster. qemu-img zeroes that cluster and the
+/// snapshot loses its data; Strata lets the active entry go instead.
+#[test]
+fn amend_snapshots_keep_their_data() {
+    let d = Scratch::new("amend-snap");
+    let dir = d.s();
+    let run = |img: &str, opts: &str| {
+        let o = strata(&["amend", "-o", opts, img], &dir);
+        assert_eq!(
+            (o.code, o.stderr.as_str()),
+            (0, ""),
+            "amend {opts} {img}: {o:?}"
+        );
+        let c = must("qemu-img", &["check", img], &dir);
+        assert!(c.stdout.contains("No errors"), "{img}: {c:?}");
+    };
+    let snapshot_reads = |img: &str, snap: &str, cmds: &[&str]| {
+        let raw = format!("{img}.{snap}.raw");
+        must(
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                &format!("snapshot.name={snap}"),
+                "-O",
+                "raw",
+                img,
+                &raw,
+            ],
+            &dir,
+        );
+        qemu_io(&raw, "raw", cmds, &dir);
+    };
+
+    must(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "nx.q",
+            "1M",
+        ],
+        &dir,
+    );
+    qemu_io("nx.q", "qcow2", &["write -P 1 0 128k"], &dir);
+    must("qemu-img", &["snapshot", "-c", "s1", "nx.q"], &dir);
+    qemu_io("nx.q", "qcow2", &["write -P 2 0 64k"], &dir);
+    must("qemu-img", &["snapshot", "-c", "s2", "nx.q"], &dir);
+    strip_snapshot_extra_data(&dir.join("nx.q"));
+    let before = must("qemu-img", &["snapshot", "-l", "nx.q"], &dir).stdout;
+    run("nx.q", "compat=1.1");
+    assert_eq!(
+        must("qemu-img", &["snapshot", "-l", "nx.q"], &dir).stdout,
+        before
+    );
+    let info = must("qemu-img", &["info", "--output=json", "nx.q"], &dir).stdout;
+    assert!(info.contains("\"compat\": \"1.1\""), "{info}");
+    snapshot_reads("nx.q", "s1", &["read -P 1 0 128k"]);
+    snapshot_reads("nx.q", "s2", &["read -P 2 0 64k", "read -P 1 64k 64k"]);
+    // Version 3 needs 16 bytes of extra data per entry; QEMU writes 24.
+    let table = peek64(&dir.join("nx.q"), 64);
+    let extra = must(
+        "od",
+        &[
+            "-An",
+            "-tu4",
+            "--endian=big",
+            "-j",
+            &(table + 36).to_string(),
+            "-N4",
+            "nx.q",
+        ],
+        &dir,
+    );
+    assert_eq!(extra.stdout.trim(), "24");
+
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "sb.q", "1M"],
+        &dir,
+    );
+    qemu_io("sb.q", "qcow2", &["write -P 1 0 128k"], &dir);
+    must("qemu-img", &["snapshot", "-c", "s1", "sb.q"], &dir);
+    qemu_io("sb.q", "qcow2", &["write -z 0 64k"], &dir);
+    run("sb.q", "compat=0.10");
+    snapshot_reads("sb.q", "s1", &["read -P 1 0 128k"]);
+    qemu_io(
+        "sb.q",
+        "qcow2",
+        &["read -P 0 0 64k", "read -P 1 64k 64k"],
+        &dir,
+    );
+
+    // Over a backing file, unallocated zero clusters get zeroed clusters.
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.q", "1M"],
+        &dir,
+    );
+    qemu_io("base.q", "qcow2", &["write -P 7 0 1M"], &dir);
+    must(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "base.q", "-F", "qcow2", "ov.q",
+        ],
+        &dir,
+    );
+    qemu_io(
+        "ov.q",
+        "qcow2",
+        &["write -z 0 64k", "write -P 3 64k 64k"],
+        &dir,
+    );
+    must("qemu-img", &["snapshot", "-c", "s1", "ov.q"], &dir);
+    qemu_io("ov.q", "qcow2", &["write -z 128k 64k"], &dir);
+    run("ov.q", "compat=0.10");
+    qemu_io(
+        "ov.q",
+        "qcow2",
+        &[
+            "read -P 0 0 64k",
+            "read -P 3 64k 64k",
+            "read -P 0 128k 64k",
+            "read -P 7 192k 64k",
+        ],
+        &dir,
+    );
+    snapshot_reads(
+        "ov.q",
+        "s1",
+        &["read -P 0 0 64k", "read -P 3 64k 64k", "read -P 7 128k 64k"],
+    );
 }

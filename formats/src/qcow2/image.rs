@@ -82,6 +82,29 @@ impl<'g> Image<'g> {
         self.drv.change_refcount_width(bits).await
     }
 
+    /// Prepares a downgrade to version 2: every zero cluster, in the
+    /// snapshots too, becomes unallocated or a cluster of zeros. `status`
+    /// gets (L1 entries done, L1 entries in all) as the work goes on.
+    pub async fn expand_zero_clusters(&self, status: &dyn Fn(u64, u64)) -> Result<()> {
+        self.drv.expand_zero_clusters(status).await
+    }
+
+    /// Prepares an upgrade to version 3: snapshot table entries get the
+    /// extra data version 3 requires.
+    pub async fn complete_snapshot_extra_data(&self) -> Result<()> {
+        self.drv.complete_snapshot_extra_data().await
+    }
+
+    /// The virtual size.
+    pub fn size(&self) -> u64 {
+        self.drv.size.get()
+    }
+
+    /// The internal snapshots.
+    pub async fn snapshots(&self) -> Result<Vec<super::snapshot::SnapshotInfo>> {
+        self.drv.snapshots().await
+    }
+
     /// Checks the image; repairs what `repair` allows.
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
         self.drv.check(repair).await

@@ -378,6 +378,42 @@ impl Qcow2 {
         self.flush_caches().await
     }
 
+    /// Gives every snapshot the extra data version 3 requires (the 64-bit
+    /// VM state size and the disk size), before an upgrade, as QEMU's
+    /// `qcow2_upgrade` does: version 2 made both optional. Entries are
+    /// written as QEMU writes them (with the instruction count, unknown when
+    /// absent); nothing is written when every snapshot already has both.
+    pub(crate) async fn complete_snapshot_extra_data(&self) -> Result<()> {
+        let _g = self.meta.lock().await;
+        let mut snaps = self.read_snapshots().await?;
+        if snaps.iter().all(|s| s.extra.len() >= 16) {
+            return Ok(());
+        }
+        let size = self.size.get();
+        for s in &mut snaps {
+            let mut extra = vec![0u8; 24];
+            put64(&mut extra, 0, s.vm_state_size);
+            let disk = if s.extra.len() >= 16 {
+                be64(&s.extra, 8)
+            } else {
+                size
+            };
+            put64(&mut extra, 8, disk);
+            let icount = if s.extra.len() >= 24 {
+                be64(&s.extra, 16)
+            } else {
+                u64::MAX
+            };
+            put64(&mut extra, 16, icount);
+            if let Some(unknown) = s.extra.get(24..) {
+                extra.extend_from_slice(unknown);
+            }
+            s.extra = extra;
+        }
+        self.write_snapshot_table(&snaps).await?;
+        self.flush_caches().await
+    }
+
     /// Writes a new snapshot table and points the header to it.
     async fn write_snapshot_table(&self, snaps: &[SnapshotInfo]) -> Result<()> {
         let cs = self.cluster_size;
@@ -432,7 +468,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    async fn read_l1(&self, s: &SnapshotInfo) -> Result<Vec<u64>> {
+    pub(crate) async fn read_l1(&self, s: &SnapshotInfo) -> Result<Vec<u64>> {
         if !s.l1_table_offset.is_multiple_of(self.cluster_size) {
             return Err(self.corrupt(format!(
                 "snapshot '{}' L1 table offset {:#x} unaligned",

@@ -1,18 +1,19 @@
 //! `strata-img amend`: qemu-img's `amend` for qcow2. Header changes are
 //! made here: `lazy_refcounts` on and off, and `compat` up (0.10 to 1.1)
 //! and down (1.1 to 0.10, when the image uses nothing version 2 cannot
-//! express). `size` and `refcount_bits` go through the format driver
-//! (resize, and a new refcount structure of the new width), between the
-//! upgrade and the other changes, as QEMU orders them. A new data file
-//! name and encryption are refused with a message saying so; unknown and
-//! creation-only options fail as in qemu-img.
+//! express). The format driver does the rest, in QEMU's order: the
+//! snapshot table gains version 3's extra data before an upgrade; then
+//! `refcount_bits` (a new refcount structure of the new width) and `size`;
+//! then zero clusters, the snapshots' included, are expanded before a
+//! downgrade. A new data file name and encryption are refused with a
+//! message saying so; unknown and creation-only options fail as in
+//! qemu-img.
 //!
 //! The image is opened once through the format driver to check it (and to
 //! give qemu-img's messages for missing files, wrong formats and locks),
 //! closed, and then edited through its protocol node, holding the write
-//! lock. Write order on downgrade: data clusters that read as zero are
-//! zeroed, then the L2 tables lose their zero flags, then the header goes
-//! last, so an interruption leaves a valid version 3 image.
+//! lock, or reopened through the driver for its part. The header goes
+//! last on a downgrade, so an interruption leaves a valid version 3 image.
 
 use std::rc::Rc;
 
@@ -20,7 +21,9 @@ use block_core::{IoBuf, Node, Options, Perm, WriteFlags};
 use formats::qcow2::header::{
     CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
 };
-use formats::qcow2::l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use formats::qcow2::image::Image;
+use formats::qcow2::l2::{L1E_OFFSET_MASK, OFLAG_COMPRESSED};
+use formats::qcow2::snapshot::SnapshotInfo;
 
 use super::common::{release, Env};
 use super::convert::Progress;
@@ -169,8 +172,10 @@ struct Wanted {
 impl Wanted {
     /// Whether the format driver must do part of the work (the rest only
     /// edits the header).
-    fn needs_driver(&self) -> bool {
-        self.refcount_bits.is_some() || self.size.is_some()
+    fn needs_driver(&self, h: &Header) -> bool {
+        let downgrade = self.version.is_some_and(|v| v < h.version);
+        let upgrade_snapshots = self.version.is_some_and(|v| v > h.version) && h.nb_snapshots > 0;
+        self.refcount_bits.is_some() || self.size.is_some() || downgrade || upgrade_snapshots
     }
 }
 
@@ -201,45 +206,119 @@ fn amend(
         let h = read_header(&node, filename).await?;
         let want = parse(options, &h)?;
         progress.print(0.0, 100);
-        if !want.needs_driver() {
-            return apply(&node, h, &want, progress).await.map(|()| None);
+        if want.version.is_some_and(|v| v < h.version) {
+            check_downgrade(&node, &h, &want).await?;
         }
-        // QEMU's order: upgrade, refcount width, size, then the rest.
-        if want.version > Some(h.version) {
-            let up = Wanted {
-                version: want.version,
-                ..Wanted::default()
-            };
-            apply(&node, h, &up, progress).await?;
+        if !want.needs_driver(&h) {
+            apply(&node, h, &want, progress).await?;
+            progress.print(100.0, 0);
+            return Ok::<_, Failure>(None);
         }
-        Ok(Some(want))
+        Ok(Some((want, h.version, h.nb_snapshots)))
     });
     close_protocol(&env, node, user)?;
-    let Some(want) = r? else { return Ok(()) };
-    env.block_on(async {
-        let img = super::common::open_qcow2_with(&env.graph, filename, true, false, false).await?;
-        let io = |e: block_core::Error| Failure::Error(e.to_string());
-        let mut r = Ok(());
-        if let Some(bits) = want.refcount_bits {
-            r = img.change_refcount_width(bits).await.map_err(io);
-        }
-        if let (Ok(()), Some(size)) = (&r, want.size) {
-            r = img.resize(size).await.map_err(io);
-        }
-        let c = img.close().await.map_err(io);
-        r.and(c)
-    })?;
-    let (node, user) = open_protocol(&env, filename)?;
-    let r = env.block_on(async {
-        let h = read_header(&node, filename).await?;
-        let rest = Wanted {
-            version: want.version.filter(|&v| v < h.version),
-            lazy: want.lazy,
+    let Some((want, old_version, nb_snapshots)) = r? else {
+        return Ok(());
+    };
+    let io = |e: block_core::Error| Failure::Error(e.to_string());
+    let upgrade = want.version.filter(|&v| v > old_version);
+    let downgrade = want.version.is_some_and(|v| v < old_version);
+    // QEMU's order: upgrade (snapshot table first), refcount width, size,
+    // then lazy refcounts and a downgrade.
+    if upgrade.is_some() && nb_snapshots > 0 {
+        env.block_on(async {
+            let img = open_driver(&env, filename).await?;
+            let r = img.complete_snapshot_extra_data().await.map_err(io);
+            close_driver(img, r).await
+        })?;
+    }
+    if upgrade.is_some() {
+        let up = Wanted {
+            version: upgrade,
             ..Wanted::default()
         };
+        with_protocol(&env, filename, |node, h| async move {
+            apply(&node, h, &up, progress).await
+        })?;
+    }
+    env.block_on(async {
+        let img = open_driver(&env, filename).await?;
+        let r = driver_changes(&img, &want, downgrade, progress).await;
+        close_driver(img, r).await
+    })?;
+    let rest = Wanted {
+        version: want.version.filter(|_| downgrade),
+        lazy: want.lazy,
+        ..Wanted::default()
+    };
+    with_protocol(&env, filename, |node, h| async move {
         apply(&node, h, &rest, progress).await
+    })?;
+    progress.print(100.0, 0);
+    Ok(())
+}
+
+/// The changes the format driver makes, in QEMU's order.
+async fn driver_changes(
+    img: &Image<'_>,
+    want: &Wanted,
+    downgrade: bool,
+    progress: &Progress,
+) -> Result<(), Failure> {
+    let io = |e: block_core::Error| Failure::Error(e.to_string());
+    if let Some(bits) = want.refcount_bits {
+        img.change_refcount_width(bits).await.map_err(io)?;
+    }
+    if let Some(size) = want.size {
+        img.resize(size).await.map_err(io)?;
+    }
+    if downgrade {
+        // Version 2 snapshots carry neither a disk size nor a 64-bit VM
+        // state size.
+        let size = img.size();
+        let snaps = img.snapshots().await.map_err(io)?;
+        let blocks = |s: &SnapshotInfo| {
+            let disk = match s.extra.get(8..16) {
+                Some(b) => u64::from_be_bytes(b.try_into().unwrap_or_default()),
+                None => size,
+            };
+            s.vm_state_size > u32::MAX as u64 || disk != size
+        };
+        if snaps.iter().any(blocks) {
+            return Err(Failure::Error(
+                "Internal snapshots prevent downgrade of image".into(),
+            ));
+        }
+        let status =
+            |done: u64, total: u64| progress.print(done as f32 * 100.0 / total.max(1) as f32, 0);
+        img.expand_zero_clusters(&status).await.map_err(io)?;
+    }
+    Ok(())
+}
+
+async fn open_driver<'g>(env: &'g Env, filename: &str) -> Result<Image<'g>, Failure> {
+    super::common::open_qcow2_with(&env.graph, filename, true, false, false).await
+}
+
+/// Closes the image; the first error wins.
+async fn close_driver(img: Image<'_>, r: Result<(), Failure>) -> Result<(), Failure> {
+    let c = img.close().await.map_err(|e| Failure::Error(e.to_string()));
+    r.and(c)
+}
+
+/// Runs `f` on the image file itself, holding the write lock, with the
+/// header as it is now.
+fn with_protocol<F, Fut>(env: &Env, filename: &str, f: F) -> Result<(), Failure>
+where
+    F: FnOnce(Rc<Node>, Header) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Failure>>,
+{
+    let (node, user) = open_protocol(env, filename)?;
+    let r = env.block_on(async {
+        let h = read_header(&node, filename).await?;
+        f(Rc::clone(&node), h).await
     });
-    close_protocol(&env, node, user)?;
+    close_protocol(env, node, user)?;
     r
 }
 
@@ -416,11 +495,6 @@ async fn apply(
     let version = w.version.unwrap_or(old_version);
     let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
     if version > old_version {
-        if h.nb_snapshots > 0 {
-            return Err(err(
-                "Upgrading an image with internal snapshots is not supported by this build".into(),
-            ));
-        }
         progress.print(0.0, 0);
         progress.print(50.0, 0);
         h.version = 3;
@@ -441,52 +515,8 @@ async fn apply(
             h.compatible_features ^= COMPAT_LAZY_REFCOUNTS;
         }
     }
-    let mut zeroed = Vec::new();
     if version < old_version {
-        if h.refcount_order != 4 {
-            return Err(err("compat=0.10 requires refcount_bits=16".into()));
-        }
-        if h.has_data_file() {
-            return Err(err("Cannot downgrade an image with a data file".into()));
-        }
-        if dirty {
-            return Err(err(
-                "Cannot downgrade an image with the dirty bit set: repairing its refcounts is not supported by this build (use 'check -r all' first)"
-                    .into(),
-            ));
-        }
-        let left = h.incompatible_features & !INCOMPAT_COMPRESSION;
-        if left != 0 {
-            return Err(err(format!(
-                "Cannot downgrade an image with incompatible features 0x{left:x} set"
-            )));
-        }
-        if h.nb_snapshots > 0 {
-            return Err(err(
-                "Downgrading an image with internal snapshots is not supported by this build"
-                    .into(),
-            ));
-        }
-        if h.bitmaps_ext.is_some() {
-            return Err(err(
-                "Downgrading an image with persistent bitmaps is not supported by this build"
-                    .into(),
-            ));
-        }
-        let scan = scan_l2(node, &h).await.map_err(io)?;
-        if scan.compressed && h.compression_type != CompressionType::Deflate {
-            return Err(err(
-                "Cannot downgrade an image with zstd compression type and existing compressed clusters"
-                    .into(),
-            ));
-        }
-        if scan.zero_unallocated && h.backing_file.is_some() {
-            return Err(err(
-                "Downgrading an image with zero clusters over a backing file is not supported by this build"
-                    .into(),
-            ));
-        }
-        zeroed = scan.tables;
+        // Zero clusters were expanded by the format driver.
         h.compression_type = CompressionType::Deflate;
         h.incompatible_features = 0;
         h.compatible_features = 0;
@@ -494,73 +524,55 @@ async fn apply(
         h.version = 2;
         h.header_length = 72;
     }
-    let cs = h.cluster_size();
-    if !zeroed.is_empty() {
-        // Zero clusters do not exist in version 2: allocated ones become
-        // plain data clusters holding zeros, the others unallocated (the
-        // image has no backing file, so those read as zeros too).
-        for (_, t) in &zeroed {
-            for e in t.chunks_exact(8) {
-                let v = u64::from_be_bytes(e.try_into().unwrap_or_default());
-                let host = v & L2E_OFFSET_MASK;
-                if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 && host != 0 {
-                    node.pwrite_zeroes(host, cs, WriteFlags::default())
-                        .await
-                        .map_err(io)?;
-                }
-            }
-        }
-        node.flush().await.map_err(io)?;
-        for (at, t) in &mut zeroed {
-            for e in t.chunks_exact_mut(8) {
-                let v = u64::from_be_bytes((&*e).try_into().unwrap_or_default());
-                if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 {
-                    let nv = if v & L2E_OFFSET_MASK != 0 {
-                        v & !OFLAG_ZERO
-                    } else {
-                        0
-                    };
-                    e.copy_from_slice(&nv.to_be_bytes());
-                }
-            }
-            node.pwrite(*at, IoBuf::from_slice(t), WriteFlags::default())
-                .await
-                .map_err(io)?;
-        }
-        node.flush().await.map_err(io)?;
-    }
-    if version < old_version {
-        progress.print(100.0, 0);
-    }
     let bytes = h.serialize().map_err(io)?;
     node.pwrite(0, IoBuf::from_slice(&bytes), WriteFlags::default())
         .await
         .map_err(io)?;
     node.flush().await.map_err(io)?;
-    progress.print(100.0, 0);
     Ok(())
 }
 
-/// What the active L2 tables hold that version 2 cannot express.
-struct Scan {
-    /// Compressed clusters exist.
-    compressed: bool,
-    /// Zero clusters without a host cluster exist.
-    zero_unallocated: bool,
-    /// L2 tables (offset, contents) that hold zero clusters.
-    tables: Vec<(u64, Vec<u8>)>,
+/// Refuses a downgrade to version 2 of what version 2 cannot express,
+/// before anything is written.
+async fn check_downgrade(node: &Rc<Node>, h: &Header, want: &Wanted) -> Result<(), Failure> {
+    let err = |m: &str| Err(Failure::Error(m.into()));
+    // A width change comes first, as in QEMU.
+    if want.refcount_bits.unwrap_or(h.refcount_bits()) != 16 {
+        return err("compat=0.10 requires refcount_bits=16");
+    }
+    if h.has_data_file() {
+        return err("Cannot downgrade an image with a data file");
+    }
+    if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+        return err("Cannot downgrade an image with the dirty bit set: repairing its refcounts is not supported by this build (use 'check -r all' first)");
+    }
+    let left = h.incompatible_features & !INCOMPAT_COMPRESSION;
+    if left != 0 {
+        return Err(Failure::Error(format!(
+            "Cannot downgrade an image with incompatible features 0x{left:x} set"
+        )));
+    }
+    if h.bitmaps_ext.is_some() {
+        return err("Downgrading an image with persistent bitmaps is not supported by this build");
+    }
+    if h.compression_type != CompressionType::Deflate
+        && has_compressed_clusters(node, h)
+            .await
+            .map_err(|e| Failure::Error(e.to_string()))?
+    {
+        return err(
+            "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+        );
+    }
+    Ok(())
 }
 
-async fn scan_l2(node: &Rc<Node>, h: &Header) -> block_core::Result<Scan> {
-    let cs = h.cluster_size();
-    let mut s = Scan {
-        compressed: false,
-        zero_unallocated: false,
-        tables: Vec::new(),
-    };
+/// Whether the active L2 tables map a compressed cluster.
+async fn has_compressed_clusters(node: &Rc<Node>, h: &Header) -> block_core::Result<bool> {
     if h.l1_size == 0 {
-        return Ok(s);
+        return Ok(false);
     }
+    let cs = h.cluster_size();
     let l1 = node
         .pread(h.l1_table_offset, IoBuf::zeroed(h.l1_size as usize * 8))
         .await?;
@@ -570,21 +582,12 @@ async fn scan_l2(node: &Rc<Node>, h: &Header) -> block_core::Result<Scan> {
             continue;
         }
         let t = node.pread(l2, IoBuf::zeroed(cs as usize)).await?;
-        let mut has_zero = false;
-        for e in t.chunks_exact(8) {
-            let v = u64::from_be_bytes(e.try_into().unwrap_or_default());
-            if v & OFLAG_COMPRESSED != 0 {
-                s.compressed = true;
-            } else if v & OFLAG_ZERO != 0 {
-                has_zero = true;
-                if v & L2E_OFFSET_MASK == 0 {
-                    s.zero_unallocated = true;
-                }
-            }
-        }
-        if has_zero {
-            s.tables.push((l2, t.to_vec()));
+        let compressed = t
+            .chunks_exact(8)
+            .any(|e| u64::from_be_bytes(e.try_into().unwrap_or_default()) & OFLAG_COMPRESSED != 0);
+        if compressed {
+            return Ok(true);
         }
     }
-    Ok(s)
+    Ok(false)
 }
