@@ -8,7 +8,9 @@ latency at depth 1.
 Workloads: 4 KiB random reads and writes at depth 1 and 32, 1 MiB
 sequential reads at depth 4. The image is a fully written 1 GiB qcow2
 (64 KiB clusters) on a disk-backed file system, opened with
-cache.direct=on by both daemons; rounds alternate qsd, strata, qsd, ...
+cache.direct=on by both daemons (--cache writeback: cache.direct=off,
+both daemons' default, so reads come from the page cache once warm);
+rounds alternate qsd, strata, qsd, ...
 
 For the read workloads each round also reads the image file itself with
 fio (io_uring, O_DIRECT, same pattern): the "disk" column is what the
@@ -16,7 +18,7 @@ device gives at the client's queue depth, the ceiling for both daemons
 when neither reads ahead. With --image on a tmpfs the device drops out and
 the ratio measures the servers' own CPU cost.
 
-Usage: benches/nbd-vs-qsd.py [--rounds 5] [--runtime 5]
+Usage: benches/nbd-vs-qsd.py [--rounds 5] [--runtime 5] [--cache direct|writeback]
                              [--stratad target/release/stratad]
 """
 import argparse
@@ -48,12 +50,13 @@ def ensure_image(path, size):
                    check=True, stdout=subprocess.DEVNULL)
 
 
-def start(binary, image, sock):
+def start(binary, image, sock, cache):
     if os.path.exists(sock):
         os.unlink(sock)
+    direct = "on" if cache == "direct" else "off"
     argv = [binary,
-            "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=on,aio=io_uring",
-            "--blockdev", "driver=qcow2,node-name=q0,file=f0,cache.direct=on",
+            "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct={direct},aio=io_uring",
+            "--blockdev", f"driver=qcow2,node-name=q0,file=f0,cache.direct={direct}",
             "--nbd-server", f"addr.type=unix,addr.path={sock}",
             "--export", "type=nbd,id=e0,node-name=q0,name=disk,writable=on"]
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -114,10 +117,16 @@ def main():
     ap.add_argument("--stratad", default=os.path.join(target, "release", "stratad"))
     ap.add_argument("--qsd", default=shutil.which("qemu-storage-daemon") or "qemu-storage-daemon")
     ap.add_argument("--only", default="")
+    ap.add_argument("--cache", choices=("direct", "writeback"), default="direct")
     a = ap.parse_args()
     if not os.path.exists(a.stratad):
         sys.exit(f"{a.stratad} not found: cargo build --release --bin stratad")
     ensure_image(a.image, a.size)
+    if a.cache == "writeback":
+        # Warm the page cache so both daemons start from the same state.
+        with open(a.image, "rb") as f:
+            while f.read(1 << 24):
+                pass
     sock = os.path.join(os.path.dirname(a.image), "nbd-bench.sock")
     rows = []
     for name, args in WORKLOADS:
@@ -130,7 +139,7 @@ def main():
                 d_iops.append(fio_disk(a.image, args, a.runtime))
             res = {}
             for tool, binary in (("qsd", a.qsd), ("strata", a.stratad)):
-                p = start(binary, a.image, sock)
+                p = start(binary, a.image, sock, a.cache)
                 try:
                     res[tool] = fio(sock, args, a.runtime)
                 finally:

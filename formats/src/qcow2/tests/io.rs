@@ -3,6 +3,8 @@
 //! growth, concurrency, lost caches.
 
 use super::*;
+use std::cell::Cell;
+
 use crate::qcow2::Qcow2;
 
 #[test]
@@ -928,4 +930,140 @@ fn freed_clusters_are_punched_only_after_the_l2_flush() {
         );
         check_clean(&img);
     });
+}
+
+/// Options for a qcow2 image on a gate on its file.
+fn gated_qcow2(img: &str, gate: &Rc<super::gate::Gate>) -> Options {
+    super::gate::install(gate);
+    Options::new()
+        .with("driver", "qcow2")
+        .with("file.driver", "x-gate")
+        .with("file.file.driver", "file")
+        .with("file.file.filename", img)
+}
+
+/// A graph whose registry also has the `x-gate` test driver.
+fn gated_graph() -> (EventLoop, Rc<Graph>) {
+    let el = EventLoop::new(AioMode::IoUring).unwrap();
+    let mut reg = crate::registry();
+    reg.register("x-gate", super::gate::open);
+    let g = Rc::new(Graph::new(Rc::clone(el.context()), reg, EventBus::new()));
+    (el, g)
+}
+
+/// A write that joins a fresh cluster whose allocating write is still in
+/// flight must not complete before that cluster is linked into the L2
+/// table: completed, its data must read back. The allocating write's data
+/// is held at the gate while the joining write runs.
+#[test]
+fn joined_write_completes_only_after_the_cluster_is_linked() {
+    let d = Dir::new("join-link");
+    let img = d.file("j.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+    let (_el, g) = gated_graph();
+    let gate = Rc::new(super::gate::Gate::default());
+    run(&g, async {
+        let n = g.open(gated_qcow2(&img, &gate)).await.unwrap();
+        // The room ahead is made by a first allocation.
+        n.pwrite(4 << 20, IoBuf::filled(65536, 9), WriteFlags::default())
+            .await
+            .unwrap();
+        gate.hold(32768);
+        let ctx = Rc::clone(g.context());
+        let b_done = Rc::new(Cell::new(false));
+        let a = {
+            let n = Rc::clone(&n);
+            ctx.spawn(async move {
+                n.pwrite(0, IoBuf::filled(32768, 1), WriteFlags::default())
+                    .await
+                    .unwrap();
+            })
+        };
+        let b = {
+            let (n, done) = (Rc::clone(&n), Rc::clone(&b_done));
+            ctx.spawn(async move {
+                n.pwrite(32768, IoBuf::filled(32768, 2), WriteFlags::default())
+                    .await
+                    .unwrap();
+                done.set(true);
+            })
+        };
+        ctx.sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            gate.held(),
+            1,
+            "the allocating write's data did not reach the gate"
+        );
+        assert!(
+            !b_done.get(),
+            "the joined write completed before its cluster was linked"
+        );
+        gate.open(super::gate::Release::Pass);
+        a.await;
+        b.await;
+        let got = n.pread(0, IoBuf::zeroed(65536)).await.unwrap();
+        assert!(got[..32768].iter().all(|&x| x == 1) && got[32768..].iter().all(|&x| x == 2));
+        close(&g, n).await;
+    });
+    check_clean(&img);
+    qemu_io(
+        &img,
+        &["read -P 1 0 32k".into(), "read -P 2 32k 32k".into()],
+    );
+}
+
+/// The allocating write fails: a write that joined its fresh cluster is
+/// retried on a cluster of its own and succeeds, and the failed write's
+/// half reads as zeros.
+#[test]
+fn joined_write_survives_a_failed_allocation() {
+    let d = Dir::new("join-fail");
+    let img = d.file("f.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+    let (_el, g) = gated_graph();
+    let gate = Rc::new(super::gate::Gate::default());
+    run(&g, async {
+        let n = g.open(gated_qcow2(&img, &gate)).await.unwrap();
+        n.pwrite(4 << 20, IoBuf::filled(65536, 9), WriteFlags::default())
+            .await
+            .unwrap();
+        gate.hold(32768);
+        let ctx = Rc::clone(g.context());
+        let a = {
+            let n = Rc::clone(&n);
+            ctx.spawn(async move {
+                n.pwrite(0, IoBuf::filled(32768, 1), WriteFlags::default())
+                    .await
+            })
+        };
+        let b = {
+            let n = Rc::clone(&n);
+            ctx.spawn(async move {
+                n.pwrite(32768, IoBuf::filled(32768, 2), WriteFlags::default())
+                    .await
+            })
+        };
+        ctx.sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(gate.held(), 1);
+        gate.hold(usize::MAX);
+        gate.open(super::gate::Release::Fail);
+        assert!(a.await.is_err(), "the held write should have failed");
+        b.await.expect("the joined write is retried and succeeds");
+        let got = n.pread(0, IoBuf::zeroed(65536)).await.unwrap();
+        assert!(
+            got[..32768].iter().all(|&x| x == 0),
+            "the failed write's half"
+        );
+        assert!(
+            got[32768..].iter().all(|&x| x == 2),
+            "the joined write's half"
+        );
+        close(&g, n).await;
+    });
+    let (_, text) = tool("qemu-img", &["check", &img]);
+    assert!(!text.contains("ERROR"), "{text}");
+    qemu_io(
+        &img,
+        &["read -P 0 0 32k".into(), "read -P 2 32k 32k".into()],
+    );
 }

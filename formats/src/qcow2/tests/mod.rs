@@ -4,6 +4,7 @@
 //! operations (open errors, create, check, snapshots, bitmaps).
 
 mod crash;
+mod gate;
 mod image;
 mod io;
 
