@@ -77,9 +77,10 @@ impl<'g> Image<'g> {
             .await
     }
 
-    /// Changes the width of refcount entries.
-    pub async fn change_refcount_width(&self, bits: u32) -> Result<()> {
-        self.drv.change_refcount_width(bits).await
+    /// Changes the width of refcount entries; `status` gets (done, all)
+    /// as the work goes on.
+    pub async fn change_refcount_width(&self, bits: u32, status: &dyn Fn(u64, u64)) -> Result<()> {
+        self.drv.change_refcount_width(bits, status).await
     }
 
     /// Prepares a downgrade to version 2: every zero cluster, in the

@@ -261,7 +261,14 @@ impl Qcow2 {
     /// new width is written into free clusters and switched to in one
     /// header write, then the old table and blocks are freed. Refused,
     /// before any write, when a refcount does not fit the new width.
-    pub async fn change_refcount_width(&self, bits: u32) -> Result<()> {
+    ///
+    /// `status` gets (done, all) on QEMU's scale, so that `amend -p` prints
+    /// what qemu-img prints: QEMU walks the old refcount table three times
+    /// (two allocation walks, one write walk), reporting each entry. Here
+    /// the first walk's ticks follow the reading of the refcounts, the
+    /// second's the placement of the new structure and the third's its
+    /// writing.
+    pub async fn change_refcount_width(&self, bits: u32, status: &dyn Fn(u64, u64)) -> Result<()> {
         let _g = self.lock_meta_idle().await;
         self.check_writable_meta()?;
         if self.read_only {
@@ -292,8 +299,19 @@ impl Qcow2 {
             (1u64 << bits) - 1
         };
         let n = self.file.size().div_ceil(cs);
+        let entries = self.reftable.borrow().len() as u64;
+        let all = 3 * entries;
+        let rb_bits = self.rb_bits();
+        let mut ticked = 0;
+        let mut tick_to = |to: u64| {
+            while ticked < to.min(all) {
+                status(ticked, all);
+                ticked += 1;
+            }
+        };
         let mut refs = Vec::with_capacity(n as usize);
         for c in 0..n {
+            tick_to((c >> rb_bits) + 1);
             let r = self.get_refcount(c).await?;
             if r > max {
                 return Err(Error::invalid(format!(
@@ -303,6 +321,7 @@ impl Qcow2 {
             }
             refs.push(r);
         }
+        tick_to(2 * entries);
         let (old_table, old_clusters) = {
             let h = self.hdr.borrow();
             (h.refcount_table_offset, h.refcount_table_clusters as u64)
@@ -322,6 +341,8 @@ impl Qcow2 {
                 a.offset
             )));
         }
+        tick_to(all);
+        status(all, all);
         let cb = self.cluster_bits;
         for b in old_blocks {
             self.update_refcount(b >> cb, -1, super::DiscardKind::Other)

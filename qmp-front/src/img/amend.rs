@@ -201,22 +201,37 @@ fn amend(
         print!("{AMEND_HELP}");
         return Ok(());
     }
-    let (node, user) = open_protocol(&env, filename)?;
+    let vals = parse_syntax(options)?;
+    // As in qemu-img, what the driver refuses still gets both progress
+    // lines.
+    progress.print(0.0, 100);
+    let r = amend_image(&env, filename, &vals, progress);
+    progress.print(100.0, 0);
+    r
+}
+
+/// The driver's part of amend: judges the options against the image and
+/// makes the changes.
+fn amend_image(
+    env: &Env,
+    filename: &str,
+    vals: &[Option<String>],
+    progress: &Progress,
+) -> Result<(), Failure> {
+    let (node, user) = open_protocol(env, filename)?;
     let r = env.block_on(async {
         let h = read_header(&node, filename).await?;
-        let want = parse(options, &h)?;
-        progress.print(0.0, 100);
+        let want = judge(vals, &h)?;
         if want.version.is_some_and(|v| v < h.version) {
             check_downgrade(&node, &h, &want).await?;
         }
         if !want.needs_driver(&h) {
             apply(&node, h, &want, progress).await?;
-            progress.print(100.0, 0);
             return Ok::<_, Failure>(None);
         }
         Ok(Some((want, h.version, h.nb_snapshots)))
     });
-    close_protocol(&env, node, user)?;
+    close_protocol(env, node, user)?;
     let Some((want, old_version, nb_snapshots)) = r? else {
         return Ok(());
     };
@@ -227,7 +242,7 @@ fn amend(
     // then lazy refcounts and a downgrade.
     if upgrade.is_some() && nb_snapshots > 0 {
         env.block_on(async {
-            let img = open_driver(&env, filename).await?;
+            let img = open_driver(env, filename).await?;
             let r = img.complete_snapshot_extra_data().await.map_err(io);
             close_driver(img, r).await
         })?;
@@ -237,12 +252,12 @@ fn amend(
             version: upgrade,
             ..Wanted::default()
         };
-        with_protocol(&env, filename, |node, h| async move {
+        with_protocol(env, filename, |node, h| async move {
             apply(&node, h, &up, progress).await
         })?;
     }
     env.block_on(async {
-        let img = open_driver(&env, filename).await?;
+        let img = open_driver(env, filename).await?;
         let r = driver_changes(&img, &want, downgrade, progress).await;
         close_driver(img, r).await
     })?;
@@ -251,11 +266,9 @@ fn amend(
         lazy: want.lazy,
         ..Wanted::default()
     };
-    with_protocol(&env, filename, |node, h| async move {
+    with_protocol(env, filename, |node, h| async move {
         apply(&node, h, &rest, progress).await
-    })?;
-    progress.print(100.0, 0);
-    Ok(())
+    })
 }
 
 /// The changes the format driver makes, in QEMU's order.
@@ -267,7 +280,9 @@ async fn driver_changes(
 ) -> Result<(), Failure> {
     let io = |e: block_core::Error| Failure::Error(e.to_string());
     if let Some(bits) = want.refcount_bits {
-        img.change_refcount_width(bits).await.map_err(io)?;
+        let status =
+            |done: u64, all: u64| progress.print(done as f32 * 100.0 / all.max(1) as f32, 0);
+        img.change_refcount_width(bits, &status).await.map_err(io)?;
     }
     if let Some(size) = want.size {
         img.resize(size).await.map_err(io)?;
@@ -370,9 +385,8 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// Parses `-o` text as `qemu_opts_do_parse` on qcow2's amend list, then
-/// judges each option as `qcow2_amend_options` does.
-fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
+/// Parses `-o` text as `qemu_opts_do_parse` on qcow2's amend list.
+fn parse_syntax(text: &str) -> Result<Vec<Option<String>>, Failure> {
     let err = |m: String| Failure::Error(m);
     if text.is_empty() {
         return Err(err(format!("Invalid option list: {text}")));
@@ -404,9 +418,15 @@ fn parse(text: &str, h: &Header) -> Result<Wanted, Failure> {
         }
         vals[i] = Some(v);
     }
+    Ok(vals)
+}
+
+/// Judges each option against the image as `qcow2_amend_options` does.
+fn judge(vals: &[Option<String>], h: &Header) -> Result<Wanted, Failure> {
+    let err = |m: String| Failure::Error(m);
     let unsupported = |what: &str| err(format!("{what} is not supported by this build"));
     let mut w = Wanted::default();
-    for ((name, _), v) in AMEND_OPTS.iter().zip(&vals) {
+    for ((name, _), v) in AMEND_OPTS.iter().zip(vals) {
         let Some(v) = v else { continue };
         match *name {
             "size" => {
