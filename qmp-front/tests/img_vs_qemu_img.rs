@@ -1438,6 +1438,12 @@ fn amend_matches_qemu_img() {
             dir,
         );
         create("data_file=d.raw", "df.q");
+        create("data_file=dr.raw,data_file_raw=on", "dr.q");
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "d2.raw", "1M"],
+            dir,
+        );
         must(
             "qemu-img",
             &["create", "-q", "-f", "raw", "r.raw", "1M"],
@@ -1496,6 +1502,12 @@ fn amend_matches_qemu_img() {
         &["amend", "-o", "", "v3.q"],
         &["amend", "-o", "backing_file=x", "v3.q"],
         &["amend", "-o", "data_file=x", "v3.q"],
+        &["amend", "-o", "data_file_raw=off", "v3.q"],
+        &["amend", "-o", "data_file_raw=on", "v3.q"],
+        &["amend", "-o", "data_file_raw=on", "dr.q"],
+        &["amend", "-o", "data_file_raw=off", "dr.q"],
+        &["amend", "-o", "data_file_raw=on", "dr.q"],
+        &["amend", "-p", "-o", "data_file=d2.raw", "df.q"],
         &["amend", "-f", "raw", "-o", "x=1", "r.raw"],
         &["amend", "-o", "lazy_refcounts=on", "nonexistent"],
         &["amend", "v3.q"],

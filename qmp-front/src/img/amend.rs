@@ -5,9 +5,11 @@
 //! snapshot table gains version 3's extra data before an upgrade; then
 //! `refcount_bits` (a new refcount structure of the new width) and `size`;
 //! then zero clusters, the snapshots' included, are expanded before a
-//! downgrade. A new data file name and encryption are refused with a
-//! message saying so; unknown and creation-only options fail as in
-//! qemu-img.
+//! downgrade. `data_file` renames the external data file and
+//! `data_file_raw` can be turned off, header changes both. Encryption is
+//! refused with a message saying so, and so is a downgrade of an image with
+//! persistent bitmaps (QEMU's leaves the bitmaps' clusters leaked); unknown
+//! and creation-only options fail as in qemu-img.
 //!
 //! The image is opened once through the format driver to check it (and to
 //! give qemu-img's messages for missing files, wrong formats and locks),
@@ -19,7 +21,8 @@ use std::rc::Rc;
 
 use block_core::{IoBuf, Node, Options, Perm, WriteFlags};
 use formats::qcow2::header::{
-    CompressionType, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_DIRTY,
+    CompressionType, Header, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION,
+    INCOMPAT_DIRTY,
 };
 use formats::qcow2::image::Image;
 use formats::qcow2::l2::{L1E_OFFSET_MASK, OFLAG_COMPRESSED};
@@ -167,6 +170,10 @@ struct Wanted {
     refcount_bits: Option<u32>,
     /// A new virtual size.
     size: Option<u64>,
+    /// A new external data file name ("" removes it, as in QEMU).
+    data_file: Option<String>,
+    /// The data file's raw flag, on or off.
+    data_file_raw: Option<bool>,
 }
 
 impl Wanted {
@@ -264,6 +271,8 @@ fn amend_image(
     let rest = Wanted {
         version: want.version.filter(|_| downgrade),
         lazy: want.lazy,
+        data_file: want.data_file.clone(),
+        data_file_raw: want.data_file_raw,
         ..Wanted::default()
     };
     with_protocol(env, filename, |node, h| async move {
@@ -456,11 +465,13 @@ fn judge(vals: &[Option<String>], h: &Header) -> Result<Wanted, Failure> {
                     "data-file can only be set for images that use an external data file".into(),
                 ))
             }
-            "data_file_raw" if !h.has_data_file() => {
-                return Err(err("data-file-raw cannot be set on existing images".into()))
-            }
-            "data_file" | "data_file_raw" => {
-                return Err(unsupported("Changing the external data file"))
+            "data_file" => w.data_file = Some(v.clone()),
+            "data_file_raw" => {
+                let on = parse_bool(v) == Some(true);
+                if on && h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW == 0 {
+                    return Err(err("data-file-raw cannot be set on existing images".into()));
+                }
+                w.data_file_raw = Some(on);
             }
             n if n.starts_with("encrypt.") => {
                 return Err(if h.crypt_method == 0 {
@@ -534,6 +545,14 @@ async fn apply(
             }
             h.compatible_features ^= COMPAT_LAZY_REFCOUNTS;
         }
+    }
+    if let Some(f) = &w.data_file {
+        h.data_file = (!f.is_empty()).then(|| f.clone());
+    }
+    match w.data_file_raw {
+        Some(true) => h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW,
+        Some(false) => h.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW,
+        None => {}
     }
     if version < old_version {
         // Zero clusters were expanded by the format driver.
