@@ -1824,3 +1824,82 @@ fn amend_snapshots_keep_their_data() {
         &["read -P 0 0 64k", "read -P 3 64k 64k", "read -P 7 128k 64k"],
     );
 }
+
+/// `convert -n` onto existing qcow2 images holding other data: zero areas
+/// of the source (holes, zeroed blocks inside data, zero clusters) become
+/// write-zeroes that unmap, the freed clusters are discarded, and version
+/// 2 targets get their clusters deallocated. Byte-compared with qemu-img.
+#[test]
+fn convert_onto_existing_qcow2_matches_qemu_img() {
+    let d = Scratch::new("convert-n");
+    let dir = d.s();
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "src.raw", "4M"],
+        &dir,
+    );
+    qemu_io(
+        "src.raw",
+        "raw",
+        &[
+            "write -P 1 0 1M",
+            "write -P 2 2M 64k",
+            "write -z 3M 64k",
+            "write -P 0 320k 8k",
+        ],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.q", "4M"],
+        &dir,
+    );
+    qemu_io(
+        "src.q",
+        "qcow2",
+        &["write -P 1 0 1M", "write -z 2M 64k"],
+        &dir,
+    );
+    for (src, fmt) in [("src.raw", "raw"), ("src.q", "qcow2")] {
+        for create in [
+            "",
+            "compat=0.10",
+            "cluster_size=4k",
+            "extended_l2=on",
+            "refcount_bits=1",
+        ] {
+            for (prefill, sparse) in [
+                ("", "4k"),
+                ("write -P 9 0 4M", "4k"),
+                ("write -P 9 0 4M", "64k"),
+                ("write -P 9 0 4M", "0"),
+                ("write -P 9 512k 64k", "4k"),
+            ] {
+                let what = format!("{src} onto -o '{create}' after '{prefill}' -S {sparse}");
+                for t in ["tq.q", "ts.q"] {
+                    let mut a = vec!["create", "-q", "-f", "qcow2"];
+                    if !create.is_empty() {
+                        a.extend(["-o", create]);
+                    }
+                    a.extend([t, "4M"]);
+                    must("qemu-img", &a, &dir);
+                    if !prefill.is_empty() {
+                        qemu_io(t, "qcow2", &[prefill], &dir);
+                    }
+                }
+                let args = |t: &'static str| {
+                    [
+                        "convert", "-n", "-f", fmt, "-O", "qcow2", "-S", sparse, src, t,
+                    ]
+                };
+                let q = qemu_img(&args("tq.q"), &dir);
+                let s = strata(&args("ts.q"), &dir);
+                assert_eq!(s, q, "{what}");
+                assert!(
+                    read(&dir.join("ts.q")) == read(&dir.join("tq.q")),
+                    "{what}: bytes"
+                );
+            }
+        }
+    }
+}

@@ -608,10 +608,7 @@ impl Qcow2 {
         self.check_write()?;
         let version = self.hdr.borrow().version;
         if version < 3 && !self.extended {
-            return Err(Error::unsupported(
-                "qcow2",
-                "zero clusters in compat=0.10 images",
-            ));
+            return self.write_zeroes_v2(node, offset, len, flags).await;
         }
         let cs = self.cluster_size;
         let end = offset + len;
@@ -621,6 +618,18 @@ impl Qcow2 {
             let n = next.min(end) - off;
             let full = off.is_multiple_of(cs) && (n == cs || off + n == self.size.get());
             if !full {
+                let scs = 1u64 << self.sc_bits;
+                let whole_subclusters = self.extended
+                    && off.is_multiple_of(scs)
+                    && (n.is_multiple_of(scs) || off + n == self.size.get());
+                if whole_subclusters {
+                    let gc = off >> self.cluster_bits;
+                    let _g = self.lock_meta_quiet(gc, gc).await;
+                    if self.zero_subclusters(off, n).await? {
+                        off += n;
+                        continue;
+                    }
+                }
                 self.write_impl(node, off, IoBuf::zeroed(n as usize), flags)
                     .await?;
             } else {
@@ -631,6 +640,72 @@ impl Qcow2 {
             off += n;
         }
         Ok(())
+    }
+
+    /// Version 2 has no zero flag. Without a backing file an unallocated
+    /// cluster reads as zeros, so whole clusters are discarded, as QEMU
+    /// does; partial ones get zero data. Over a backing file the caller
+    /// falls back to writing zeros.
+    async fn write_zeroes_v2(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: u64,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        if node.backing().is_some() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "zero clusters in compat=0.10 images",
+            ));
+        }
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let a = offset.div_ceil(cs) * cs;
+        let b = if end >= self.size.get() {
+            end
+        } else {
+            end / cs * cs
+        };
+        if a >= b {
+            self.write_impl(node, offset, IoBuf::zeroed(len as usize), flags)
+                .await?;
+            return Ok(());
+        }
+        if offset < a {
+            self.write_impl(node, offset, IoBuf::zeroed((a - offset) as usize), flags)
+                .await?;
+        }
+        self.discard_impl(node, a, b - a).await?;
+        if b < end {
+            self.write_impl(node, b, IoBuf::zeroed((end - b) as usize), flags)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Marks whole subclusters of one cluster as zero in its extended L2
+    /// entry (QEMU's `zero_l2_subclusters`); `false` for a compressed
+    /// cluster, which has no subclusters: the caller writes zeros.
+    async fn zero_subclusters(&self, off: u64, len: u64) -> Result<bool> {
+        let (l2_off, table) = self.l2_table_for_write(off).await?;
+        let idx = self.l2_index(off);
+        let old = self.l2_entry_at(&table.borrow(), idx);
+        if old.is_compressed() {
+            return Ok(false);
+        }
+        let first = self.offset_in_cluster(off) >> self.sc_bits;
+        let n = len.div_ceil(1 << self.sc_bits);
+        let range = ((1u64 << n) - 1) << first;
+        let ne = L2Entry {
+            entry: old.entry,
+            bitmap: (old.bitmap | (range << 32)) & !range,
+        };
+        if ne != old {
+            self.set_l2_entry_at(&mut table.borrow_mut(), idx, ne);
+            self.mark_dirty(Which::L2, l2_off);
+        }
+        Ok(true)
     }
 
     async fn zero_cluster(&self, off: u64, may_unmap: bool) -> Result<()> {

@@ -276,6 +276,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         cache: o.cache,
         aio: o.aio,
         force_share: o.force_share,
+        unmap: false,
     };
     let blk = ctx.block_on(open_image(&graph, &spec))?;
     let result = run_bench(&el, &blk, &o);
@@ -691,6 +692,7 @@ mod tests {
                 cache: CacheMode::Writeback,
                 aio: Aio::Threads,
                 force_share: false,
+                unmap: false,
             };
             let blk = ctx.block_on(open_image(&graph, &spec)).unwrap();
             let o = BenchOpts {

@@ -43,6 +43,20 @@ impl Env {
         writable: bool,
         force_share: bool,
     ) -> Result<Rc<BlockBackend>, OpenError> {
+        self.open_with(filename, fmt, writable, force_share, false)
+            .await
+    }
+
+    /// [`Env::open`]; with `unmap`, discards reach the file (QEMU's
+    /// BDRV_O_UNMAP).
+    pub async fn open_with(
+        &self,
+        filename: &str,
+        fmt: Option<&str>,
+        writable: bool,
+        force_share: bool,
+        unmap: bool,
+    ) -> Result<Rc<BlockBackend>, OpenError> {
         let spec = ImageSpec {
             filename: filename.to_owned(),
             fmt: fmt.map(str::to_owned),
@@ -51,6 +65,7 @@ impl Env {
             cache: CacheMode::Writeback,
             aio: Aio::Threads,
             force_share,
+            unmap,
         };
         open_image(&self.graph, &spec).await
     }

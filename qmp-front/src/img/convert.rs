@@ -406,7 +406,10 @@ fn convert_from(
     let dst = if o.compress {
         None
     } else {
-        Some(env.block_on(env.open(&o.dst, Some(&o.out_fmt), true, false))?)
+        // qemu-img opens the target with BDRV_O_UNMAP when it looks for
+        // sparse areas: clusters that zero writes free are discarded.
+        let unmap = o.min_sparse != 0;
+        Some(env.block_on(env.open_with(&o.dst, Some(&o.out_fmt), true, false, unmap))?)
     };
     let dst_size = match &dst {
         Some(d) => d.size(),
@@ -477,7 +480,8 @@ fn convert_from(
                     }
                     let b = src.pread(c.off, IoBuf::zeroed(c.len as usize)).await?;
                     // Without a zeroed target, zeros are written too (they
-                    // compress to almost nothing).
+                    // compress to almost nothing; qemu-img writes zeroes
+                    // instead, which an image outside the graph cannot).
                     if !zero_init || b.iter().any(|&x| x != 0) {
                         img.write_compressed(c.off, &b).await?;
                     }
@@ -520,9 +524,11 @@ fn convert_from(
                     Failure::Error(format!("error while {what} at byte {}: {e}", c.off))
                 };
                 let r = match (c.kind, data) {
-                    (Kind::Data, Some(Ok(b))) => write_sparse(&dst, c.off, &b, o.min_sparse)
-                        .await
-                        .map_err(|e| at("writing", e)),
+                    (Kind::Data, Some(Ok(b))) => {
+                        write_sparse(&dst, c.off, &b, o.min_sparse, zero_init)
+                            .await
+                            .map_err(|e| at("writing", e))
+                    }
                     (_, Some(Err(e))) => Err(at("reading", e)),
                     (Kind::Zero, _) if !zero_init => {
                         let f = WriteFlags {
@@ -611,13 +617,16 @@ async fn plan(
     Ok(out)
 }
 
-/// Writes `data` at `off`, leaving out the `min_sparse`-sized blocks
-/// (aligned to the image) that are all zeros; `min_sparse == 0` writes all.
+/// Writes `data` at `off`, except the `min_sparse`-sized blocks (aligned
+/// to the image) that are all zeros: those are left out on a target that
+/// reads as zeros (`zero_init`), else zeroed with a write-zeroes that may
+/// unmap, as qemu-img does. `min_sparse == 0` writes all.
 async fn write_sparse(
     dst: &BlockBackend,
     off: u64,
     data: &[u8],
     min_sparse: u64,
+    zero_init: bool,
 ) -> block_core::Result<()> {
     if min_sparse == 0 {
         dst.pwrite(off, IoBuf::from_slice(data), WriteFlags::default())
@@ -625,29 +634,32 @@ async fn write_sparse(
         return Ok(());
     }
     let end = off + data.len() as u64;
+    // Runs of blocks of one kind: (zero, start, end).
+    let mut runs: Vec<(bool, u64, u64)> = Vec::new();
     let mut pos = off;
-    let mut run_start: Option<u64> = None;
     while pos < end {
-        let next = ((pos / min_sparse) + 1) * min_sparse;
-        let next = next.min(end);
-        let blk = &data[(pos - off) as usize..(next - off) as usize];
-        let zero = blk.iter().all(|&b| b == 0);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(s)) => {
-                let d = &data[(s - off) as usize..(pos - off) as usize];
-                dst.pwrite(s, IoBuf::from_slice(d), WriteFlags::default())
-                    .await?;
-                run_start = None;
-            }
-            _ => {}
+        let next = (((pos / min_sparse) + 1) * min_sparse).min(end);
+        let zero = data[(pos - off) as usize..(next - off) as usize]
+            .iter()
+            .all(|&b| b == 0);
+        match runs.last_mut() {
+            Some(r) if r.0 == zero => r.2 = next,
+            _ => runs.push((zero, pos, next)),
         }
         pos = next;
     }
-    if let Some(s) = run_start {
-        let d = &data[(s - off) as usize..];
-        dst.pwrite(s, IoBuf::from_slice(d), WriteFlags::default())
-            .await?;
+    for (zero, s, e) in runs {
+        if !zero {
+            let d = &data[(s - off) as usize..(e - off) as usize];
+            dst.pwrite(s, IoBuf::from_slice(d), WriteFlags::default())
+                .await?;
+        } else if !zero_init {
+            let f = WriteFlags {
+                may_unmap: true,
+                ..WriteFlags::default()
+            };
+            dst.pwrite_zeroes(s, e - s, f).await?;
+        }
     }
     Ok(())
 }

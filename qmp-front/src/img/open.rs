@@ -113,6 +113,9 @@ pub struct ImageSpec {
     pub aio: Aio,
     /// `-U`.
     pub force_share: bool,
+    /// QEMU's BDRV_O_UNMAP: discards and unmapping zero writes reach the
+    /// file (qemu-img convert's target when it detects sparse areas).
+    pub unmap: bool,
 }
 
 /// The qcow2 magic at offset 0.
@@ -273,6 +276,9 @@ pub async fn open_image(graph: &Graph, spec: &ImageSpec) -> Result<Rc<BlockBacke
     }
     if !opts.contains("read-only") {
         opts.insert("read-only", !spec.writable);
+    }
+    if spec.unmap && !opts.contains("discard") {
+        opts.insert("discard", "unmap");
     }
     if !opts.contains("cache") {
         opts.insert("cache.direct", spec.cache.direct());
