@@ -2,7 +2,7 @@
 """Runs `strata-img bench` and `qemu-img bench` side by side and reports ratios.
 
 For every workload both tools get identical arguments; runs alternate
-(qemu, strata, qemu, strata, ...) for N rounds, and the table shows the
+(qemu, strata, strata, qemu, qemu, strata, ...) for N rounds, and the table shows the
 median requests/s of each tool, the median of the per-round ratios
 (strata / qemu, > 1 means Strata is faster) and the peak RSS of each tool
 (per child, from wait4's rusage).
@@ -213,10 +213,16 @@ def main():
             warm(a.image)
         count = calibrate(a.qemu_img, args, a.image, a.target)
         q_rps, s_rps, ratios, q_rss, s_rss = [], [], [], 0, 0
-        for _ in range(a.rounds):
+        for r in range(a.rounds):
             full = ["bench", "-c", str(count)] + args + [a.image]
-            qt, qr = run_retrying([a.qemu_img] + full)
-            st, sr = run_retrying([a.strata] + full)
+            # Who goes first alternates, so that neither always inherits
+            # the other's device and page-cache state.
+            if r % 2 == 0:
+                qt, qr = run_retrying([a.qemu_img] + full)
+                st, sr = run_retrying([a.strata] + full)
+            else:
+                st, sr = run_retrying([a.strata] + full)
+                qt, qr = run_retrying([a.qemu_img] + full)
             q_rps.append(count / qt)
             s_rps.append(count / st)
             ratios.append((count / st) / (count / qt))
