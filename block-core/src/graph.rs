@@ -288,7 +288,8 @@ impl Graph {
     /// Opens (inline options) or looks up (a node-name string) the child
     /// given in `opts[key]`. Children inherit the parent's common flags
     /// unless they set their own, except `discard`, which defaults to
-    /// `unmap`; `None` when the key is absent.
+    /// `unmap`, and `detect-zeroes`, which defaults to `off` (as in QEMU);
+    /// `None` when the key is absent.
     pub async fn open_child(
         &self,
         opts: &mut Options,
@@ -300,9 +301,11 @@ impl Graph {
             Some(OptValue::Str(name)) => self.lookup(&name).map(Some),
             Some(OptValue::Map(child)) => {
                 // As QEMU: a child discards when its parent passes a
-                // discard down (the parent's driver applies the policy).
+                // discard down (the parent's driver applies the policy),
+                // and zero detection is the parent's alone.
                 let flags = NodeFlags {
                     discard_unmap: true,
+                    detect_zeroes: DetectZeroes::Off,
                     ..parent_flags
                 };
                 let node = Box::pin(self.open_inner(child, Some(flags))).await?;

@@ -411,3 +411,24 @@ fn inline_children_belong_to_their_parent() {
         run(g, g.delete("f2")).unwrap();
     });
 }
+
+/// Inline children take their parent's read-only and cache settings and
+/// default to discard=unmap, but not its detect-zeroes (QEMU's
+/// bdrv_inherited_options): zero detection happens once, at the top.
+#[test]
+fn inline_children_inherit_cache_but_not_detect_zeroes() {
+    let (_d, p) = scratch("inherit", 1 << 20);
+    on_engines(|g, _| {
+        let opts = raw_opts(&p, true)
+            .with("node-name", "r0")
+            .with("file.node-name", "f0")
+            .with("detect-zeroes", "on");
+        run(g, g.open(opts)).unwrap();
+        let (r, f) = (g.node("r0").unwrap(), g.node("f0").unwrap());
+        assert_eq!(r.flags().detect_zeroes, block_core::DetectZeroes::On);
+        assert_eq!(f.flags().detect_zeroes, block_core::DetectZeroes::Off);
+        assert!(f.flags().cache_direct, "cache.direct is inherited");
+        assert!(f.flags().discard_unmap, "children default to discard=unmap");
+        run(g, g.delete("r0")).unwrap();
+    });
+}
