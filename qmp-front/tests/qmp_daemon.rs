@@ -396,8 +396,16 @@ fn sigterm_and_quit_shut_down_cleanly() {
 
 #[test]
 fn objects_and_qom() {
-    let d = Daemon::start("obj", &["--object", "iothread,id=io0"]);
+    let d = Daemon::start("obj", &["--object", "iothread,id=io0,poll-max-ns=5000"]);
     let mut c = d.connect();
+    // qom-get reads poll-max-ns back from the iothread's event loop.
+    assert_eq!(
+        c.ok(
+            "qom-get",
+            json!({"path": "/objects/io0", "property": "poll-max-ns"})
+        ),
+        5000
+    );
     c.ok(
         "object-add",
         json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 100}),

@@ -43,6 +43,8 @@ pub struct AioContext {
     remote: Arc<Remote>,
     notifier: Arc<Notifier>,
     stop: Cell<bool>,
+    /// What `set_poll_ns` asked for (the thread pool keeps it unused).
+    poll_ns: Cell<u64>,
 }
 
 impl AioContext {
@@ -62,9 +64,15 @@ impl AioContext {
     /// within that time is handled without a sleep and a wake-up. The
     /// thread-pool engine does not poll.
     pub fn set_poll_ns(&self, ns: u64) {
+        self.poll_ns.set(ns);
         if let Engine::Uring(r) = &self.engine {
             r.set_poll_ns(ns);
         }
+    }
+
+    /// The polling time set last (QEMU's `poll-max-ns`).
+    pub fn poll_ns(&self) -> u64 {
+        self.poll_ns.get()
     }
 
     /// How many reads and writes have gone to the kernel merged with
@@ -281,6 +289,7 @@ impl EventLoop {
                 remote,
                 notifier,
                 stop: Cell::new(false),
+                poll_ns: Cell::new(super::uring::DEFAULT_POLL_NS),
             }),
         })
     }

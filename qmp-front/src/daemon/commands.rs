@@ -983,8 +983,13 @@ pub fn object_add(d: &Daemon, map: Map<String, Value>) -> R<()> {
     let handle =
         block_core::EventLoop::spawn_thread(&format!("IO {id}"), block_core::AioMode::Auto)
             .map_err(|e| errors::block(&e))?;
+    // The loop polls as long as poll-max-ns says before it sleeps.
+    let poll_ns = props["poll-max-ns"].max(0) as u64;
     let thread_id = handle
-        .submit(|_| async { super::sys::gettid() })
+        .submit(move |ctx| async move {
+            ctx.set_poll_ns(poll_ns);
+            super::sys::gettid()
+        })
         .wait()
         .unwrap_or(0);
     d.iothreads.borrow_mut().push((
@@ -1070,6 +1075,11 @@ fn qom_get(d: &Daemon, path: &str, property: &str) -> R<Value> {
     if property == "type" {
         return Ok(json!("iothread"));
     }
+    if property == "poll-max-ns" {
+        // What the loop itself uses.
+        let ns = th.handle.submit(|ctx| async move { ctx.poll_ns() }).wait();
+        return ns.map(|ns| json!(ns)).map_err(|e| errors::block(&e));
+    }
     let v = th.props.borrow().get(property).copied();
     v.map(|v| json!(v))
         .ok_or_else(|| QmpError::generic(format!("Property 'iothread.{property}' not found")))
@@ -1094,5 +1104,12 @@ fn qom_set(d: &Daemon, path: &str, property: &str, value: Value) -> R<()> {
             "Invalid parameter type for '{property}', expected: integer"
         ))
     })?;
+    if property == "poll-max-ns" {
+        let ns = (*slot).max(0) as u64;
+        th.handle
+            .submit(move |ctx| async move { ctx.set_poll_ns(ns) })
+            .wait()
+            .map_err(|e| errors::block(&e))?;
+    }
     Ok(())
 }
