@@ -112,7 +112,7 @@ def run_measured(argv):
 CRASHES = {}
 
 
-def run_retrying(argv, tries=4):
+def run_retrying(argv, tries=8):
     """run_measured, retrying when the tool dies of a signal: qemu-img bench
     recurses in bench_cb when completions are synchronous (page-cache reads
     with io_uring) and sometimes overflows its stack on long runs."""
