@@ -106,6 +106,12 @@ impl<'g> Image<'g> {
         self.drv.snapshots().await
     }
 
+    /// Makes whole clusters read as zeros, unmapping them (a write-zeroes
+    /// that may unmap).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.drv.zero_whole_clusters(offset, len).await
+    }
+
     /// Checks the image; repairs what `repair` allows.
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
         self.drv.check(repair).await

@@ -684,6 +684,35 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Makes whole clusters read as zeros, unmapping them, for a caller
+    /// outside the graph (`convert -c` onto a target that holds data, as
+    /// qemu-img writes zeroes there). `offset` is cluster-aligned; `len`
+    /// covers whole clusters or reaches the end of the image.
+    pub(crate) async fn zero_whole_clusters(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write()?;
+        let cs = self.cluster_size;
+        let v2 = self.hdr.borrow().version < 3 && !self.extended;
+        if v2 && self.hdr.borrow().backing_file.is_some() {
+            return Err(Error::unsupported(
+                "qcow2",
+                "zero clusters in compat=0.10 images",
+            ));
+        }
+        if !offset.is_multiple_of(cs)
+            || !(len.is_multiple_of(cs) || offset + len == self.size.get())
+        {
+            return Err(Error::invalid("zeroing must cover whole clusters"));
+        }
+        let mut off = offset;
+        while off < offset + len {
+            let gc = off >> self.cluster_bits;
+            let _g = self.lock_meta_quiet(gc, gc).await;
+            self.zero_cluster(off, true).await?;
+            off += cs;
+        }
+        Ok(())
+    }
+
     /// Marks whole subclusters of one cluster as zero in its extended L2
     /// entry (QEMU's `zero_l2_subclusters`); `false` for a compressed
     /// cluster, which has no subclusters: the caller writes zeros.
@@ -727,9 +756,11 @@ impl Qcow2 {
         };
         if self.extended {
             ne.bitmap = BITMAP_ALL_ZEROES;
-        } else {
+        } else if self.hdr.borrow().version >= 3 {
             ne.entry |= OFLAG_ZERO;
         }
+        // Version 2 has no zero flag: only an unmapped cluster (with no
+        // backing file, the caller's check) reads as zeros there.
         if ne == old {
             return Ok(());
         }

@@ -479,11 +479,12 @@ fn convert_from(
                         _ => {}
                     }
                     let b = src.pread(c.off, IoBuf::zeroed(c.len as usize)).await?;
-                    // Without a zeroed target, zeros are written too (they
-                    // compress to almost nothing; qemu-img writes zeroes
-                    // instead, which an image outside the graph cannot).
-                    if !zero_init || b.iter().any(|&x| x != 0) {
+                    if o.min_sparse == 0 || b.iter().any(|&x| x != 0) {
                         img.write_compressed(c.off, &b).await?;
+                    } else if !zero_init {
+                        // A target holding data gets a write-zeroes, as
+                        // from qemu-img.
+                        img.write_zeroes(c.off, c.len).await?;
                     }
                     step_done(c);
                 }
