@@ -138,25 +138,19 @@ struct QueuedRw {
 }
 
 impl QueuedRw {
-    fn key(&self) -> (RwKind, RawFd, Option<u32>, i32, u64) {
-        (
-            self.kind,
-            self.file.fd,
-            self.file.fixed,
-            self.rw_flags,
-            self.offset,
-        )
+    /// What requests must share to be merged.
+    fn target(&self) -> (RwKind, RawFd, Option<u32>, i32) {
+        (self.kind, self.file.fd, self.file.fixed, self.rw_flags)
+    }
+
+    /// Sort key: requests that may merge, in file order.
+    fn key(&self) -> ((RwKind, RawFd, Option<u32>, i32), u64) {
+        (self.target(), self.offset)
     }
 
     /// Whether `next` continues this run of requests exactly.
     fn continued_by(&self, end: u64, next: &QueuedRw) -> bool {
-        !next.alone
-            && next.len > 0
-            && next.kind == self.kind
-            && next.file.fd == self.file.fd
-            && next.file.fixed == self.file.fixed
-            && next.rw_flags == self.rw_flags
-            && next.offset == end
+        !next.alone && next.len > 0 && next.target() == self.target() && next.offset == end
     }
 
     fn entry(&self) -> squeue::Entry {

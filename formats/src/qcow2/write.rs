@@ -606,10 +606,7 @@ impl Qcow2 {
         flags: WriteFlags,
     ) -> Result<()> {
         self.check_write()?;
-        let version = self.hdr.borrow().version;
-        if version < 3 && !self.extended {
-            return self.write_zeroes_v2(node, offset, len, flags).await;
-        }
+        let unmap_only = self.zeroes_need_unmap(node.backing().is_some())?;
         let cs = self.cluster_size;
         let end = offset + len;
         let mut off = offset;
@@ -635,53 +632,28 @@ impl Qcow2 {
             } else {
                 let gc = off >> self.cluster_bits;
                 let _g = self.lock_meta_quiet(gc, gc).await;
-                self.zero_cluster(off, flags.may_unmap).await?;
+                self.zero_cluster(off, flags.may_unmap || unmap_only)
+                    .await?;
             }
             off += n;
         }
         Ok(())
     }
 
-    /// Version 2 has no zero flag. Without a backing file an unallocated
-    /// cluster reads as zeros, so whole clusters are discarded, as QEMU
-    /// does; partial ones get zero data. Over a backing file the caller
+    /// Whether whole clusters can read as zeros only by being unmapped:
+    /// version 2 has no zero flag, and an unallocated cluster reads as
+    /// zeros there only without a backing file (QEMU discards them the
+    /// same way). Over a backing file it is unsupported, and the caller
     /// falls back to writing zeros.
-    async fn write_zeroes_v2(
-        &self,
-        node: &Node,
-        offset: u64,
-        len: u64,
-        flags: WriteFlags,
-    ) -> Result<()> {
-        if node.backing().is_some() {
+    fn zeroes_need_unmap(&self, backed: bool) -> Result<bool> {
+        let v2 = self.hdr.borrow().version < 3 && !self.extended;
+        if v2 && backed {
             return Err(Error::unsupported(
                 "qcow2",
                 "zero clusters in compat=0.10 images",
             ));
         }
-        let cs = self.cluster_size;
-        let end = offset + len;
-        let a = offset.div_ceil(cs) * cs;
-        let b = if end >= self.size.get() {
-            end
-        } else {
-            end / cs * cs
-        };
-        if a >= b {
-            self.write_impl(node, offset, IoBuf::zeroed(len as usize), flags)
-                .await?;
-            return Ok(());
-        }
-        if offset < a {
-            self.write_impl(node, offset, IoBuf::zeroed((a - offset) as usize), flags)
-                .await?;
-        }
-        self.discard_impl(node, a, b - a).await?;
-        if b < end {
-            self.write_impl(node, b, IoBuf::zeroed((end - b) as usize), flags)
-                .await?;
-        }
-        Ok(())
+        Ok(v2)
     }
 
     /// Makes whole clusters read as zeros, unmapping them, for a caller
@@ -691,13 +663,7 @@ impl Qcow2 {
     pub(crate) async fn zero_whole_clusters(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write()?;
         let cs = self.cluster_size;
-        let v2 = self.hdr.borrow().version < 3 && !self.extended;
-        if v2 && self.hdr.borrow().backing_file.is_some() {
-            return Err(Error::unsupported(
-                "qcow2",
-                "zero clusters in compat=0.10 images",
-            ));
-        }
+        self.zeroes_need_unmap(self.hdr.borrow().backing_file.is_some())?;
         if !offset.is_multiple_of(cs)
             || !(len.is_multiple_of(cs) || offset + len == self.size.get())
         {
