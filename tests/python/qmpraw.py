@@ -87,12 +87,33 @@ class Daemon:
     def __init__(self, binary, extra=(), cwd=None):
         self.dir = tempfile.mkdtemp(prefix="qmpd-")
         self.sock = os.path.join(self.dir, "qmp.sock")
+        extra = list(extra)
+        # Both daemons write the PID file only once every option is set up.
+        # qemu-storage-daemon's monitor socket accepts before its monitor is
+        # attached, and a client that connects in that window may get no
+        # answer or a reset; waiting for the PID file closes the window.
+        if "--pidfile" in extra:
+            self.pidfile = extra[extra.index("--pidfile") + 1]
+        else:
+            self.pidfile = os.path.join(self.dir, "pid")
+            extra += ["--pidfile", self.pidfile]
         args = [binary, "--chardev", f"socket,id=m0,path={self.sock},server=on,wait=off",
                 "--monitor", "chardev=m0", *extra]
-        self.proc = subprocess.Popen(args, cwd=cwd or self.dir,
+        self.cwd = cwd or self.dir
+        self.proc = subprocess.Popen(args, cwd=self.cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
+    def wait_ready(self, timeout=10.0):
+        """Waits until the daemon has written its PID file (or has exited)."""
+        deadline = time.time() + timeout
+        pidfile = os.path.join(self.cwd, self.pidfile)
+        while not os.path.exists(pidfile) and self.proc.poll() is None:
+            if time.time() > deadline:
+                raise TimeoutError("daemon did not become ready")
+            time.sleep(0.0005)
+
     def connect(self, **kw):
+        self.wait_ready()
         return Qmp(self.sock, **kw)
 
     def stop(self):
