@@ -58,11 +58,12 @@ impl AioContext {
         self.exec.spawn_detached(fut)
     }
 
-    /// Sets how long the loop watches for completions (nanoseconds)
+    /// Sets the longest the loop watches for completions (nanoseconds)
     /// before it sleeps in the kernel; 0 never polls. Polling trades some
     /// CPU for latency: a completion or a client message that arrives
     /// within that time is handled without a sleep and a wake-up. The
-    /// thread-pool engine does not poll.
+    /// window adapts below this bound ([`PollWindow`](super::PollWindow)),
+    /// so an idle loop does not spin. The thread-pool engine does not poll.
     pub fn set_poll_ns(&self, ns: u64) {
         self.poll_ns.set(ns);
         if let Engine::Uring(r) = &self.engine {
