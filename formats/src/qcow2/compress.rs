@@ -2,6 +2,8 @@
 //! copy-on-write. Decompression runs on the loop's worker pool, never on
 //! the loop thread; the metadata lookup before it runs under `meta`.
 
+use std::cell::RefCell;
+
 use block_core::{Error, IoBuf, Result};
 
 use super::header::CompressionType;
@@ -37,24 +39,46 @@ pub(crate) fn decompress(
 
 /// Compresses one cluster; `None` when the result would not be smaller
 /// than `max_len` (QEMU then writes the cluster uncompressed).
+///
+/// Runs on the worker pool's threads, each of which keeps one compressor
+/// per kind: setting one up costs as much as compressing a small cluster
+/// (zstd allocates its tables, deflate its window and hash chains).
 pub(crate) fn compress(kind: CompressionType, src: &[u8], max_len: usize) -> Option<Vec<u8>> {
+    thread_local! {
+        static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
+        static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { RefCell::new(None) };
+    }
+    let mut out = vec![0u8; max_len];
     match kind {
-        CompressionType::Deflate => {
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut out = vec![0u8; max_len];
-            match c.compress(src, &mut out, flate2::FlushCompress::Finish) {
+        CompressionType::Deflate => DEFLATE.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let c = cell.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
+            let r = c.compress(src, &mut out, flate2::FlushCompress::Finish);
+            match r {
                 Ok(flate2::Status::StreamEnd) => {
                     out.truncate(c.total_out() as usize);
                     Some(out)
                 }
                 _ => None,
             }
-        }
-        CompressionType::Zstd => {
-            let out = zstd::bulk::compress(src, 0).ok()?;
-            (out.len() < max_len).then_some(out)
-        }
+        }),
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = Some(zstd::bulk::Compressor::new(0).ok()?);
+            }
+            let c = cell.as_mut()?;
+            // Too small a buffer is an error: the cluster stays raw.
+            let n = c.compress_to_buffer(src, &mut out).ok()?;
+            (n < max_len).then(|| {
+                out.truncate(n);
+                out
+            })
+        }),
     }
 }
 
@@ -102,5 +126,48 @@ impl Qcow2 {
             pos += n;
         }
         Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(seed: u8) -> Vec<u8> {
+        (0..65536u32)
+            .map(|i| {
+                if i % 7 < 3 {
+                    seed
+                } else {
+                    (i / 13) as u8 ^ seed
+                }
+            })
+            .collect()
+    }
+
+    /// The compressors are kept per thread: each use must start from a
+    /// clean state, whatever the last one left behind.
+    #[test]
+    fn reused_compressors_round_trip_every_cluster() {
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            let a = cluster(1);
+            let b = cluster(2);
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let noise: Vec<u8> = (0..65536)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let ca = compress(kind, &a, 65535).expect("compressible");
+            assert_eq!(compress(kind, &noise, 1024), None, "does not fit");
+            let cb = compress(kind, &b, 65535).expect("compressible");
+            let ca2 = compress(kind, &a, 65535).expect("compressible");
+            assert_eq!(ca, ca2, "same input, same output after reuse");
+            assert_eq!(decompress(kind, &ca, 65536).as_deref(), Some(&a[..]));
+            assert_eq!(decompress(kind, &cb, 65536).as_deref(), Some(&b[..]));
+        }
     }
 }
