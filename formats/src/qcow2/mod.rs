@@ -662,7 +662,18 @@ impl BlockDriver for Qcow2 {
     fn map<'a>(&'a self, _node: &'a Node, offset: u64, len: u64) -> IoFuture<'a, (Mapping, u64)> {
         Box::pin(async move {
             let _g = self.meta.lock().await;
-            let (ty, host, n) = self.classify(offset, len).await?;
+            let (ty, host, mut n) = self.classify(offset, len).await?;
+            if ty == SubType::Compressed {
+                // The driver reads a run of compressed clusters together
+                // (`read_compressed_range`): hand it the whole run.
+                while n < len {
+                    let (next, _, m) = self.classify(offset + n, len - n).await?;
+                    if next != SubType::Compressed || m == 0 {
+                        break;
+                    }
+                    n += m;
+                }
+            }
             let m = match ty {
                 SubType::Normal => Mapping::Data {
                     child: Rc::clone(&self.data),
