@@ -192,17 +192,24 @@ impl AioContext {
     fn turn(self: &Rc<Self>, may_block: bool) {
         self.take_remote();
         self.exec.run_ready();
-        let mut block =
-            may_block && !self.exec.has_ready() && !self.stop.get() && !self.has_remote();
-        if block {
+        self.engine_turn(may_block && !self.stop.get(), || {
+            self.exec.has_ready() || self.has_remote()
+        });
+    }
+
+    /// Submits and reaps I/O; with `may_sleep`, sleeps until a completion
+    /// or a wake-up unless `pending` reports work. `pending` is asked again
+    /// after other threads are told the loop may sleep: work they queued
+    /// before that did not write the eventfd.
+    fn engine_turn(&self, may_sleep: bool, pending: impl Fn() -> bool) {
+        let sleep = may_sleep && !pending() && {
             self.notifier.prepare_sleep();
-            // Work queued before the flag was seen did not write the eventfd.
-            block = !self.exec.has_ready() && !self.has_remote();
-        }
+            !pending()
+        };
         match &self.engine {
-            Engine::Uring(ring) => ring.turn(block),
+            Engine::Uring(ring) => ring.turn(sleep),
             Engine::Threads(_) => {
-                if block {
+                if sleep {
                     self.notifier.wait(-1);
                 }
             }
@@ -230,29 +237,10 @@ impl AioContext {
             }
             self.take_remote();
             self.exec.run_ready();
-            if woken.load(Ordering::Acquire) {
-                // Still flush queued submissions without sleeping.
-                if let Engine::Uring(ring) = &self.engine {
-                    ring.turn(false);
-                }
-                continue;
-            }
-            let mut block = !self.exec.has_ready() && !self.has_remote();
-            if block {
-                self.notifier.prepare_sleep();
-                // Work queued before the flag was seen did not write the eventfd.
-                block =
-                    !self.exec.has_ready() && !self.has_remote() && !woken.load(Ordering::Acquire);
-            }
-            match &self.engine {
-                Engine::Uring(ring) => ring.turn(block),
-                Engine::Threads(_) => {
-                    if block {
-                        self.notifier.wait(-1);
-                    }
-                }
-            }
-            self.notifier.end_sleep();
+            // A woken future still gets its I/O submitted, without a sleep.
+            self.engine_turn(true, || {
+                self.exec.has_ready() || self.has_remote() || woken.load(Ordering::Acquire)
+            });
         }
     }
 

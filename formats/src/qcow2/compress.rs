@@ -89,11 +89,10 @@ impl Qcow2 {
         let buf = self.file.pread(off, IoBuf::zeroed(len as usize)).await?;
         let kind = self.hdr.borrow().compression_type;
         let cs = self.cluster_size as usize;
-        let data = buf.to_vec();
         let out = self
             .file
             .context()
-            .run_on_worker(move || decompress(kind, &data, cs))
+            .run_on_worker(move || decompress(kind, &buf, cs))
             .await;
         out.ok_or_else(|| {
             self.corrupt(format!(
@@ -145,8 +144,7 @@ impl Qcow2 {
             let host = self
                 .file
                 .pread(start, IoBuf::zeroed((end - start) as usize))
-                .await?
-                .to_vec();
+                .await?;
             let extents: Vec<(usize, usize)> = run
                 .iter()
                 .map(|p| ((p.3 - start) as usize, p.4 as usize))
