@@ -819,6 +819,10 @@ fn convert_matches_qemu_img() {
             "-c",
         ],
         &["-q", "-O", "qcow2", "-o", "compat=0.10"],
+        &["-t", "none", "-T", "none", "-O", "qcow2"],
+        &["-t", "none", "-c", "-O", "qcow2"],
+        &["-t", "writethrough", "-T", "directsync", "-O", "raw"],
+        &["-t", "writeback", "-c", "-O", "qcow2"],
     ];
     for mode in modes {
         for src in ["m1.qcow2", "m2.qcow2", "r.raw"] {

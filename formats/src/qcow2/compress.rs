@@ -37,19 +37,19 @@ pub(crate) fn decompress(
     }
 }
 
-/// Compresses one cluster; `None` when the result would not be smaller
-/// than `max_len` (QEMU then writes the cluster uncompressed).
+/// Compresses one cluster into `out`, returning the compressed length;
+/// `None` when the result would not be smaller than `out.len()` (QEMU then
+/// writes the cluster uncompressed).
 ///
 /// Runs on the worker pool's threads, each of which keeps one compressor
 /// per kind: setting one up costs as much as compressing a small cluster
 /// (zstd allocates its tables, deflate its window and hash chains).
-pub(crate) fn compress(kind: CompressionType, src: &[u8], max_len: usize) -> Option<Vec<u8>> {
+pub(crate) fn compress(kind: CompressionType, src: &[u8], out: &mut [u8]) -> Option<usize> {
     thread_local! {
         static DEFLATE: RefCell<Option<flate2::Compress>> = const { RefCell::new(None) };
         static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { RefCell::new(None) };
     }
-    let mut out = vec![0u8; max_len];
     match kind {
         CompressionType::Deflate => DEFLATE.with(|cell| {
             let mut cell = cell.borrow_mut();
@@ -57,12 +57,9 @@ pub(crate) fn compress(kind: CompressionType, src: &[u8], max_len: usize) -> Opt
                 flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
             });
             c.reset();
-            let r = c.compress(src, &mut out, flate2::FlushCompress::Finish);
+            let r = c.compress(src, out, flate2::FlushCompress::Finish);
             match r {
-                Ok(flate2::Status::StreamEnd) => {
-                    out.truncate(c.total_out() as usize);
-                    Some(out)
-                }
+                Ok(flate2::Status::StreamEnd) => Some(c.total_out() as usize),
                 _ => None,
             }
         }),
@@ -73,11 +70,8 @@ pub(crate) fn compress(kind: CompressionType, src: &[u8], max_len: usize) -> Opt
             }
             let c = cell.as_mut()?;
             // Too small a buffer is an error: the cluster stays raw.
-            let n = c.compress_to_buffer(src, &mut out).ok()?;
-            (n < max_len).then(|| {
-                out.truncate(n);
-                out
-            })
+            let n = c.compress_to_buffer(src, out).ok()?;
+            (n < out.len()).then_some(n)
         }),
     }
 }
@@ -228,10 +222,14 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            let ca = compress(kind, &a, 65535).expect("compressible");
-            assert_eq!(compress(kind, &noise, 1024), None, "does not fit");
-            let cb = compress(kind, &b, 65535).expect("compressible");
-            let ca2 = compress(kind, &a, 65535).expect("compressible");
+            let packed = |src: &[u8], max: usize| {
+                let mut out = vec![0u8; max];
+                compress(kind, src, &mut out).map(|n| out[..n].to_vec())
+            };
+            let ca = packed(&a, 65535).expect("compressible");
+            assert_eq!(packed(&noise, 1024), None, "does not fit");
+            let cb = packed(&b, 65535).expect("compressible");
+            let ca2 = packed(&a, 65535).expect("compressible");
             assert_eq!(ca, ca2, "same input, same output after reuse");
             assert_eq!(decompress(kind, &ca, 65536).as_deref(), Some(&a[..]));
             assert_eq!(decompress(kind, &cb, 65536).as_deref(), Some(&b[..]));

@@ -321,7 +321,15 @@ async fn driver_changes(
 }
 
 async fn open_driver<'g>(env: &'g Env, filename: &str) -> Result<Image<'g>, Failure> {
-    super::common::open_qcow2_with(&env.graph, filename, true, false, false).await
+    super::common::open_qcow2_with(
+        &env.graph,
+        filename,
+        true,
+        false,
+        false,
+        super::open::CacheMode::Writeback,
+    )
+    .await
 }
 
 /// Closes the image; the first error wins.

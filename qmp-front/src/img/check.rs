@@ -102,7 +102,14 @@ pub fn run_status(args: &[String]) -> Result<i32, Failure> {
         eprintln!("{PROG}: This image format does not support checks");
         return Ok(EXIT_UNSUPPORTED);
     }
-    let img = env.block_on(open_qcow2_with(&env.graph, filename, fix, force_share, fix))?;
+    let img = env.block_on(open_qcow2_with(
+        &env.graph,
+        filename,
+        fix,
+        force_share,
+        fix,
+        super::open::CacheMode::Writeback,
+    ))?;
     let result = env.block_on(async {
         let first = img.check(repair).await;
         if let Ok(r) = &first {

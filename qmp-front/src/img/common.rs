@@ -43,12 +43,19 @@ impl Env {
         writable: bool,
         force_share: bool,
     ) -> Result<Rc<BlockBackend>, OpenError> {
-        self.open_with(filename, fmt, writable, force_share, false)
-            .await
+        self.open_with(
+            filename,
+            fmt,
+            writable,
+            force_share,
+            false,
+            CacheMode::Writeback,
+        )
+        .await
     }
 
     /// [`Env::open`]; with `unmap`, discards reach the file (QEMU's
-    /// BDRV_O_UNMAP).
+    /// BDRV_O_UNMAP), and `cache` is the `-t` mode.
     pub async fn open_with(
         &self,
         filename: &str,
@@ -56,13 +63,14 @@ impl Env {
         writable: bool,
         force_share: bool,
         unmap: bool,
+        cache: CacheMode,
     ) -> Result<Rc<BlockBackend>, OpenError> {
         let spec = ImageSpec {
             filename: filename.to_owned(),
             fmt: fmt.map(str::to_owned),
             image_opts: false,
             writable,
-            cache: CacheMode::Writeback,
+            cache,
             aio: Aio::Threads,
             force_share,
             unmap,
@@ -147,19 +155,29 @@ pub async fn open_qcow2<'g>(
     writable: bool,
     force_share: bool,
 ) -> Result<formats::qcow2::image::Image<'g>, Failure> {
-    open_qcow2_with(graph, path, writable, force_share, false).await
+    open_qcow2_with(
+        graph,
+        path,
+        writable,
+        force_share,
+        false,
+        CacheMode::Writeback,
+    )
+    .await
 }
 
 /// [`open_qcow2`]; with `unmap`, the file node passes discards down, as
 /// QEMU's protocol children always do (BDRV_O_UNMAP): `check` repairs
 /// punch out the clusters they free, whatever the qcow2 node's own
-/// discard settings.
+/// discard settings. `cache` is the `-t` mode of the file (write-through
+/// modes act as write-back here: the image flushes when it closes).
 pub async fn open_qcow2_with<'g>(
     graph: &'g Graph,
     path: &str,
     writable: bool,
     force_share: bool,
     unmap: bool,
+    cache: CacheMode,
 ) -> Result<formats::qcow2::image::Image<'g>, Failure> {
     if force_share && writable {
         return Err(Failure::Error(format!(
@@ -175,6 +193,8 @@ pub async fn open_qcow2_with<'g>(
     if unmap {
         file.insert("discard", "unmap");
     }
+    file.insert("cache.direct", cache.direct());
+    file.insert("cache.no-flush", cache.no_flush());
     let opts = block_core::Options::new()
         .with("file", file)
         .with("backing", block_core::OptValue::Null);

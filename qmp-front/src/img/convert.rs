@@ -15,11 +15,12 @@
 //! the new target a backing file and copies only what the source's top
 //! layer holds. `-p` prints qemu-img's progress lines.
 
-use super::common::{open_qcow2, read_qcow2_header, release, Env};
+use super::common::{open_qcow2_with, read_qcow2_header, release, Env};
 use super::create::{create, CreateArgs};
 use super::getopt::{getopt_long, LongOpt};
 use super::map::block_status;
 use super::num::parse_size;
+use super::open::CacheMode;
 use super::Failure;
 
 use block_core::{BlockBackend, IoBuf, WriteFlags};
@@ -90,6 +91,11 @@ struct Opts {
     backing_fmt: Option<String>,
     /// `-p`.
     progress: bool,
+    /// `-t`: the target's cache mode; qemu-img's default, `unsafe`, leaves
+    /// the copy in the page cache without a flush.
+    cache: CacheMode,
+    /// `-T`: the source's cache mode.
+    src_cache: CacheMode,
     src: String,
     dst: String,
 }
@@ -122,6 +128,23 @@ fn parse_c_long(s: &str) -> Option<i64> {
 
 /// The `convert` subcommand.
 pub fn run(args: &[String]) -> Result<(), Failure> {
+    let Some(o) = parse(args)? else {
+        return Ok(());
+    };
+    let progress = Progress::new(o.progress && !o.quiet);
+    // qemu-img shows 0% before it opens anything and ends the line even
+    // when the conversion fails.
+    progress.print(0.0, 100);
+    let r = convert(&o, &progress);
+    if r.is_ok() {
+        progress.print(100.0, 0);
+    }
+    progress.end();
+    r
+}
+
+/// The command line; `None` once `-h` printed the help.
+fn parse(args: &[String]) -> Result<Option<Opts>, Failure> {
     let m = getopt_long(args, "hf:O:B:F:Cco:l:S:pt:T:qnm:WUr:", LONGS)?;
     let mut o = Opts {
         src_fmt: None,
@@ -137,6 +160,8 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         backing: None,
         backing_fmt: None,
         progress: false,
+        cache: CacheMode::Unsafe,
+        src_cache: CacheMode::Writeback,
         src: String::new(),
         dst: String::new(),
     };
@@ -145,7 +170,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
         match char::from_u32(p.id).unwrap_or('\0') {
             'h' => {
                 print!("{}", super::help::text("convert"));
-                return Ok(());
+                return Ok(None);
             }
             'f' => o.src_fmt = Some(arg),
             'O' => o.out_fmt = arg,
@@ -168,13 +193,13 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
                 }
                 o.parallel = n as usize;
             }
-            'T' if super::open::CacheMode::parse(&arg).is_none() => {
-                return Err(Failure::Error(format!(
-                    "Invalid source cache option: {arg}"
-                )))
+            'T' => {
+                o.src_cache = CacheMode::parse(&arg)
+                    .ok_or_else(|| Failure::Error(format!("Invalid source cache option: {arg}")))?
             }
-            't' if super::open::CacheMode::parse(&arg).is_none() => {
-                return Err(Failure::Error(format!("Invalid cache option: {arg}")))
+            't' => {
+                o.cache = CacheMode::parse(&arg)
+                    .ok_or_else(|| Failure::Error(format!("Invalid cache option: {arg}")))?
             }
             'o' => {
                 o.options = Some(match o.options.take() {
@@ -231,16 +256,7 @@ pub fn run(args: &[String]) -> Result<(), Failure> {
             "-o has no effect when skipping image creation".into(),
         ));
     }
-    let progress = Progress::new(o.progress && !o.quiet);
-    // qemu-img shows 0% before it opens anything and ends the line even
-    // when the conversion fails.
-    progress.print(0.0, 100);
-    let r = convert(&o, &progress);
-    if r.is_ok() {
-        progress.print(100.0, 0);
-    }
-    progress.end();
-    r
+    Ok(Some(o))
 }
 
 /// qemu-img's simple progress meter (`qemu-progress.c`): prints
@@ -295,7 +311,14 @@ impl Progress {
 
 fn convert(o: &Opts, progress: &Progress) -> Result<(), Failure> {
     let env = Env::new()?;
-    let src = env.block_on(env.open(&o.src, o.src_fmt.as_deref(), false, o.force_share))?;
+    let src = env.block_on(env.open_with(
+        &o.src,
+        o.src_fmt.as_deref(),
+        false,
+        o.force_share,
+        false,
+        o.src_cache,
+    ))?;
     let r = convert_from(&env, o, &src, progress);
     release(src);
     r
@@ -409,7 +432,7 @@ fn convert_from(
         // qemu-img opens the target with BDRV_O_UNMAP when it looks for
         // sparse areas: clusters that zero writes free are discarded.
         let unmap = o.min_sparse != 0;
-        Some(env.block_on(env.open_with(&o.dst, Some(&o.out_fmt), true, false, unmap))?)
+        Some(env.block_on(env.open_with(&o.dst, Some(&o.out_fmt), true, false, unmap, o.cache))?)
     };
     let dst_size = match &dst {
         Some(d) => d.size(),
@@ -464,7 +487,7 @@ fn convert_from(
         // Compression happens inside the cluster write, so these writes
         // are never ordered: ordering them would serialise compression.
         return env.block_on(async {
-            let img = open_qcow2(&env.graph, &o.dst, true, false).await?;
+            let img = open_qcow2_with(&env.graph, &o.dst, true, false, false, o.cache).await?;
             let next = std::cell::Cell::new(0usize);
             let worker = || async {
                 loop {
@@ -472,21 +495,31 @@ fn convert_from(
                     let Some(c) = plan.get(i) else {
                         return Ok::<_, block_core::Error>(());
                     };
-                    next.set(i + 1);
-                    match c.kind {
-                        Kind::Backing => continue,
-                        Kind::Zero if zero_init => continue,
-                        _ => {}
+                    if c.kind != Kind::Data {
+                        next.set(i + 1);
+                        if c.kind == Kind::Zero && !zero_init {
+                            // A target holding data gets a write-zeroes, as
+                            // from qemu-img.
+                            img.write_zeroes(c.off, c.len).await?;
+                        }
+                        continue;
                     }
-                    let b = src.pread(c.off, IoBuf::zeroed(c.len as usize)).await?;
-                    if o.min_sparse == 0 || b.iter().any(|&x| x != 0) {
-                        img.write_compressed(c.off, &b).await?;
-                    } else if !zero_init {
-                        // A target holding data gets a write-zeroes, as
-                        // from qemu-img.
-                        img.write_zeroes(c.off, c.len).await?;
+                    // A run of data clusters is read, compressed and
+                    // written as one: per cluster, the thread hand-offs
+                    // would cost as much as the compression.
+                    let run = plan[i..]
+                        .iter()
+                        .take_while(|d| d.kind == Kind::Data && d.off - c.off < CHUNK)
+                        .count();
+                    next.set(i + run);
+                    let last = &plan[i + run - 1];
+                    let len = (last.off + last.len - c.off) as usize;
+                    let b = src.pread(c.off, IoBuf::for_read(len)).await?;
+                    write_compressed_run(&img, c.off, b, cs as usize, o.min_sparse, zero_init)
+                        .await?;
+                    for d in &plan[i..i + run] {
+                        step_done(d);
                     }
-                    step_done(c);
                 }
             };
             let r = join_all((0..o.parallel).map(|_| worker()).collect())
@@ -581,9 +614,16 @@ async fn plan(
 ) -> block_core::Result<Vec<Chunk>> {
     let mut out = Vec::new();
     let mut off = 0;
+    // For compressed output, where chunks are single clusters, one status
+    // query serves all the clusters of its extent, as qemu-img's
+    // `sector_next_status` does: a query per cluster costs more than the
+    // copy of a sparse raw source.
+    let mut known: Option<(u64, Kind)> = None;
     while off < size {
         let want = (size - off).min(step);
-        let (len, mut kind) = if target_backing {
+        let (len, mut kind) = if let Some((end, k)) = known.filter(|&(end, _)| end > off) {
+            ((end - off).min(want), k)
+        } else if target_backing {
             let st = top.block_status(off, want).await?;
             let below = top.backing().is_some_and(|b| off < b.size());
             let kind = if st.zero || (!st.data && !st.allocated && !below) {
@@ -598,6 +638,11 @@ async fn plan(
                 Kind::Backing
             };
             (st.len.min(want), kind)
+        } else if o.compress {
+            let e = block_status(&env.graph, top, off, size - off).await?;
+            let kind = if e.zero { Kind::Zero } else { Kind::Data };
+            known = Some((off + e.length, kind));
+            (e.length.min(want), kind)
         } else {
             let e = block_status(&env.graph, top, off, want).await?;
             let kind = if e.zero { Kind::Zero } else { Kind::Data };
@@ -616,6 +661,40 @@ async fn plan(
         off += len;
     }
     Ok(out)
+}
+
+/// Writes the clusters of `data` (at cluster-aligned `off`) compressed,
+/// except all-zero clusters when looking for sparse areas (`min_sparse`
+/// not 0): those are left out on a target that reads as zeros
+/// (`zero_init`), else zeroed, as qemu-img does.
+async fn write_compressed_run(
+    img: &formats::qcow2::image::Image<'_>,
+    off: u64,
+    mut data: IoBuf,
+    cs: usize,
+    min_sparse: u64,
+    zero_init: bool,
+) -> block_core::Result<()> {
+    let zero = |d: &[u8], k: usize| {
+        min_sparse != 0 && block_core::buf::is_zero(&d[k..(k + cs).min(d.len())])
+    };
+    let mut at = off;
+    while !data.is_empty() {
+        let z = zero(&data, 0);
+        let mut e = cs;
+        while e < data.len() && zero(&data, e) == z {
+            e += cs;
+        }
+        let run = data.split_to(e.min(data.len()));
+        let n = run.len() as u64;
+        if !z {
+            img.write_compressed(at, run).await?;
+        } else if !zero_init {
+            img.write_zeroes(at, n).await?;
+        }
+        at += n;
+    }
+    Ok(())
 }
 
 /// Writes `data` at `off`, except the `min_sparse`-sized blocks (aligned
@@ -688,4 +767,38 @@ async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     })
     .await;
     out.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> Opts {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        parse(&args).ok().flatten().expect("valid command line")
+    }
+
+    /// qemu-img writes the copy with `cache=unsafe` unless told otherwise:
+    /// no flush at the end, which for a large target costs as much as the
+    /// copy itself. The source is read write-back.
+    #[test]
+    fn target_cache_defaults_to_unsafe_as_in_qemu_img() {
+        let o = opts(&["a", "b"]);
+        assert_eq!(
+            (o.cache, o.src_cache),
+            (CacheMode::Unsafe, CacheMode::Writeback)
+        );
+        let o = opts(&["-t", "none", "-T", "directsync", "a", "b"]);
+        assert_eq!(
+            (o.cache, o.src_cache),
+            (CacheMode::None, CacheMode::DirectSync)
+        );
+        let o = opts(&["-t", "writeback", "a", "b"]);
+        assert!(!o.cache.no_flush());
+        let bad: Vec<String> = ["-t", "bogus", "a", "b"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert!(parse(&bad).is_err());
+    }
 }

@@ -77,9 +77,11 @@ fn crash_ops(seed: u64, cs: u64) -> Vec<CrashOp> {
             }
             8..=9 if fresh + cs <= SIZE => {
                 let off = fresh;
-                fresh += cs;
-                recent.push((off, cs));
-                CrashOp::Compressed(off, cs, pat)
+                // Runs of up to three clusters, as `convert -c` writes them.
+                let l = (1 + r.below(3)).min((SIZE - fresh) / cs) * cs;
+                fresh += l;
+                recent.push((off, l));
+                CrashOp::Compressed(off, l, pat)
             }
             10 | 11 if !recent.is_empty() => {
                 let (o, l) =
@@ -138,7 +140,7 @@ fn write_until_killed(img: &str, seed: u64, cs: u64) {
                         .unwrap();
                 }
                 CrashOp::Compressed(o, l, p) => q
-                    .write_compressed(*o, &vec![*p; *l as usize])
+                    .write_compressed(*o, IoBuf::filled(*l as usize, *p))
                     .await
                     .unwrap(),
                 CrashOp::Zero(o, l) => n

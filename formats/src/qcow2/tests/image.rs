@@ -666,14 +666,16 @@ fn compressed_writes_read_back_in_qemu() {
             run(g, async {
                 let im = Image::open(g, q2_opts(&img), true).await.unwrap();
                 for i in 0..4u64 {
-                    im.write_compressed(i * 65536, &vec![0x40 + i as u8; 65536])
+                    im.write_compressed(i * 65536, IoBuf::filled(65536, 0x40 + i as u8))
                         .await
                         .unwrap();
                 }
                 // Incompressible data is stored plainly.
                 let mut r = Rng(99);
                 let noise: Vec<u8> = (0..65536).map(|_| r.next() as u8).collect();
-                im.write_compressed(10 * 65536, &noise).await.unwrap();
+                im.write_compressed(10 * 65536, IoBuf::from_slice(&noise))
+                    .await
+                    .unwrap();
                 im.close().await.unwrap();
                 let n = open(g, &img, true).await;
                 let b = n.pread(10 * 65536, IoBuf::zeroed(65536)).await.unwrap();
@@ -1073,7 +1075,9 @@ fn compressed_clusters_are_packed() {
         run(g, async {
             let im = Image::open(g, q2_opts(&img), true).await.unwrap();
             for (i, c) in clusters.iter().enumerate() {
-                im.write_compressed(i as u64 * 65536, c).await.unwrap();
+                im.write_compressed(i as u64 * 65536, IoBuf::from_slice(c))
+                    .await
+                    .unwrap();
             }
             im.close().await.unwrap();
         });
@@ -1329,6 +1333,81 @@ fn reads_across_packed_compressed_clusters() {
                 }
                 close(g, n).await;
             });
+        });
+    }
+}
+
+/// One compressed write over a run of clusters: compressible and
+/// incompressible clusters mixed (packed bytes and plain clusters
+/// interleave on the file), runs that cross L2 tables, a last cluster cut
+/// short by the image end, and old clusters that are replaced.
+#[test]
+fn compressed_runs_mix_packed_and_plain_clusters() {
+    use crate::qcow2::image::Image;
+    let d = Dir::new("crun");
+    for (cs, ct) in [(512u64, "zlib"), (4096, "zstd"), (65536, "zlib")] {
+        on_engines(|g, mode| {
+            let img = d.file("r.qcow2");
+            let _ = std::fs::remove_file(&img);
+            // 150 clusters and half of one more (sizes are whole sectors).
+            let size = 150 * cs + (cs / 2).max(512);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs},compression_type={ct}"),
+                &img,
+                &size.to_string(),
+            ]);
+            qemu_io(&img, &[format!("write -P 0x11 0 {}", 20 * cs)]);
+            let mut r = Rng(cs);
+            let data: Vec<u8> = (0..size)
+                .map(|i| {
+                    let c = i / cs;
+                    if c % 5 == 3 {
+                        r.next() as u8
+                    } else {
+                        b'a' + (c % 23) as u8 + (i % 3) as u8
+                    }
+                })
+                .collect();
+            run(g, async {
+                let im = Image::open(g, q2_opts(&img), true).await.unwrap();
+                let e = im
+                    .write_compressed(cs / 2, IoBuf::from_slice(&data[..cs as usize]))
+                    .await;
+                assert!(e.is_err(), "{mode:?}: unaligned run accepted");
+                let e = im
+                    .write_compressed(0, IoBuf::from_slice(&data[..cs as usize + 1]))
+                    .await;
+                assert!(e.is_err(), "{mode:?}: partial cluster accepted");
+                // In three calls: the last one ends at the cut-short cluster.
+                let (a, b) = ((40 * cs) as usize, (100 * cs) as usize);
+                im.write_compressed(0, IoBuf::from_slice(&data[..a]))
+                    .await
+                    .unwrap();
+                im.write_compressed(a as u64, IoBuf::from_slice(&data[a..b]))
+                    .await
+                    .unwrap();
+                im.write_compressed(b as u64, IoBuf::from_slice(&data[b..]))
+                    .await
+                    .unwrap();
+                im.close().await.unwrap();
+            });
+            check_clean(&img);
+            let json = qemu_check_json(&img);
+            // Every cluster but the random ones (every fifth) compresses.
+            let clusters = size.div_ceil(cs);
+            let random = (0..clusters).filter(|c| c % 5 == 3).count() as u64;
+            assert_eq!(
+                json_field(&json, "compressed-clusters"),
+                clusters - random,
+                "{cs} {mode:?} {json}"
+            );
+            let raw = raw_of(&img, &d);
+            assert!(raw == data, "{cs} {ct} {mode:?}: data differs");
         });
     }
 }

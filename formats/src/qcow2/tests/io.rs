@@ -902,7 +902,9 @@ fn freed_clusters_are_punched_only_after_the_l2_flush() {
                 .await
                 .unwrap();
             let q = Qcow2::of(&n).unwrap();
-            q.write_compressed(0, &vec![0x5a; 65536]).await.unwrap();
+            q.write_compressed(0, IoBuf::filled(65536, 0x5a))
+                .await
+                .unwrap();
             n.pwrite(65536, IoBuf::filled(65536, 0x6b), WriteFlags::default())
                 .await
                 .unwrap();

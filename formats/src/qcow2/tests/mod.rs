@@ -241,7 +241,7 @@ async fn apply(n: &Node, op: &Op) {
         Op::Discard(o, l) => n.pdiscard(o, l).await.unwrap(),
         Op::Compressed(o, l, p) => crate::qcow2::Qcow2::of(n)
             .unwrap()
-            .write_compressed(o, &vec![p; l as usize])
+            .write_compressed(o, IoBuf::filled(l as usize, p))
             .await
             .unwrap(),
     }
