@@ -199,8 +199,11 @@ impl Node {
         Ok(())
     }
 
-    /// Called once per write before it reaches the driver: write threshold.
+    /// Called once per write before it reaches the driver: write threshold
+    /// and dirty bitmaps (marked before the write, so that no reader of a
+    /// bitmap misses a write in flight).
     fn before_write(&self, offset: u64, len: u64) {
+        self.mark_dirty(offset, len);
         let end = offset + len;
         let threshold = self.write_threshold.get();
         if threshold > 0 && end > threshold {
@@ -210,6 +213,12 @@ impl Node {
                 amount_exceeded: end - threshold,
                 write_threshold: threshold,
             });
+        }
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        for b in self.dirty_bitmaps.borrow().iter() {
+            b.record_write(offset, len);
         }
     }
 
@@ -392,6 +401,9 @@ impl Node {
         if !self.flags.get().discard_unmap || len == 0 {
             return Ok(());
         }
+        // As QEMU: a discard that goes ahead counts as a write, partial
+        // blocks included.
+        self.mark_dirty(offset, len);
         let a = self.limits.request_alignment as u64;
         let (start, end) = (round_up(offset, a), round_down(offset + len, a));
         if start >= end {
@@ -461,7 +473,12 @@ impl Node {
             return Err(Error::invalid("Image size must be less than 8 EiB!"));
         }
         self.tracked.drain().await;
-        self.driver.truncate(self, size, exact, prealloc).await
+        self.driver.truncate(self, size, exact, prealloc).await?;
+        let size = self.size();
+        for b in self.dirty_bitmaps.borrow().iter() {
+            b.resize(size);
+        }
+        Ok(())
     }
 
     /// Waits until no request is in flight on this node.

@@ -3,7 +3,8 @@
 //! `block-core` knows no format and no QMP. It owns what every node shares:
 //! the graph and its permission model ([`node`], [`perm`], [`graph`]), the
 //! one request path ([`io`]: alignment, read-modify-write, tracked and
-//! serialising requests, zero detection, write thresholds), BlockBackends
+//! serialising requests, zero detection, write thresholds, [`dirty`]
+//! bitmaps), BlockBackends
 //! with accounting ([`backend`], [`stats`]), the event bus ([`events`]), and
 //! execution ([`aio`]): an event loop per thread with a single-threaded
 //! executor and an I/O engine.
@@ -33,6 +34,7 @@
 pub mod aio;
 pub mod backend;
 pub mod buf;
+pub mod dirty;
 pub mod driver;
 pub mod error;
 pub mod events;
@@ -47,6 +49,7 @@ mod tracked;
 pub use aio::{AioContext, AioMode, EventLoop, LoopHandle};
 pub use backend::BlockBackend;
 pub use buf::IoBuf;
+pub use dirty::DirtyBitmap;
 pub use driver::{BlockDriver, BlockLimits, BlockStatus, IoFuture, Mapping, Prealloc, WriteFlags};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{BlockEvent, EventBus};

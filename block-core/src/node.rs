@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::aio::AioContext;
+use crate::dirty::DirtyBitmap;
 use crate::driver::{BlockDriver, BlockLimits};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
@@ -153,6 +154,8 @@ pub struct Node {
     pub(crate) write_threshold: Cell<u64>,
     /// Highest offset written (for `query-blockstats`' wr_highest_offset).
     pub(crate) wr_highest_offset: Cell<u64>,
+    /// Dirty bitmaps, newest first (the order QEMU lists them in).
+    pub(crate) dirty_bitmaps: RefCell<Vec<Rc<DirtyBitmap>>>,
     pub(crate) ctx: Rc<AioContext>,
     pub(crate) events: EventBus,
 }
@@ -193,6 +196,7 @@ impl Node {
             tracked: Tracked::default(),
             write_threshold: Cell::new(0),
             wr_highest_offset: Cell::new(0),
+            dirty_bitmaps: RefCell::new(Vec::new()),
             ctx: init.ctx,
             events: init.events,
         });
@@ -482,6 +486,39 @@ impl Node {
     /// Whether some user other than the graph's own bookkeeping uses it.
     pub fn has_users(&self) -> bool {
         !self.users.borrow().is_empty()
+    }
+    /// Attaches a dirty bitmap; fails if the node already has one of that
+    /// name.
+    pub fn add_dirty_bitmap(&self, bitmap: Rc<DirtyBitmap>) -> Result<()> {
+        if self.dirty_bitmap(bitmap.name()).is_some() {
+            return Err(Error::invalid(format!(
+                "Bitmap already exists: {}",
+                bitmap.name()
+            )));
+        }
+        self.dirty_bitmaps.borrow_mut().insert(0, bitmap);
+        Ok(())
+    }
+
+    /// The dirty bitmap called `name`.
+    pub fn dirty_bitmap(&self, name: &str) -> Option<Rc<DirtyBitmap>> {
+        self.dirty_bitmaps
+            .borrow()
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+    }
+
+    /// Detaches the dirty bitmap called `name` and returns it.
+    pub fn remove_dirty_bitmap(&self, name: &str) -> Option<Rc<DirtyBitmap>> {
+        let mut v = self.dirty_bitmaps.borrow_mut();
+        let i = v.iter().position(|b| b.name() == name)?;
+        Some(v.remove(i))
+    }
+
+    /// The node's dirty bitmaps, newest first.
+    pub fn dirty_bitmaps(&self) -> Vec<Rc<DirtyBitmap>> {
+        self.dirty_bitmaps.borrow().clone()
     }
 
     /// Sets the write threshold (0 disables it).

@@ -432,3 +432,70 @@ fn inline_children_inherit_cache_but_not_detect_zeroes() {
         run(g, g.delete("r0")).unwrap();
     });
 }
+
+/// Writes, write-zeroes (aligned and not) and discards mark a node's
+/// recording bitmaps, also when the write fails; disabled bitmaps and
+/// other nodes stay clean; a resize follows the node.
+#[test]
+fn dirty_bitmaps_record_every_kind_of_write() {
+    use block_core::{DirtyBitmap, Prealloc};
+    on_engines(|g, mode| {
+        let (_d, path) = scratch(&format!("dirty-{mode:?}"), 1 << 20);
+        run(g, async {
+            let n = g
+                .open(raw_opts(&path, false).with("discard", "unmap"))
+                .await
+                .unwrap();
+            let file = n.storage_child().unwrap();
+            let on = Rc::new(DirtyBitmap::new("on", 1 << 20, 65536, true));
+            let off = Rc::new(DirtyBitmap::new("off", 1 << 20, 65536, false));
+            let below = Rc::new(DirtyBitmap::new("below", 1 << 20, 65536, true));
+            n.add_dirty_bitmap(Rc::clone(&on)).unwrap();
+            n.add_dirty_bitmap(Rc::clone(&off)).unwrap();
+            assert!(n
+                .add_dirty_bitmap(Rc::new(DirtyBitmap::new("on", 1 << 20, 512, true)))
+                .is_err());
+            file.add_dirty_bitmap(Rc::clone(&below)).unwrap();
+            let names: Vec<_> = n
+                .dirty_bitmaps()
+                .iter()
+                .map(|b| b.name().to_owned())
+                .collect();
+            assert_eq!(names, ["off", "on"], "newest first");
+            let blk = BlockBackend::new(
+                "",
+                &n,
+                Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+                Perm::ALL,
+            )
+            .unwrap();
+            blk.pwrite(100, IoBuf::filled(10, 1), WriteFlags::default())
+                .await
+                .unwrap();
+            blk.pwrite_zeroes(3 * 65536 + 5, 65536, WriteFlags::default())
+                .await
+                .unwrap();
+            blk.pdiscard(8 * 65536, 65536).await.unwrap();
+            let dirty: Vec<u64> = (0..16u64).filter(|i| on.is_dirty(i * 65536)).collect();
+            assert_eq!(dirty, [0, 3, 4, 8], "{mode:?}");
+            assert_eq!(off.count(), 0);
+            // The layer below sees the same (host) offsets through raw.
+            assert_eq!(below.count(), 4 * 65536);
+            // A write past the end fails, and marks nothing that exists.
+            assert!(blk
+                .pwrite(1 << 20, IoBuf::filled(512, 1), WriteFlags::default())
+                .await
+                .is_err());
+            assert_eq!(on.count(), 4 * 65536);
+            blk.truncate(2 << 20, false, Prealloc::Off).await.unwrap();
+            assert_eq!(on.size(), 2 << 20);
+            blk.pwrite(2 << 20 >> 1, IoBuf::filled(512, 1), WriteFlags::default())
+                .await
+                .unwrap();
+            assert_eq!(on.count(), 5 * 65536);
+            assert!(n.remove_dirty_bitmap("on").is_some());
+            assert!(n.dirty_bitmap("on").is_none());
+            blk.detach();
+        });
+    });
+}

@@ -193,6 +193,119 @@ def nbd_conversation(binary, workdir):
     return out
 
 
+def bitmap_conversation(binary, workdir):
+    """Dirty bitmaps: the commands, their checks, what writes over NBD
+    mark, and the qemu:dirty-bitmap context as qemu-img and nbdinfo read
+    it. Error texts are kept (they match)."""
+    img = os.path.join(workdir, "img.raw")
+    with open(img, "wb") as f:
+        f.truncate(2 << 20)
+    qimg = os.path.join(workdir, "img.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    qimg, "1M"], check=True)
+    sock = os.path.join(workdir, "nbd.sock")
+    d = Daemon(binary)
+    out = []
+    try:
+        q = d.connect()
+
+        def step(_cmd, **args):
+            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
+
+        def bitmaps():
+            r = q.cmd("query-named-block-nodes", flat=True)["return"]
+            out.append(["bitmaps", sorted([n["node-name"], n.get("dirty-bitmaps")] for n in r
+                                          if not n["node-name"].startswith("#"))])
+
+        def client(args):
+            r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+            # qemu-io's timing lines differ from run to run.
+            text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
+                           if " ops; " not in line)
+            out.append([args[0], r.returncode, text])
+
+        def io(*cmds, export="e0"):
+            args = ["qemu-io", "-f", "raw"]
+            for c in cmds:
+                args += ["-c", c]
+            client(args + [f"nbd+unix:///{export}?socket={sock}"])
+
+        step("blockdev-add", driver="raw", **{"node-name": "r0"},
+             file={"driver": "file", "filename": img, "node-name": "f0"})
+        step("blockdev-add", driver="qcow2", **{"node-name": "q0"},
+             file={"driver": "file", "filename": qimg})
+        for extra in ({"node": "r0", "name": ""}, {"node": "zz", "name": "b"},
+                      {"node": "r0", "name": "b", "granularity": 1000},
+                      {"node": "r0", "name": "b", "granularity": 256},
+                      {"node": "f0", "name": "b", "persistent": True},
+                      {"node": "r0", "name": "x" * 1024}):
+            step("block-dirty-bitmap-add", **extra)
+        step("block-dirty-bitmap-add", node="r0", name="b0")
+        step("block-dirty-bitmap-add", node="r0", name="b0")
+        step("block-dirty-bitmap-add", node="r0", name="fine", granularity=512, disabled=True)
+        step("block-dirty-bitmap-add", node="f0", name="host", granularity=1 << 20)
+        step("block-dirty-bitmap-add", node="q0", name="qb")
+        for cmd in ("remove", "clear", "enable", "disable"):
+            step(f"block-dirty-bitmap-{cmd}", node="r0", name="zz")
+            step(f"block-dirty-bitmap-{cmd}", node="zz", name="b0")
+        bitmaps()
+        step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, bitmaps=["nope"])
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "r0"}, bitmaps=["b0"])
+        step("block-export-add", type="nbd", id="e0", name="e0", **{"node-name": "r0"},
+             writable=True, bitmaps=["b0", {"node": "f0", "name": "host"}, "fine"])
+        step("block-export-add", type="nbd", id="e1", **{"node-name": "r0"}, name="e1",
+             writable=True, bitmaps=["b0"])
+        step("block-export-add", type="nbd", id="e1", **{"node-name": "r0"}, name="e1",
+             writable=True, bitmaps=[{"node": "r0", "name": "zz"}])
+        for cmd in ("remove", "clear", "enable", "disable"):
+            step(f"block-dirty-bitmap-{cmd}", node="r0", name="b0")
+        step("block-dirty-bitmap-merge", node="r0", target="b0", bitmaps=["fine"])
+        io("write -P 7 65536 4096", "write -z 1M 100k", "discard 1572864 512",
+           "write 2097151 1")
+        bitmaps()
+        ctx = "qemu:dirty-bitmap:"
+        for name in ("b0", "host", "fine"):
+            client(["qemu-img", "map", "--output=json", "--image-opts",
+                    f"driver=nbd,export=e0,server.type=unix,server.path={sock},"
+                    f"x-dirty-bitmap={ctx}{name}"])
+            if shutil.which("nbdinfo"):
+                client(["nbdinfo", f"--map={ctx}{name}", f"nbd+unix:///e0?socket={sock}"])
+        if shutil.which("nbdinfo"):
+            client(["nbdinfo", "--list", f"nbd+unix:///?socket={sock}"])
+            # A bare namespace lists its contexts but selects none.
+            for ns in ("qemu:", ctx, "base:"):
+                client(["nbdinfo", f"--map={ns}", f"nbd+unix:///e0?socket={sock}"])
+        step("block-export-del", id="e0")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        step("block-dirty-bitmap-disable", node="r0", name="b0")
+        step("block-dirty-bitmap-merge", node="r0", target="fine",
+             bitmaps=["b0", {"node": "f0", "name": "host"}])
+        step("block-dirty-bitmap-merge", node="r0", target="fine",
+             bitmaps=["b0", {"node": "q0", "name": "qb"}])
+        step("block-dirty-bitmap-merge", node="r0", target="fine", bitmaps=["b0", "zz"])
+        step("block-dirty-bitmap-merge", node="r0", target="zz", bitmaps=["b0"])
+        bitmaps()
+        step("block-export-add", type="nbd", id="e2", **{"node-name": "r0"},
+             bitmaps=["b0", "fine"])
+        client(["nbdinfo", f"--map={ctx}fine", f"nbd+unix:///r0?socket={sock}"]
+               if shutil.which("nbdinfo") else ["true"])
+        step("block-export-del", id="e2")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        step("block-dirty-bitmap-clear", node="r0", name="fine")
+        step("block-dirty-bitmap-enable", node="r0", name="b0")
+        step("block_resize", **{"node-name": "r0"}, size=3 << 20)
+        bitmaps()
+        step("block-dirty-bitmap-remove", node="r0", name="b0")
+        step("block-dirty-bitmap-remove", node="r0", name="b0")
+        bitmaps()
+        step("nbd-server-stop")
+        q.close()
+    finally:
+        d.stop()
+    return out
+
+
 def strip_versions(convo):
     # package strings and the version triple's micro may differ by build.
     for step in convo:
@@ -218,6 +331,15 @@ class Differential(unittest.TestCase):
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
             want = json.loads(json.dumps(nbd_conversation(qsd_path(), a)).replace(a, "<dir>"))
             got = json.loads(json.dumps(nbd_conversation(stratad_path(), b)).replace(b, "<dir>"))
+        self.assertEqual(len(want), len(got))
+        for w, g in zip(want, got):
+            self.assertEqual(w, g, f"step {w[0]}")
+
+    @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
+    def test_same_bitmap_conversation(self):
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            want = json.loads(json.dumps(bitmap_conversation(qsd_path(), a)).replace(a, "<dir>"))
+            got = json.loads(json.dumps(bitmap_conversation(stratad_path(), b)).replace(b, "<dir>"))
         self.assertEqual(len(want), len(got))
         for w, g in zip(want, got):
             self.assertEqual(w, g, f"step {w[0]}")

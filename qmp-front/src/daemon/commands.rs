@@ -25,6 +25,7 @@ pub fn registry() -> Registry<Daemon> {
     r.event::<WriteThresholdEvent>("BLOCK_WRITE_THRESHOLD");
     r.event::<ExportDeletedEvent>("BLOCK_EXPORT_DELETED");
     super::exports::register(&mut r);
+    super::bitmaps::register(&mut r);
     r.command("quit", |d: Rc<Daemon>, _: Empty| async move {
         // qemu-storage-daemon's BLOCK_EXPORT_DELETED events precede its
         // reply to quit.
@@ -762,7 +763,7 @@ async fn device_info(d: &Daemon, n: &Node, flat: bool) -> BlockDeviceInfo {
             no_flush: f.cache_no_flush,
         },
         write_threshold: n.write_threshold() as i64,
-        dirty_bitmaps: None,
+        dirty_bitmaps: super::bitmaps::dirty_info(n),
     }
 }
 

@@ -223,12 +223,18 @@ fn export_add(d: &Daemon, o: &Map<String, Value>) -> R<()> {
         .map(|a| {
             a.iter()
                 .map(|b| match b {
-                    Value::String(s) => s.clone(),
-                    other => other
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
+                    Value::String(s) => crate::nbd::BitmapRef {
+                        node: None,
+                        name: s.clone(),
+                    },
+                    other => crate::nbd::BitmapRef {
+                        node: other.get("node").and_then(Value::as_str).map(str::to_owned),
+                        name: other
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    },
                 })
                 .collect()
         })

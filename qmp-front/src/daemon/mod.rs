@@ -13,6 +13,7 @@
 //! `PROG: --option ARG: message` and exits with status 1.
 #![deny(unsafe_code)]
 
+pub mod bitmaps;
 pub mod cli;
 pub mod commands;
 pub mod errors;

@@ -1443,3 +1443,48 @@ qmp_struct! {
         "error" => pub error: Option<String>,
     }
 }
+
+qmp_struct! {
+    /// Arguments of `block-dirty-bitmap-add`.
+    pub struct BitmapAddArgs("q_obj_block-dirty-bitmap-add-arg") {
+        /// Node (or device) name.
+        "node" => pub node: String,
+        /// Bitmap name.
+        "name" => pub name: String,
+        /// Bytes per bit; QEMU's default from the cluster size when absent.
+        "granularity" => pub granularity: Option<u32>,
+        /// Stored in the image (qcow2 bitmap directory).
+        "persistent" => pub persistent: Option<bool>,
+        /// Created with recording off.
+        "disabled" => pub disabled: Option<bool>,
+    }
+}
+
+/// `BlockDirtyBitmapOrStr`: a bitmap name on the command's node, or a
+/// node and name.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum BitmapOrStr {
+    /// A bitmap of the command's node.
+    Name(String),
+    /// A bitmap of any node.
+    Full(ExportBitmap),
+}
+
+impl SchemaType for BitmapOrStr {
+    fn describe() -> TypeDesc {
+        bitmap_or_str()
+    }
+}
+
+qmp_struct! {
+    /// Arguments of `block-dirty-bitmap-merge`.
+    pub struct BitmapMergeArgs("BlockDirtyBitmapMerge") {
+        /// Node of the target bitmap.
+        "node" => pub node: String,
+        /// Target bitmap name.
+        "target" => pub target: String,
+        /// Bitmaps to merge into the target.
+        "bitmaps" => pub bitmaps: Vec<BitmapOrStr>,
+    }
+}

@@ -29,6 +29,11 @@ const MAX_EXTENTS: usize = 65536;
 const CTX_BASE_ALLOCATION: u32 = 1;
 /// Context id of `qemu:allocation-depth`.
 const CTX_ALLOCATION_DEPTH: u32 = 2;
+/// Context id of the export's first `qemu:dirty-bitmap:NAME`; the others
+/// follow in the export's order.
+const CTX_DIRTY_BITMAP: u32 = 3;
+/// The name prefix of dirty bitmap contexts.
+const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// The shared part of a connection: the socket and its write lock; the
 /// server and exports hold it weakly to disconnect clients.
@@ -468,16 +473,26 @@ fn match_contexts(exp: &NbdExport, queries: &[String], list: bool) -> Vec<(u32, 
     if exp.cfg.allocation_depth {
         offered.push((CTX_ALLOCATION_DEPTH, "qemu:allocation-depth".to_owned()));
     }
+    for (i, b) in exp.bitmaps.iter().enumerate() {
+        offered.push((
+            CTX_DIRTY_BITMAP + i as u32,
+            format!("{DIRTY_BITMAP_PREFIX}{}", b.name()),
+        ));
+    }
     if queries.is_empty() {
         return if list { offered } else { Vec::new() };
     }
+    // A bare namespace ("base:", "qemu:", "qemu:dirty-bitmap:") lists
+    // what it holds but selects nothing, as in QEMU.
     offered
         .into_iter()
         .filter(|(_, name)| {
             queries.iter().any(|q| {
                 q == name
-                    || (q == "base:" && name.starts_with("base:"))
-                    || (q == "qemu:" && name.starts_with("qemu:"))
+                    || (list
+                        && ["base:", "qemu:", DIRTY_BITMAP_PREFIX]
+                            .iter()
+                            .any(|ns| q == ns && name.starts_with(ns)))
             })
         })
         .collect()
@@ -838,7 +853,14 @@ async fn extents(
                 }
                 (st.len, f)
             }
-            _ => allocation_depth(exp, off, end - off).await?,
+            CTX_ALLOCATION_DEPTH => allocation_depth(exp, off, end - off).await?,
+            id => {
+                let (dirty, n) = exp
+                    .bitmaps
+                    .get((id - CTX_DIRTY_BITMAP) as usize)
+                    .map_or((false, end - off), |b| b.extent(off, end - off));
+                (n, u32::from(dirty) * proto::STATE_DIRTY)
+            }
         };
         let n = n.clamp(1, end - off);
         match out.last_mut() {

@@ -10,4 +10,4 @@ pub mod proto;
 pub mod server;
 pub mod socket;
 
-pub use server::{ExportConfig, NbdAddr, NbdExport, NbdServer, RemoveMode};
+pub use server::{BitmapRef, ExportConfig, NbdAddr, NbdExport, NbdServer, RemoveMode};

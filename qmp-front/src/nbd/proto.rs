@@ -207,6 +207,8 @@ pub fn errno_to_nbd(e: i32) -> u32 {
 pub const STATE_HOLE: u32 = 1;
 /// base:allocation flag: reads as zeros.
 pub const STATE_ZERO: u32 = 2;
+/// qemu:dirty-bitmap flag: written since the bitmap was last cleared.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Largest string (export name, context name) accepted, as QEMU.
 pub const MAX_STRING: usize = 4096;

@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 
-use block_core::{AioContext, BlockBackend, Error, Graph, Node, Perm, Result};
+use block_core::{AioContext, BlockBackend, DirtyBitmap, Error, Graph, Node, Perm, Result};
 
 use super::conn::{self, ConnHandle};
 use super::socket::{Listener, Socket};
@@ -48,9 +48,19 @@ pub struct ExportConfig {
     /// Whether every write is made stable before it is acknowledged.
     pub writethrough: bool,
     /// Dirty bitmaps exported as `qemu:dirty-bitmap:NAME`.
-    pub bitmaps: Vec<String>,
+    pub bitmaps: Vec<BitmapRef>,
     /// Whether `qemu:allocation-depth` is offered.
     pub allocation_depth: bool,
+}
+
+/// A dirty bitmap named by an export: by name alone, found on the exported
+/// node or down its backing chain, or on a given node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BitmapRef {
+    /// The node holding the bitmap, when given.
+    pub node: Option<String>,
+    /// The bitmap's name.
+    pub name: String,
 }
 
 /// One export.
@@ -61,6 +71,9 @@ pub struct NbdExport {
     pub name: String,
     pub(crate) node: Rc<Node>,
     pub(crate) blk: Rc<BlockBackend>,
+    /// The exported bitmaps, held busy while the export lives; context
+    /// ids follow their order.
+    pub(crate) bitmaps: Vec<Rc<DirtyBitmap>>,
     pub(crate) conns: RefCell<Vec<Weak<ConnHandle>>>,
     removed: Cell<bool>,
 }
@@ -221,12 +234,14 @@ impl NbdServer {
                 cfg.id
             )));
         }
-        if let Some(b) = cfg.bitmaps.first() {
-            return Err(Error::invalid(format!("Bitmap '{b}' is not found")));
-        }
         if cfg.writable && node.is_read_only() {
             return Err(Error::invalid("Cannot export read-only node as writable"));
         }
+        let bitmaps = cfg
+            .bitmaps
+            .iter()
+            .map(|b| find_bitmap(graph, &node, b, cfg.writable))
+            .collect::<Result<Vec<_>>>()?;
         let perm = if cfg.writable {
             Perm::CONSISTENT_READ | Perm::WRITE
         } else {
@@ -241,9 +256,13 @@ impl NbdServer {
             cfg,
             node,
             blk,
+            bitmaps,
             conns: RefCell::new(Vec::new()),
             removed: Cell::new(false),
         });
+        for b in &exp.bitmaps {
+            b.set_busy(true);
+        }
         self.exports.borrow_mut().insert(name, Rc::clone(&exp));
         Ok(exp)
     }
@@ -301,6 +320,9 @@ impl NbdServer {
         for e in gone {
             self.exports.borrow_mut().remove(&e.name);
             e.blk.detach();
+            for b in &e.bitmaps {
+                b.set_busy(false);
+            }
             if let Some(f) = self.on_deleted.borrow().as_ref() {
                 f(&e.cfg.id);
             }
@@ -354,6 +376,53 @@ impl Listener {
         // SAFETY: plain syscall on a listening socket we own.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
+}
+
+/// Resolves an export's bitmap as QEMU's `nbd_export_create` does.
+fn find_bitmap(
+    graph: &Graph,
+    node: &Rc<Node>,
+    b: &BitmapRef,
+    writable: bool,
+) -> Result<Rc<DirtyBitmap>> {
+    let bm = match &b.node {
+        Some(n) => {
+            let holder = graph
+                .node(n)
+                .ok_or_else(|| Error::invalid(format!("Node '{n}' not found")))?;
+            holder
+                .dirty_bitmap(&b.name)
+                .ok_or_else(|| Error::invalid(format!("Dirty bitmap '{}' not found", b.name)))?
+        }
+        None => {
+            let mut layer = Some(Rc::clone(node));
+            let mut found = None;
+            while let Some(l) = layer {
+                if let Some(bm) = l.dirty_bitmap(&b.name) {
+                    found = Some((bm, l));
+                    break;
+                }
+                layer = l.backing();
+            }
+            let (bm, holder) =
+                found.ok_or_else(|| Error::invalid(format!("Bitmap '{}' is not found", b.name)))?;
+            // Writes that the export cannot see would still change it.
+            if !writable && !holder.is_read_only() && bm.is_recording() {
+                return Err(Error::invalid(format!(
+                    "Enabled bitmap '{}' incompatible with readonly export",
+                    b.name
+                )));
+            }
+            bm
+        }
+    };
+    if bm.is_busy() {
+        return Err(Error::invalid(format!(
+            "Bitmap '{}' is currently in use by another operation and cannot be used",
+            b.name
+        )));
+    }
+    Ok(bm)
 }
 
 fn describe(a: &NbdAddr) -> String {

@@ -1,0 +1,175 @@
+//! Dirty bitmap commands: `block-dirty-bitmap-add`, `-remove`, `-clear`,
+//! `-enable`, `-disable` and `-merge`, with qemu-storage-daemon 10's
+//! checks and messages.
+//!
+//! Bitmaps live in memory on their node ([`block_core::dirty`]); the
+//! request path records writes into them. `persistent` bitmaps, which QEMU
+//! stores in a qcow2 image's bitmap directory, are refused: Strata keeps
+//! the bitmaps already in an image intact but does not write new ones.
+
+use std::rc::Rc;
+
+use block_core::dirty::{default_granularity, MAX_NAME_LEN};
+use block_core::{DirtyBitmap, Node};
+
+use super::errors;
+use super::qapi::{BitmapAddArgs, BitmapMergeArgs, BitmapOrStr, DirtyInfo, ExportBitmap};
+use super::Daemon;
+use crate::qmp::dispatch::Registry;
+use crate::qmp::protocol::QmpError;
+use crate::qmp::schema::Empty;
+
+type R<T> = Result<T, QmpError>;
+
+/// Registers the bitmap commands.
+pub fn register(r: &mut Registry<Daemon>) {
+    r.command(
+        "block-dirty-bitmap-add",
+        |d: Rc<Daemon>, a: BitmapAddArgs| async move { add(&d, &a).map(|_| Empty {}) },
+    );
+    r.command(
+        "block-dirty-bitmap-remove",
+        |d: Rc<Daemon>, a: ExportBitmap| async move {
+            let (n, b) = lookup(&d, &a.node, &a.name)?;
+            check_idle(&b)?;
+            n.remove_dirty_bitmap(b.name());
+            Ok(Empty {})
+        },
+    );
+    r.command(
+        "block-dirty-bitmap-clear",
+        |d: Rc<Daemon>, a: ExportBitmap| async move {
+            let (_, b) = lookup(&d, &a.node, &a.name)?;
+            check_idle(&b)?;
+            b.clear();
+            Ok(Empty {})
+        },
+    );
+    for (cmd, on) in [
+        ("block-dirty-bitmap-enable", true),
+        ("block-dirty-bitmap-disable", false),
+    ] {
+        r.command(cmd, move |d: Rc<Daemon>, a: ExportBitmap| async move {
+            let (_, b) = lookup(&d, &a.node, &a.name)?;
+            check_idle(&b)?;
+            b.set_recording(on);
+            Ok(Empty {})
+        });
+    }
+    r.command(
+        "block-dirty-bitmap-merge",
+        |d: Rc<Daemon>, a: BitmapMergeArgs| async move { merge(&d, &a).map(|_| Empty {}) },
+    );
+}
+
+fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
+    if a.name.is_empty() {
+        return Err(QmpError::generic("Bitmap name cannot be empty"));
+    }
+    let n = node(d, &a.node)?;
+    let granularity = match a.granularity {
+        Some(g) if g < 512 || !g.is_power_of_two() => {
+            return Err(QmpError::generic(
+                "Granularity must be power of 2 and at least 512",
+            ))
+        }
+        Some(g) => u64::from(g),
+        None => {
+            default_granularity(formats::qcow2::Qcow2::of(&n).map(|q| q.header().cluster_size()))
+        }
+    };
+    if a.persistent == Some(true) {
+        return Err(QmpError::generic(format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            n.name()
+        )));
+    }
+    if n.dirty_bitmap(&a.name).is_some() {
+        return Err(QmpError::generic(format!(
+            "Bitmap already exists: {}",
+            a.name
+        )));
+    }
+    if a.name.len() > MAX_NAME_LEN {
+        return Err(QmpError::generic(format!(
+            "Bitmap name too long: {}",
+            a.name
+        )));
+    }
+    let recording = a.disabled != Some(true);
+    let b = DirtyBitmap::new(&a.name, n.size(), granularity, recording);
+    n.add_dirty_bitmap(Rc::new(b))
+        .map_err(|e| errors::block(&e))
+}
+
+/// Merges all sources into the target, or nothing when one is missing or
+/// of another size.
+fn merge(d: &Daemon, a: &BitmapMergeArgs) -> R<()> {
+    let (_, target) = lookup(d, &a.node, &a.target)?;
+    check_idle(&target)?;
+    let mut sources = Vec::with_capacity(a.bitmaps.len());
+    for s in &a.bitmaps {
+        let (_, b) = match s {
+            BitmapOrStr::Name(name) => lookup(d, &a.node, name)?,
+            BitmapOrStr::Full(f) => lookup(d, &f.node, &f.name)?,
+        };
+        if b.size() != target.size() {
+            return Err(QmpError::generic(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                target.size(),
+                b.size()
+            )));
+        }
+        sources.push(b);
+    }
+    for s in sources {
+        target.merge_from(&s);
+    }
+    Ok(())
+}
+
+fn node(d: &Daemon, name: &str) -> R<Rc<Node>> {
+    d.graph
+        .node(name)
+        .ok_or_else(|| errors::device_or_node_not_found(name, name))
+}
+
+/// QEMU's `block_dirty_bitmap_lookup`.
+fn lookup(d: &Daemon, node_name: &str, name: &str) -> R<(Rc<Node>, Rc<DirtyBitmap>)> {
+    let n = d
+        .graph
+        .node(node_name)
+        .ok_or_else(|| QmpError::generic(format!("Node '{node_name}' not found")))?;
+    let b = n
+        .dirty_bitmap(name)
+        .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))?;
+    Ok((n, b))
+}
+
+fn check_idle(b: &DirtyBitmap) -> R<()> {
+    if b.is_busy() {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{}' is currently in use by another operation and cannot be used",
+            b.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The `dirty-bitmaps` member of a node's `BlockDeviceInfo` (absent when
+/// it has none).
+pub fn dirty_info(n: &Node) -> Option<Vec<DirtyInfo>> {
+    let v: Vec<DirtyInfo> = n
+        .dirty_bitmaps()
+        .iter()
+        .map(|b| DirtyInfo {
+            name: Some(b.name().to_owned()),
+            count: b.count() as i64,
+            granularity: b.granularity() as u32,
+            recording: b.is_recording(),
+            busy: b.is_busy(),
+            persistent: false,
+        })
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
