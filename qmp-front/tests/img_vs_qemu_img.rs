@@ -1938,3 +1938,44 @@ fn convert_onto_existing_qcow2_matches_qemu_img() {
         }
     }
 }
+
+/// Snapshot tables, L1 copies and a grown L1 go where qemu-img puts them:
+/// the first run of free clusters, so holes left by a deleted snapshot are
+/// reused. The same steps by either tool give the same layout.
+#[test]
+fn snapshot_tables_reuse_holes_like_qemu_img() {
+    let d = Scratch::new("snaplayout");
+    let layout = |tool: &str, dir: &Path| {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "s.qcow2", "64M"],
+            dir,
+        );
+        qemu_io(
+            "s.qcow2",
+            "qcow2",
+            &["write -P 1 0 3M", "write -P 2 40M 64k"],
+            dir,
+        );
+        must(tool, &["snapshot", "-c", "s1", "s.qcow2"], dir);
+        qemu_io("s.qcow2", "qcow2", &["write -P 3 0 1M"], dir);
+        must(tool, &["snapshot", "-c", "s2", "s.qcow2"], dir);
+        must(tool, &["snapshot", "-d", "s1", "s.qcow2"], dir);
+        must(tool, &["snapshot", "-c", "s3", "s.qcow2"], dir);
+        qemu_io("s.qcow2", "qcow2", &["write -P 4 8M 1M"], dir);
+        must(tool, &["snapshot", "-c", "s4", "s.qcow2"], dir);
+        // Growing past what the L1 table covers moves it.
+        must(tool, &["resize", "s.qcow2", "2T"], dir);
+        let p = dir.join("s.qcow2");
+        let check = must("qemu-img", &["check", "s.qcow2"], dir).stdout;
+        (
+            peek64(&p, 40),
+            peek64(&p, 64),
+            std::fs::metadata(&p).unwrap().len(),
+            check,
+        )
+    };
+    let q = layout("qemu-img", &d.q());
+    let s = layout(STRATA, &d.s());
+    assert_eq!(s, q, "(L1 offset, snapshot table offset, file size, check)");
+}

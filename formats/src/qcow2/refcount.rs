@@ -128,14 +128,20 @@ impl Qcow2 {
         self.reserved.borrow_mut().retain(|x| x.0 != s);
     }
 
+    /// Whether cluster `c` may be handed out: refcount zero, not reserved
+    /// by an allocation in progress, not freed by a discard whose L2 update
+    /// is still only in the cache.
+    async fn is_free(&self, c: u64) -> Result<bool> {
+        Ok(!self.is_reserved(c)
+            && !self.unsettled.borrow().contains(&c)
+            && self.get_refcount(c).await? == 0)
+    }
+
     /// First free, unreserved cluster at or after `from`.
     async fn find_free(&self, from: u64) -> Result<u64> {
         let mut c = from.max(1);
         loop {
-            if !self.is_reserved(c)
-                && !self.unsettled.borrow().contains(&c)
-                && self.get_refcount(c).await? == 0
-            {
+            if self.is_free(c).await? {
                 return Ok(c);
             }
             c += 1;
@@ -195,10 +201,22 @@ impl Qcow2 {
         Ok(start)
     }
 
-    /// Allocates `n` contiguous clusters at the end of the image.
+    /// Allocates `n` contiguous clusters: the first run of free clusters
+    /// from the free-cluster hint, as QEMU's `qcow2_alloc_clusters` places
+    /// tables (so a snapshot table or a grown L1 reuses a hole as QEMU's
+    /// would), and like it moves the hint past the run.
     pub(crate) async fn alloc_contiguous(&self, n: u64) -> Result<u64> {
         self.check_writable_meta()?;
-        let s = self.end_cluster.get();
+        let mut s = self.find_free(self.free_hint.get()).await?;
+        let mut k = 1;
+        while k < n {
+            if self.is_free(s + k).await? {
+                k += 1;
+            } else {
+                s = self.find_free(s + k + 1).await?;
+                k = 1;
+            }
+        }
         self.reserve(s, s + n);
         let mut res = Ok(0);
         for c in s..s + n {
@@ -209,6 +227,7 @@ impl Qcow2 {
         }
         self.unreserve(s);
         res?;
+        self.free_hint.set(s + n);
         Ok(s << self.cluster_bits)
     }
 
