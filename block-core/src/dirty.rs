@@ -8,9 +8,11 @@
 //! misses a write that is still in flight; a failed write stays marked,
 //! which only costs a backup one granule more.
 //!
-//! Bitmaps live in memory on the node's loop thread (no locks): a bitmap
-//! that must survive a restart belongs to a qcow2 image's bitmap directory,
-//! which this module does not write.
+//! Bitmaps live in memory on the node's loop thread (no locks). A format
+//! that stores bitmaps (qcow2's bitmap directory) hands the ones it loaded
+//! at open to its node; they are `persistent`, `readonly` when the image
+//! was opened read-only, and `inconsistent` when the image says they were
+//! not saved cleanly, which makes them unusable, as in QEMU.
 
 use std::cell::{Cell, RefCell};
 
@@ -30,6 +32,9 @@ pub struct DirtyBitmap {
     words: RefCell<Vec<u64>>,
     recording: Cell<bool>,
     busy: Cell<bool>,
+    persistent: bool,
+    readonly: bool,
+    inconsistent: bool,
 }
 
 impl DirtyBitmap {
@@ -44,6 +49,60 @@ impl DirtyBitmap {
             words: RefCell::new(vec![0; Self::words_for(size, granularity)]),
             recording: Cell::new(recording),
             busy: Cell::new(false),
+            persistent: false,
+            readonly: false,
+            inconsistent: false,
+        }
+    }
+
+    /// Marks a bitmap loaded from an image: `persistent`, `readonly` (the
+    /// image is read-only) and `inconsistent` (not saved cleanly).
+    pub fn loaded(mut self, readonly: bool, inconsistent: bool) -> Self {
+        self.persistent = true;
+        self.readonly = readonly;
+        self.inconsistent = inconsistent;
+        self
+    }
+
+    /// Whether the bitmap came from (and belongs to) an image.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Whether the bitmap may not be changed (loaded from a read-only
+    /// image).
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Whether the image marked the bitmap as not saved cleanly: its bits
+    /// cannot be trusted.
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    /// Sets the granules from `first_granule` (a multiple of 64) on from
+    /// `data`, a stored bitmap's bytes: bit `i` of byte `j` is granule
+    /// `8 * j + i`, the layout of QEMU's qcow2 bitmap clusters. Bits past
+    /// the end of the bitmap are ignored.
+    pub fn load_bits(&self, first_granule: u64, data: &[u8]) {
+        debug_assert!(first_granule.is_multiple_of(64));
+        let granules = self.size.get().div_ceil(self.granularity);
+        let mut w = self.words.borrow_mut();
+        let first = (first_granule / 64) as usize;
+        for (k, chunk) in data.chunks(8).enumerate() {
+            let Some(word) = w.get_mut(first + k) else {
+                break;
+            };
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *word |= u64::from_le_bytes(b);
+        }
+        // The tail word keeps only granules that exist.
+        if !granules.is_multiple_of(64) {
+            if let Some(last) = w.last_mut() {
+                *last &= (1u64 << (granules % 64)) - 1;
+            }
         }
     }
 
@@ -330,6 +389,22 @@ mod tests {
         assert_eq!(runs(&b), vec![(true, 70 * 512), (false, 230 * 512)]);
         b.record_write(299 * 512, 512);
         assert_eq!(b.count(), 71 * 512);
+    }
+
+    /// Stored bytes map bit `i` of byte `j` to granule `8j + i`, from any
+    /// 64-granule boundary; bits past the end are dropped.
+    #[test]
+    fn stored_bits_load_in_qemu_order() {
+        let b = DirtyBitmap::new("b", 200 * 512, 512, true).loaded(true, false);
+        assert!(b.is_persistent() && b.is_readonly() && !b.is_inconsistent());
+        let mut data = vec![0u8; 8];
+        data[0] = 0b0000_0010; // granule 65
+        data[1] = 0b1000_0000; // granule 79
+        b.load_bits(64, &data);
+        b.load_bits(192, &[0xff]); // granules 192..200, 200 past the end
+        let dirty: Vec<u64> = (0..201).filter(|g| b.is_dirty(g * 512)).collect();
+        assert_eq!(dirty, [65, 79, 192, 193, 194, 195, 196, 197, 198, 199]);
+        assert_eq!(b.count(), 10 * 512);
     }
 
     #[test]

@@ -272,6 +272,12 @@ pub trait BlockDriver {
     fn close<'a>(&'a self, _node: &'a Node) -> IoFuture<'a, ()> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Dirty bitmaps the format loaded at open (qcow2's persistent
+    /// bitmaps); the graph attaches them to the new node, once.
+    fn take_loaded_bitmaps(&self) -> Vec<crate::dirty::DirtyBitmap> {
+        Vec::new()
+    }
 }
 
 /// QEMU's default child permissions (`bdrv_default_perms`).

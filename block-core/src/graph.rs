@@ -281,6 +281,10 @@ impl Graph {
             opened.driver,
             opened.children,
         )?;
+        // Listed newest first, as QEMU's prepending load leaves them.
+        for b in node.driver().take_loaded_bitmaps() {
+            node.add_dirty_bitmap(Rc::new(b))?;
+        }
         self.nodes.borrow_mut().insert(name, Rc::clone(&node));
         Ok(node)
     }

@@ -306,6 +306,104 @@ def bitmap_conversation(binary, workdir):
     return out
 
 
+def mark_first_bitmap_in_use(path):
+    """Sets the in-use flag of the first bitmap directory entry, as an
+    image left by a crashed writer has it."""
+    import struct
+    with open(path, "r+b") as f:
+        h = f.read(4096)
+        pos = struct.unpack(">I", h[100:104])[0]
+        while True:
+            ty, ln = struct.unpack(">II", h[pos:pos + 8])
+            if ty == 0x23852875:
+                dir_off = struct.unpack(">Q", h[pos + 24:pos + 32])[0]
+                break
+            if ty == 0:
+                raise ValueError("no bitmaps extension")
+            pos += 8 + (ln + 7) // 8 * 8
+        f.seek(dir_off + 12)
+        flags = struct.unpack(">I", f.read(4))[0]
+        f.seek(dir_off + 12)
+        f.write(struct.pack(">I", flags | 1))
+
+
+def persistent_bitmap_conversation(binary, workdir):
+    """Bitmaps stored in a qcow2 image by qemu-img: loaded at open, listed,
+    guarded when read-only or inconsistent, exported over NBD and fed by
+    writes on a read-write node."""
+    good = os.path.join(workdir, "good.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", good, "4M"], check=True)
+    for args in (["b0"], ["-g", "512", "fine"], ["off"]):
+        subprocess.run(["qemu-img", "bitmap", "--add", good, *args], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--disable", good, "off"], check=True)
+    subprocess.run(["qemu-io", "-c", "write 64k 4k", "-c", "write 1M 100k", good],
+                   check=True, capture_output=True)
+    rw = os.path.join(workdir, "rw.qcow2")
+    bad = os.path.join(workdir, "bad.qcow2")
+    shutil.copy(good, rw)
+    shutil.copy(good, bad)
+    mark_first_bitmap_in_use(bad)
+    sock = os.path.join(workdir, "nbd.sock")
+    d = Daemon(binary)
+    out = []
+    try:
+        q = d.connect()
+
+        def step(_cmd, **args):
+            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
+
+        def bitmaps():
+            r = q.cmd("query-named-block-nodes", flat=True)["return"]
+            out.append(["bitmaps", sorted([n["node-name"], n.get("dirty-bitmaps")] for n in r
+                                          if not n["node-name"].startswith("#"))])
+
+        def client(args):
+            r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+            text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
+                           if " ops; " not in line)
+            out.append([args[0], r.returncode, text])
+
+        def node(name, path, ro):
+            step("blockdev-add", driver="qcow2", **{"node-name": name, "read-only": ro},
+                 file={"driver": "file", "filename": path})
+
+        node("ro", good, True)
+        node("rw", rw, False)
+        node("bad", bad, True)
+        bitmaps()
+        for cmd in ("clear", "enable", "disable", "remove"):
+            step(f"block-dirty-bitmap-{cmd}", node="bad", name="b0")
+        step("block-dirty-bitmap-clear", node="ro", name="b0")
+        step("block-dirty-bitmap-merge", node="ro", target="b0", bitmaps=["fine"])
+        step("block-dirty-bitmap-merge", node="rw", target="off", bitmaps=["fine"])
+        step("block-dirty-bitmap-merge", node="rw", target="off",
+             bitmaps=[{"node": "bad", "name": "b0"}])
+        step("block-dirty-bitmap-disable", node="ro", name="off")
+        step("block-dirty-bitmap-enable", node="ro", name="off")
+        step("block-dirty-bitmap-add", node="rw", name="mem", granularity=4096)
+        step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "bad"}, bitmaps=["b0"])
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "rw"}, bitmaps=["b0"])
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "ro"},
+             bitmaps=["b0", "fine", "off", {"node": "bad", "name": "fine"}])
+        step("block-export-add", type="nbd", id="e1", **{"node-name": "rw"}, writable=True,
+             bitmaps=["b0", "mem", "off"])
+        client(["qemu-io", "-f", "raw", "-c", "write 2M 8k", "-c", "write -z 3M 64k",
+                f"nbd+unix:///rw?socket={sock}"])
+        bitmaps()
+        ctx = "qemu:dirty-bitmap:"
+        for export, names in (("ro", ("b0", "fine", "off")), ("rw", ("b0", "mem", "off"))):
+            for name in names:
+                client(["qemu-img", "map", "--output=json", "--image-opts",
+                        f"driver=nbd,export={export},server.type=unix,server.path={sock},"
+                        f"x-dirty-bitmap={ctx}{name}"])
+        step("nbd-server-stop")
+        q.close()
+    finally:
+        d.stop()
+    return out
+
+
 def strip_versions(convo):
     # package strings and the version triple's micro may differ by build.
     for step in convo:
@@ -343,6 +441,10 @@ class Differential(unittest.TestCase):
     @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
     def test_same_bitmap_conversation(self):
         self.assert_same_texts(bitmap_conversation)
+
+    @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
+    def test_same_persistent_bitmap_conversation(self):
+        self.assert_same_texts(persistent_bitmap_conversation)
 
     def test_schema_arguments(self):
         """Member names and optionality of every common command's arguments

@@ -155,6 +155,8 @@ pub struct Qcow2 {
     zero_from: Cell<u64>,
     /// The file grown ahead of allocations.
     room: room::FileRoom,
+    /// Persistent bitmaps loaded at open, until the graph takes them.
+    loaded_bitmaps: RefCell<Vec<block_core::DirtyBitmap>>,
     /// Set after a metadata write failed: no more writes (QEMU marks the
     /// image corrupt or fails requests the same way).
     broken: Cell<bool>,
@@ -471,6 +473,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         fresh: cache::FreshClusters::default(),
         zero_from: Cell::new(zero_from),
         room: room::FileRoom::default(),
+        loaded_bitmaps: RefCell::new(Vec::new()),
     };
     if clear_autoclear {
         // Only the autoclear field changes: one 8-byte write at offset 88.
@@ -483,6 +486,9 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         .await?;
         file.flush().await?;
     }
+    // Loaded before they are marked in use: a bitmap in use already was
+    // not saved cleanly.
+    *drv.loaded_bitmaps.borrow_mut() = drv.load_bitmaps().await?;
     if !read_only {
         drv.mark_bitmaps_in_use().await?;
     }
@@ -797,6 +803,10 @@ impl BlockDriver for Qcow2 {
             let _g = self.meta.lock().await;
             self.settle_for_close().await
         })
+    }
+
+    fn take_loaded_bitmaps(&self) -> Vec<block_core::DirtyBitmap> {
+        std::mem::take(&mut *self.loaded_bitmaps.borrow_mut())
     }
 
     fn filename(&self) -> Option<String> {

@@ -3,9 +3,10 @@
 //! checks and messages.
 //!
 //! Bitmaps live in memory on their node ([`block_core::dirty`]); the
-//! request path records writes into them. `persistent` bitmaps, which QEMU
-//! stores in a qcow2 image's bitmap directory, are refused: Strata keeps
-//! the bitmaps already in an image intact but does not write new ones.
+//! request path records writes into them. A qcow2 image's persistent
+//! bitmaps are loaded at open and can be used and exported; adding or
+//! removing persistent bitmaps is refused, because Strata does not store
+//! bitmaps in images yet.
 
 use std::rc::Rc;
 
@@ -31,7 +32,14 @@ pub fn register(r: &mut Registry<Daemon>) {
         "block-dirty-bitmap-remove",
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (n, b) = lookup(&d, &a.node, &a.name)?;
-            check_idle(&b)?;
+            check(&b, Use::Remove)?;
+            if b.is_persistent() {
+                return Err(QmpError::generic(format!(
+                    "Can't remove persistent bitmap '{}' from {}: Operation not supported",
+                    b.name(),
+                    n.name()
+                )));
+            }
             n.remove_dirty_bitmap(b.name());
             Ok(Empty {})
         },
@@ -40,7 +48,7 @@ pub fn register(r: &mut Registry<Daemon>) {
         "block-dirty-bitmap-clear",
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (_, b) = lookup(&d, &a.node, &a.name)?;
-            check_idle(&b)?;
+            check(&b, Use::Modify)?;
             b.clear();
             Ok(Empty {})
         },
@@ -51,7 +59,7 @@ pub fn register(r: &mut Registry<Daemon>) {
     ] {
         r.command(cmd, move |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (_, b) = lookup(&d, &a.node, &a.name)?;
-            check_idle(&b)?;
+            check(&b, Use::Read)?;
             b.set_recording(on);
             Ok(Empty {})
         });
@@ -106,13 +114,16 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
 /// of another size.
 fn merge(d: &Daemon, a: &BitmapMergeArgs) -> R<()> {
     let (_, target) = lookup(d, &a.node, &a.target)?;
-    check_idle(&target)?;
+    check(&target, Use::Modify)?;
     let mut sources = Vec::with_capacity(a.bitmaps.len());
     for s in &a.bitmaps {
         let (_, b) = match s {
             BitmapOrStr::Name(name) => lookup(d, &a.node, name)?,
             BitmapOrStr::Full(f) => lookup(d, &f.node, &f.name)?,
         };
+        if b.is_inconsistent() {
+            return Err(inconsistent(&b));
+        }
         if b.size() != target.size() {
             return Err(QmpError::generic(format!(
                 "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -146,14 +157,41 @@ fn lookup(d: &Daemon, node_name: &str, name: &str) -> R<(Rc<Node>, Rc<DirtyBitma
     Ok((n, b))
 }
 
-fn check_idle(b: &DirtyBitmap) -> R<()> {
+/// What a command does with a bitmap, for QEMU's `bdrv_dirty_bitmap_check`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Enable, disable, export: a read-only bitmap may be used.
+    Read,
+    /// Clear, merge into.
+    Modify,
+    /// Remove: an inconsistent bitmap may go.
+    Remove,
+}
+
+fn check(b: &DirtyBitmap, what: Use) -> R<()> {
     if b.is_busy() {
         return Err(QmpError::generic(format!(
             "Bitmap '{}' is currently in use by another operation and cannot be used",
             b.name()
         )));
     }
+    if what != Use::Read && b.is_readonly() {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{}' is readonly and cannot be modified",
+            b.name()
+        )));
+    }
+    if what != Use::Remove && b.is_inconsistent() {
+        return Err(inconsistent(b));
+    }
     Ok(())
+}
+
+fn inconsistent(b: &DirtyBitmap) -> QmpError {
+    QmpError::generic(format!(
+        "Bitmap '{}' is inconsistent and cannot be used",
+        b.name()
+    ))
 }
 
 /// The `dirty-bitmaps` member of a node's `BlockDeviceInfo` (absent when
@@ -168,7 +206,8 @@ pub fn dirty_info(n: &Node) -> Option<Vec<DirtyInfo>> {
             granularity: b.granularity() as u32,
             recording: b.is_recording(),
             busy: b.is_busy(),
-            persistent: false,
+            persistent: b.is_persistent(),
+            inconsistent: b.is_inconsistent().then_some(true),
         })
         .collect();
     (!v.is_empty()).then_some(v)

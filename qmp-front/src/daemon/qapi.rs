@@ -597,6 +597,8 @@ qmp_struct! {
         "busy" => pub busy: bool,
         /// Persistent.
         "persistent" => pub persistent: bool,
+        /// Not saved cleanly: unusable (absent when false).
+        "inconsistent" => pub inconsistent: Option<bool>,
     }
 }
 

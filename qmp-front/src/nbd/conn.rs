@@ -483,18 +483,22 @@ fn match_contexts(exp: &NbdExport, queries: &[String], list: bool) -> Vec<(u32, 
         return if list { offered } else { Vec::new() };
     }
     // A bare namespace ("base:", "qemu:", "qemu:dirty-bitmap:") lists
-    // what it holds but selects nothing, as in QEMU.
-    offered
-        .into_iter()
-        .filter(|(_, name)| {
-            queries.iter().any(|q| {
-                q == name
-                    || (list
-                        && ["base:", "qemu:", DIRTY_BITMAP_PREFIX]
-                            .iter()
-                            .any(|ns| q == ns && name.starts_with(ns)))
-            })
+    // what it holds but selects nothing, as in QEMU. A name that two
+    // exported bitmaps share selects the first.
+    let wanted = |i: usize, name: &str| {
+        queries.iter().any(|q| {
+            (q == name && offered.iter().position(|(_, n)| n == q) == Some(i))
+                || (list
+                    && ["base:", "qemu:", DIRTY_BITMAP_PREFIX]
+                        .iter()
+                        .any(|ns| q == ns && name.starts_with(ns)))
         })
+    };
+    offered
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, name))| wanted(*i, name))
+        .map(|(_, c)| c.clone())
         .collect()
 }
 

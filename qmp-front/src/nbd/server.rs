@@ -422,6 +422,12 @@ fn find_bitmap(
             b.name
         )));
     }
+    if bm.is_inconsistent() {
+        return Err(Error::invalid(format!(
+            "Bitmap '{}' is inconsistent and cannot be used",
+            b.name
+        )));
+    }
     Ok(bm)
 }
 

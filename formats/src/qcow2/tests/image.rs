@@ -1411,3 +1411,87 @@ fn compressed_runs_mix_packed_and_plain_clusters() {
         });
     }
 }
+
+/// Offset of the first bitmap directory entry of a qcow2 v3 image.
+fn first_bitmap_entry(img: &str) -> u64 {
+    let h = std::fs::read(img).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().unwrap());
+    let mut pos = be32(100) as usize;
+    loop {
+        let (ty, len) = (be32(pos), be32(pos + 4) as usize);
+        assert_ne!(ty, 0, "no bitmaps extension");
+        if ty == 0x2385_2875 {
+            return u64::from_be_bytes(h[pos + 24..pos + 32].try_into().unwrap());
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+fn poke(img: &str, off: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Bitmaps that qemu-img stored load at open with their bits, flags and
+/// QEMU's listing order; an all-ones table entry sets its whole range;
+/// damaged entries refuse the open with an error naming the bitmap.
+#[test]
+fn persistent_bitmaps_load_at_open() {
+    let d = Dir::new("bmload");
+    on_engines(|g, mode| {
+        let img = d.file("l.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "4M"]);
+        qemu_img(&["bitmap", "--add", &img, "b0"]);
+        qemu_img(&["bitmap", "--add", "-g", "512", &img, "fine"]);
+        qemu_io(&img, &["write 64k 4k".into(), "write 1M 100k".into()]);
+        qemu_img(&["bitmap", "--disable", &img, "fine"]);
+        let dirty = |b: &block_core::DirtyBitmap| -> Vec<u64> {
+            (0..b.size() / b.granularity())
+                .filter(|i| b.is_dirty(i * b.granularity()))
+                .map(|i| i * b.granularity())
+                .collect()
+        };
+        run(g, async {
+            let n = open(g, &img, true).await;
+            let bms = n.dirty_bitmaps();
+            let names: Vec<_> = bms.iter().map(|b| b.name().to_owned()).collect();
+            assert_eq!(names, ["fine", "b0"], "{mode:?}");
+            let (fine, b0) = (&bms[0], &bms[1]);
+            assert!(b0.is_persistent() && b0.is_readonly() && !b0.is_inconsistent());
+            assert!(b0.is_recording() && !fine.is_recording());
+            assert_eq!(dirty(b0), [65536, 1 << 20, (1 << 20) + 65536]);
+            assert_eq!(fine.count(), 4096 + 102400);
+            close(g, n).await;
+        });
+        let entry = first_bitmap_entry(&img);
+        let table = {
+            let h = std::fs::read(&img).unwrap();
+            u64::from_be_bytes(h[entry as usize..entry as usize + 8].try_into().unwrap())
+        };
+        // b0's only table entry: absent cluster, all ones.
+        poke(&img, table, &1u64.to_be_bytes());
+        run(g, async {
+            let n = open(g, &img, true).await;
+            let b0 = n.dirty_bitmap("b0").unwrap();
+            assert_eq!(b0.count(), 4 << 20, "{mode:?}");
+            close(g, n).await;
+        });
+        // Reserved bits in the entry, then a granularity QEMU refuses.
+        for (at, bytes) in [
+            (table, 0x0100_0000_0000_0000u64.to_be_bytes().to_vec()),
+            (entry + 17, vec![8u8]),
+        ] {
+            let saved = std::fs::read(&img).unwrap();
+            poke(&img, at, &bytes);
+            run(g, async {
+                let e = g.open(q2_opts(&img).with("read-only", true)).await.err();
+                let e = e.expect("damaged bitmap accepted").to_string();
+                assert!(e.contains("bitmap 'b0'"), "{mode:?}: {e}");
+            });
+            std::fs::write(&img, saved).unwrap();
+        }
+    });
+}
