@@ -55,9 +55,10 @@ impl DirtyBitmap {
         }
     }
 
-    /// Marks a bitmap loaded from an image: `persistent`, `readonly` (the
-    /// image is read-only) and `inconsistent` (not saved cleanly).
-    pub fn loaded(mut self, readonly: bool, inconsistent: bool) -> Self {
+    /// Marks a bitmap that belongs to an image (loaded from it, or to be
+    /// stored in it): `readonly` when the image is read-only,
+    /// `inconsistent` when the image says it was not saved cleanly.
+    pub fn persistent(mut self, readonly: bool, inconsistent: bool) -> Self {
         self.persistent = true;
         self.readonly = readonly;
         self.inconsistent = inconsistent;
@@ -79,6 +80,20 @@ impl DirtyBitmap {
     /// cannot be trusted.
     pub fn is_inconsistent(&self) -> bool {
         self.inconsistent
+    }
+
+    /// The bits in the stored layout (see [`Self::load_bits`]): one bit per
+    /// granule, `ceil(granules / 8)` bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let granules = self.size.get().div_ceil(self.granularity);
+        let mut out: Vec<u8> = self
+            .words
+            .borrow()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        out.truncate(granules.div_ceil(8) as usize);
+        out
     }
 
     /// Sets the granules from `first_granule` (a multiple of 64) on from
@@ -395,7 +410,7 @@ mod tests {
     /// 64-granule boundary; bits past the end are dropped.
     #[test]
     fn stored_bits_load_in_qemu_order() {
-        let b = DirtyBitmap::new("b", 200 * 512, 512, true).loaded(true, false);
+        let b = DirtyBitmap::new("b", 200 * 512, 512, true).persistent(true, false);
         assert!(b.is_persistent() && b.is_readonly() && !b.is_inconsistent());
         let mut data = vec![0u8; 8];
         data[0] = 0b0000_0010; // granule 65
@@ -405,6 +420,11 @@ mod tests {
         let dirty: Vec<u64> = (0..201).filter(|g| b.is_dirty(g * 512)).collect();
         assert_eq!(dirty, [65, 79, 192, 193, 194, 195, 196, 197, 198, 199]);
         assert_eq!(b.count(), 10 * 512);
+        let bytes = b.to_bytes();
+        assert_eq!(bytes.len(), 25);
+        let c = DirtyBitmap::new("c", 200 * 512, 512, true);
+        c.load_bits(0, &bytes);
+        assert_eq!(c.to_bytes(), bytes, "stored bytes round-trip");
     }
 
     #[test]

@@ -404,6 +404,77 @@ def persistent_bitmap_conversation(binary, workdir):
     return out
 
 
+def stored_bitmap_conversation(binary, workdir):
+    """A read-write session that adds, changes and removes persistent
+    bitmaps, then what the image holds afterwards as qemu-img and a fresh
+    qemu-storage-daemon (the same reader for both) see it."""
+    img = os.path.join(workdir, "st.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "4M"], check=True)
+    for args in (["b0"], ["-g", "512", "fine"], ["off"]):
+        subprocess.run(["qemu-img", "bitmap", "--add", img, *args], check=True)
+    subprocess.run(["qemu-io", "-c", "write 64k 4k", img], check=True, capture_output=True)
+    sock = os.path.join(workdir, "nbd.sock")
+    out = []
+
+    def client(args):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
+                       if " ops; " not in line)
+        out.append([args[0], r.returncode, text])
+
+    d = Daemon(binary)
+    try:
+        q = d.connect()
+
+        def step(_cmd, **args):
+            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
+
+        step("blockdev-add", driver="qcow2", **{"node-name": "rw"},
+             file={"driver": "file", "filename": img})
+        step("block-dirty-bitmap-add", node="rw", name="new", granularity=4096, persistent=True)
+        step("block-dirty-bitmap-add", node="rw", name="mem")
+        step("block-dirty-bitmap-remove", node="rw", name="off")
+        step("block-dirty-bitmap-disable", node="rw", name="fine")
+        step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "rw"}, writable=True)
+        client(["qemu-io", "-f", "raw", "-c", "write 1M 100k", "-c", "write -z 2M 64k",
+                f"nbd+unix:///rw?socket={sock}"])
+        step("block-export-del", id="e0")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        step("block-dirty-bitmap-add", node="rw", name="merged", persistent=True, disabled=True)
+        step("block-dirty-bitmap-merge", node="rw", target="merged", bitmaps=["b0", "fine"])
+        step("blockdev-del", **{"node-name": "rw"})
+        q.close()
+    finally:
+        d.stop()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
+                                     capture_output=True, text=True, check=True).stdout)
+    out.append(["stored", info["format-specific"]["data"].get("bitmaps")])
+    check = subprocess.run(["qemu-img", "check", "--output=json", img],
+                           capture_output=True, text=True)
+    c = json.loads(check.stdout)
+    out.append(["check", check.returncode, c.get("leaks", 0), c.get("corruptions", 0)])
+    # The bits, as qemu-storage-daemon loads them.
+    reader = Daemon(qsd_path(), ["--blockdev",
+                                 f"driver=qcow2,node-name=r,read-only=on,file.driver=file,"
+                                 f"file.filename={img}"])
+    try:
+        q = reader.connect()
+        r = q.cmd("query-named-block-nodes", flat=True)["return"]
+        out.append(["loaded", [n.get("dirty-bitmaps") for n in r if n["node-name"] == "r"]])
+        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        q.cmd("block-export-add", type="nbd", id="e", **{"node-name": "r"},
+              bitmaps=["b0", "fine", "new", "merged"])
+        for name in ("b0", "fine", "new", "merged"):
+            client(["qemu-img", "map", "--output=json", "--image-opts",
+                    f"driver=nbd,export=r,server.type=unix,server.path={sock},"
+                    f"x-dirty-bitmap=qemu:dirty-bitmap:{name}"])
+        q.close()
+    finally:
+        reader.stop()
+    return out
+
+
 def strip_versions(convo):
     # package strings and the version triple's micro may differ by build.
     for step in convo:
@@ -445,6 +516,10 @@ class Differential(unittest.TestCase):
     @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
     def test_same_persistent_bitmap_conversation(self):
         self.assert_same_texts(persistent_bitmap_conversation)
+
+    @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
+    def test_same_stored_bitmaps(self):
+        self.assert_same_texts(stored_bitmap_conversation)
 
     def test_schema_arguments(self):
         """Member names and optionality of every common command's arguments

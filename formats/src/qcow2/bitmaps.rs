@@ -1,21 +1,27 @@
-//! The persistent dirty bitmaps extension. At open the bitmaps are loaded
-//! into memory ([`DirtyBitmap`]s the graph attaches to the node, which
-//! then record guest writes and serve NBD's `qemu:dirty-bitmap`), as QEMU
-//! loads them. Strata keeps the extension (its data and autoclear bit 0)
-//! but does not store bitmaps back yet. So that a bitmap is never trusted
-//! after Strata changed guest data, every bitmap is marked `in_use` on
-//! read-write open, as QEMU marks bitmaps it has loaded for writing; a
-//! later open (by QEMU or Strata) treats them as inconsistent. `check`
-//! counts the bitmap directory, tables and data clusters so they are not
-//! leaks.
+//! The persistent dirty bitmaps extension, as QEMU keeps it. At open the
+//! bitmaps are loaded into memory ([`DirtyBitmap`]s the graph attaches to
+//! the node, which then record guest writes and serve NBD's
+//! `qemu:dirty-bitmap`). On read-write open every bitmap is marked
+//! `in_use` on disk, so that a crash leaves them inconsistent rather than
+//! trusted and stale; when the node closes, its persistent bitmaps are
+//! stored anew and the directory points at them with `in_use` clear.
+//! `check` counts the bitmap directory, tables and data clusters so they
+//! are not leaks.
+//!
+//! Store order (crash-safe): new data clusters and tables, the new
+//! directory, refcounts and a flush; then the header extension and a
+//! flush; only then are the old directory, tables and data freed. A crash
+//! before the header write leaves leaks and the old, in-use directory.
 //!
 //! Runs on the loop thread during open (before any guest write) and under
 //! `meta` in `check`. Write order: the directory is rewritten in place and
 //! flushed before the node accepts writes.
 
+use std::rc::Rc;
+
 use block_core::{DirtyBitmap, IoBuf, Result, WriteFlags};
 
-use super::header::{be16, be32, be64, put32};
+use super::header::{be16, be32, be64, put32, put64, AUTOCLEAR_BITMAPS};
 use super::Qcow2;
 
 /// Largest bitmap directory QEMU accepts.
@@ -36,6 +42,8 @@ const GRANULARITY_BITS: std::ops::RangeInclusive<u8> = 9..=31;
 const MAX_BITMAP_BYTES: u64 = 512 << 20;
 /// Flags QEMU knows; others refuse the load.
 const KNOWN_FLAGS: u32 = 0b111;
+/// Longest bitmap name (`BDRV_BITMAP_MAX_NAME_SIZE`).
+const MAX_NAME: usize = 1023;
 
 /// One bitmap directory entry's location data.
 struct Entry {
@@ -185,7 +193,7 @@ impl Qcow2 {
             }
             let in_use = e.flags & FLAG_IN_USE != 0;
             let bm = DirtyBitmap::new(&info.name, size, g, info.auto && !in_use)
-                .loaded(self.read_only, in_use);
+                .persistent(self.read_only, in_use);
             if !in_use {
                 self.load_bitmap_data(&bm, e, &bad).await?;
             }
@@ -288,5 +296,185 @@ impl Qcow2 {
             }
         }
         Ok(v)
+    }
+
+    /// Whether a new persistent bitmap `name` could be stored here, with
+    /// QEMU's messages.
+    pub fn can_store_bitmap(&self, name: &str, existing: usize) -> std::result::Result<(), String> {
+        if self.hdr.borrow().version < 3 {
+            return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
+        }
+        if self.read_only {
+            return Err("the image is read-only".into());
+        }
+        if existing >= MAX_BITMAPS as usize {
+            return Err("Maximum number of persistent bitmaps is already reached".into());
+        }
+        if name.len() > MAX_NAME {
+            return Err(format!("Bitmap name too long: {name}"));
+        }
+        Ok(())
+    }
+
+    /// Stores `bitmaps` (a node's, newest first) in place of the image's
+    /// directory: persistent ones with their bits, inconsistent ones as
+    /// they were; bitmaps no longer on the node leave the directory.
+    /// Called under `meta` when a read-write node closes.
+    pub(crate) async fn store_bitmaps(&self, bitmaps: &[Rc<DirtyBitmap>]) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let old = if self.hdr.borrow().autoclear_features & AUTOCLEAR_BITMAPS != 0 {
+            self.read_bitmap_directory().await?
+        } else {
+            None
+        };
+        if old.is_none() && !bitmaps.iter().any(|b| b.is_persistent()) {
+            return Ok(());
+        }
+        let old_names: Vec<String> = if old.is_some() {
+            self.bitmaps().await?.into_iter().map(|b| b.name).collect()
+        } else {
+            Vec::new()
+        };
+        // QEMU's order: the directory's bitmaps where they were, then new
+        // ones newest first.
+        let persistent = || bitmaps.iter().filter(|b| b.is_persistent());
+        let mut keep: Vec<&Rc<DirtyBitmap>> = old_names
+            .iter()
+            .filter_map(|n| persistent().find(|b| b.name() == n))
+            .collect();
+        keep.extend(persistent().filter(|b| !old_names.iter().any(|n| n == b.name())));
+        if keep.is_empty() && old.is_none() {
+            return Ok(());
+        }
+        let old_entry = |name: &str| {
+            let (_, _, entries) = old.as_ref()?;
+            let i = old_names.iter().position(|n| n == name)?;
+            entries.get(i)
+        };
+        let cs = self.cluster_size;
+        let mut dir = Vec::new();
+        let mut count = 0u32;
+        // Old tables that stay in use (inconsistent bitmaps keep theirs).
+        let mut kept_tables = Vec::new();
+        for b in &keep {
+            let (table_off, table_size, flags) = if b.is_inconsistent() {
+                let Some(e) = old_entry(b.name()) else {
+                    continue;
+                };
+                kept_tables.push(e.table_offset);
+                (e.table_offset, e.table_size, e.flags | FLAG_IN_USE)
+            } else {
+                let (off, n) = self.store_bitmap_data(b).await?;
+                let flags = if b.is_recording() { FLAG_AUTO } else { 0 };
+                (off, n, flags)
+            };
+            let name = b.name().as_bytes();
+            let start = dir.len();
+            dir.resize(start + (24 + name.len()).div_ceil(8) * 8, 0);
+            put64(&mut dir, start, table_off);
+            put32(&mut dir, start + 8, table_size);
+            put32(&mut dir, start + 12, flags);
+            dir[start + 16] = 1;
+            dir[start + 17] = b.granularity().trailing_zeros() as u8;
+            dir[start + 18..start + 20].copy_from_slice(&(name.len() as u16).to_be_bytes());
+            dir[start + 24..start + 24 + name.len()].copy_from_slice(name);
+            count += 1;
+        }
+        let ext = if dir.is_empty() {
+            None
+        } else {
+            let off = self
+                .alloc_contiguous((dir.len() as u64).div_ceil(cs))
+                .await?;
+            self.file
+                .pwrite(off, IoBuf::from_slice(&dir), WriteFlags::default())
+                .await?;
+            let mut e = vec![0u8; 24];
+            put32(&mut e, 0, count);
+            put64(&mut e, 8, dir.len() as u64);
+            put64(&mut e, 16, off);
+            Some(e)
+        };
+        // Everything the new directory needs is on disk before the header
+        // points at it.
+        self.flush_caches().await?;
+        self.file.flush().await?;
+        let header = {
+            let mut h = self.hdr.borrow_mut();
+            if ext.is_some() {
+                h.autoclear_features |= AUTOCLEAR_BITMAPS;
+            } else {
+                h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+            }
+            h.bitmaps_ext = ext;
+            h.serialize()?
+        };
+        self.file
+            .pwrite(0, IoBuf::from_slice(&header), WriteFlags::default())
+            .await?;
+        self.file.flush().await?;
+        // The old directory and every table not kept are garbage now.
+        if let Some((off, odir, entries)) = old {
+            self.free_bytes(off, odir.len() as u64).await?;
+            for e in entries {
+                if kept_tables.contains(&e.table_offset) || e.table_size == 0 {
+                    continue;
+                }
+                let bytes = u64::from(e.table_size) * 8;
+                if bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
+                    continue;
+                }
+                let t = self
+                    .file
+                    .pread(e.table_offset, IoBuf::zeroed(bytes as usize))
+                    .await?;
+                for c in t.chunks_exact(8) {
+                    let d = be64(c, 0) & BME_OFFSET_MASK;
+                    if d != 0 {
+                        self.free_bytes(d, cs).await?;
+                    }
+                }
+                self.free_bytes(e.table_offset, bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one bitmap's non-zero data clusters and its table; returns
+    /// the table's offset and entry count.
+    async fn store_bitmap_data(&self, b: &DirtyBitmap) -> Result<(u64, u32)> {
+        let cs = self.cluster_size as usize;
+        let bytes = b.to_bytes();
+        let mut table = vec![0u8; bytes.len().div_ceil(cs) * 8];
+        for (i, chunk) in bytes.chunks(cs).enumerate() {
+            if block_core::buf::is_zero(chunk) {
+                continue;
+            }
+            let off = self.alloc_cluster().await?;
+            let mut buf = IoBuf::zeroed(cs);
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.file.pwrite(off, buf, WriteFlags::default()).await?;
+            put64(&mut table, i * 8, off);
+        }
+        let n = (table.len() / 8) as u32;
+        let off = self
+            .alloc_contiguous((table.len() as u64).div_ceil(cs as u64))
+            .await?;
+        self.file
+            .pwrite(off, IoBuf::from_slice(&table), WriteFlags::default())
+            .await?;
+        Ok((off, n))
+    }
+
+    /// Drops one reference from every cluster of `[off, off + len)`.
+    async fn free_bytes(&self, off: u64, len: u64) -> Result<()> {
+        let cb = self.cluster_bits;
+        for c in (off >> cb)..=((off + len.max(1) - 1) >> cb) {
+            self.update_refcount(c, -1, super::DiscardKind::Other)
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -795,13 +795,17 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.truncate_impl(size, prealloc))
     }
 
-    fn close<'a>(&'a self, _node: &'a Node) -> IoFuture<'a, ()> {
+    fn close<'a>(&'a self, node: &'a Node) -> IoFuture<'a, ()> {
         Box::pin(async move {
             if self.read_only {
                 return Ok(());
             }
             let _g = self.meta.lock().await;
-            self.settle_for_close().await
+            // A bitmap that cannot be stored must not keep the metadata
+            // from being flushed; it stays in use on disk.
+            let stored = self.store_bitmaps(&node.dirty_bitmaps()).await;
+            let settled = self.settle_for_close().await;
+            stored.and(settled)
         })
     }
 

@@ -3,10 +3,9 @@
 //! checks and messages.
 //!
 //! Bitmaps live in memory on their node ([`block_core::dirty`]); the
-//! request path records writes into them. A qcow2 image's persistent
-//! bitmaps are loaded at open and can be used and exported; adding or
-//! removing persistent bitmaps is refused, because Strata does not store
-//! bitmaps in images yet.
+//! request path records writes into them. A qcow2 node loads its image's
+//! persistent bitmaps at open and stores its persistent bitmaps (added,
+//! changed, removed) when it closes.
 
 use std::rc::Rc;
 
@@ -33,13 +32,8 @@ pub fn register(r: &mut Registry<Daemon>) {
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (n, b) = lookup(&d, &a.node, &a.name)?;
             check(&b, Use::Remove)?;
-            if b.is_persistent() {
-                return Err(QmpError::generic(format!(
-                    "Can't remove persistent bitmap '{}' from {}: Operation not supported",
-                    b.name(),
-                    n.name()
-                )));
-            }
+            // A persistent bitmap leaves the image's directory when the
+            // node closes and stores what remains.
             n.remove_dirty_bitmap(b.name());
             Ok(Empty {})
         },
@@ -86,11 +80,26 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
             default_granularity(formats::qcow2::Qcow2::of(&n).map(|q| q.header().cluster_size()))
         }
     };
-    if a.persistent == Some(true) {
-        return Err(QmpError::generic(format!(
-            "Can't store persistent bitmaps to {}: Operation not supported",
-            n.name()
-        )));
+    let persistent = a.persistent == Some(true);
+    if persistent {
+        let Some(q) = formats::qcow2::Qcow2::of(&n) else {
+            return Err(QmpError::generic(format!(
+                "Can't store persistent bitmaps to {}: Operation not supported",
+                n.name()
+            )));
+        };
+        let stored = n
+            .dirty_bitmaps()
+            .iter()
+            .filter(|b| b.is_persistent())
+            .count();
+        q.can_store_bitmap(&a.name, stored).map_err(|why| {
+            QmpError::generic(format!(
+                "Can't make bitmap '{}' persistent in '{}': {why}",
+                a.name,
+                n.name()
+            ))
+        })?;
     }
     if n.dirty_bitmap(&a.name).is_some() {
         return Err(QmpError::generic(format!(
@@ -105,7 +114,10 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
         )));
     }
     let recording = a.disabled != Some(true);
-    let b = DirtyBitmap::new(&a.name, n.size(), granularity, recording);
+    let mut b = DirtyBitmap::new(&a.name, n.size(), granularity, recording);
+    if persistent {
+        b = b.persistent(false, false);
+    }
     n.add_dirty_bitmap(Rc::new(b))
         .map_err(|e| errors::block(&e))
 }

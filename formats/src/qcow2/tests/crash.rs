@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use block_core::{AioMode, EventBus, EventLoop, Graph, IoBuf, Prealloc, WriteFlags};
 
-use super::{create_qcow2, q2_opts, tool, Dir, Rng};
+use super::{create_qcow2, q2_opts, qemu_img, tool, Dir, Rng};
 use crate::qcow2::Qcow2;
 
 const SIZE: u64 = 32 << 20;
@@ -130,6 +130,11 @@ fn write_until_killed(img: &str, seed: u64, cs: u64) {
     let ctx = std::rc::Rc::clone(g.context());
     ctx.block_on(async {
         let n = g.open(q2_opts(img).with("discard", "unmap")).await.unwrap();
+        // A bitmap of the session, stored next to the image's own when the
+        // node closes.
+        let b = block_core::DirtyBitmap::new("session", n.size(), 65536, true);
+        n.add_dirty_bitmap(std::rc::Rc::new(b.persistent(false, false)))
+            .unwrap();
         println!("READY");
         for (i, op) in crash_ops(seed, cs).iter().enumerate() {
             let q = Qcow2::of(&n).unwrap();
@@ -168,6 +173,10 @@ fn write_until_killed(img: &str, seed: u64, cs: u64) {
         n.flush().await.unwrap();
         println!("ACK {}", OPS - 1);
         println!("DONE");
+        // Closing stores the bitmaps: the kill may land in there too.
+        drop(n);
+        g.close_all().await.unwrap();
+        println!("CLOSED");
     });
 }
 
@@ -178,19 +187,66 @@ fn crash_writer() {
     let img = std::env::var("STRATA_CRASH_IMG").expect("STRATA_CRASH_IMG");
     let seed: u64 = std::env::var("STRATA_CRASH_SEED").unwrap().parse().unwrap();
     let cs: u64 = std::env::var("STRATA_CRASH_CS").unwrap().parse().unwrap();
-    write_until_killed(&img, seed, cs);
+    if std::env::var("STRATA_CRASH_MODE").as_deref() == Ok("close") {
+        close_until_killed(&img);
+    } else {
+        write_until_killed(&img, seed, cs);
+    }
 }
+
+/// The close writer: writes covered by a flush, then a close that stores
+/// the persistent bitmaps (the image's own and one of the session).
+fn close_until_killed(img: &str) {
+    let el = EventLoop::new(AioMode::IoUring).expect("event loop");
+    let g = Graph::new(
+        std::rc::Rc::clone(el.context()),
+        crate::registry(),
+        EventBus::new(),
+    );
+    let ctx = std::rc::Rc::clone(g.context());
+    ctx.block_on(async {
+        let n = g.open(q2_opts(img)).await.unwrap();
+        let b = block_core::DirtyBitmap::new("session", n.size(), 4096, true);
+        n.add_dirty_bitmap(std::rc::Rc::new(b.persistent(false, false)))
+            .unwrap();
+        println!("READY");
+        for i in 0..CLOSE_WRITES {
+            n.pwrite(
+                i * 393_216,
+                IoBuf::filled(65536, 0x5c),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        }
+        n.flush().await.unwrap();
+        println!("ACK 0");
+        drop(n);
+        g.close_all().await.unwrap();
+        println!("CLOSED");
+    });
+}
+
+/// Writes of the close writer, 64 KiB every 384 KiB.
+const CLOSE_WRITES: u64 = 40;
 
 /// What a killed writer reported.
 struct Killed {
     /// The last operation a completed flush covered.
     acked: Option<usize>,
+    /// The writer closed the image (and stored its bitmaps).
+    closed: bool,
     /// Killed while creating or deleting a snapshot.
     in_snapshot_op: bool,
 }
 
 /// Runs one writer and kills it after `delay`.
 fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
+    run_mode_and_kill(img, seed, cs, delay, "ops")
+}
+
+/// [`run_and_kill`] for a writer `mode`: "ops" or "close".
+fn run_mode_and_kill(img: &str, seed: u64, cs: u64, delay: Duration, mode: &str) -> Killed {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "qcow2::tests::crash::crash_writer",
@@ -202,6 +258,7 @@ fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
         .env("STRATA_CRASH_IMG", img)
         .env("STRATA_CRASH_SEED", seed.to_string())
         .env("STRATA_CRASH_CS", cs.to_string())
+        .env("STRATA_CRASH_MODE", mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -213,6 +270,7 @@ fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
         let mut acks = Vec::new();
         let mut ready = false;
         let mut open_op = false;
+        let mut closed = false;
         for l in BufReader::new(out).lines() {
             let Ok(l) = l else { break };
             if l.starts_with("BEGIN ") {
@@ -228,8 +286,9 @@ fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
             if let Some(i) = l.strip_prefix("ACK ") {
                 acks.push(i.parse::<usize>().unwrap());
             }
+            closed |= l.ends_with("CLOSED");
         }
-        (ready, acks, open_op)
+        (ready, acks, open_op, closed)
     });
     let end = Instant::now() + delay;
     while Instant::now() < end {
@@ -240,7 +299,7 @@ fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
     }
     let _ = child.kill();
     let st = child.wait().unwrap();
-    let (ready, acks, in_snapshot_op) = reader.join().unwrap();
+    let (ready, acks, in_snapshot_op, closed) = reader.join().unwrap();
     // Killed, or ran to the end: anything else is a writer failure.
     assert!(
         st.code().is_none() || st.success(),
@@ -249,6 +308,7 @@ fn run_and_kill(img: &str, seed: u64, cs: u64, delay: Duration) -> Killed {
     assert!(ready || acks.is_empty(), "acknowledged before opening");
     Killed {
         acked: acks.last().copied(),
+        closed,
         in_snapshot_op,
     }
 }
@@ -355,6 +415,7 @@ fn killed_writers_leave_consistent_images_and_flushed_data() {
     let mut rng = Rng(0x5eed_c0de);
     let mut runs = 0;
     let mut dirty = 0;
+    let mut stored = 0;
     for (cfg, cs) in [
         ("cluster_size=65536", 65536u64),
         ("cluster_size=4096,refcount_bits=4", 4096),
@@ -366,6 +427,9 @@ fn killed_writers_leave_consistent_images_and_flushed_data() {
             let img = d.file("k.qcow2");
             let _ = std::fs::remove_file(&img);
             create_qcow2(&img, cfg, SIZE);
+            // The image's own persistent bitmap is loaded, marked in use
+            // and stored back at close.
+            qemu_img(&["bitmap", "--add", &img, "own"]);
             let seed = cs * 1000 + k;
             let delay = Duration::from_millis(2 + rng.below(120));
             let killed = run_and_kill(&img, seed, cs, delay);
@@ -374,11 +438,78 @@ fn killed_writers_leave_consistent_images_and_flushed_data() {
                 "seed {seed}: dirty without lazy refcounts"
             );
             dirty += usize::from(is_dirty(&img));
+            let closed = killed.closed;
             verify(&img, &d, seed, cs, killed);
+            let info = qemu_img(&["info", "--output=json", "-U", &img]);
+            assert!(info.contains("\"own\""), "seed {seed}: bitmap lost: {info}");
+            if closed {
+                assert!(
+                    info.contains("\"session\"") && !info.contains("in-use"),
+                    "seed {seed}: bitmaps not stored at close: {info}"
+                );
+                stored += 1;
+            }
             runs += 1;
         }
     }
     assert_eq!(runs, 220);
+    eprintln!("{stored} of {runs} writers closed the image before the kill");
     // The kills land while lazily written metadata is outstanding.
     assert!(dirty > 10, "only {dirty} of 40 lazy images were left dirty");
+}
+
+/// Kills the writer at random points around the close that stores the
+/// persistent bitmaps: the image stays free of corruption, its bitmaps
+/// are never lost (in use after a kill, stored and clean after a close),
+/// and flushed data reads back.
+#[test]
+fn killed_while_storing_bitmaps() {
+    let d = Dir::new("crash-close");
+    let img = d.file("c.qcow2");
+    let fresh = || {
+        let _ = std::fs::remove_file(&img);
+        create_qcow2(&img, "cluster_size=65536", SIZE);
+        qemu_img(&["bitmap", "--add", &img, "own"]);
+    };
+    // How long a writer takes to the end, unkilled.
+    fresh();
+    let t = Instant::now();
+    let k = run_mode_and_kill(&img, 0, 65536, Duration::from_secs(60), "close");
+    let full = t.elapsed();
+    assert!(k.closed, "the close writer did not finish");
+    let mut rng = Rng(0x00c1_05ed);
+    let mut closed = 0;
+    for run in 0..60 {
+        fresh();
+        // Most kills land late: in the writes, the flush and the close.
+        let delay = full.mul_f64(0.5 + rng.below(600) as f64 / 1000.0);
+        let k = run_mode_and_kill(&img, 0, 65536, delay, "close");
+        let (_, text) = tool("qemu-img", &["check", &img]);
+        assert!(
+            !text.contains("ERROR") && !text.contains("corrupt"),
+            "run {run}: {text}"
+        );
+        let info = qemu_img(&["info", "--output=json", "-U", &img]);
+        assert!(info.contains("\"own\""), "run {run}: bitmap lost: {info}");
+        if k.closed {
+            closed += 1;
+            assert!(
+                info.contains("\"session\"") && !info.contains("in-use"),
+                "run {run}: not stored: {info}"
+            );
+        }
+        if k.acked.is_some() {
+            let cmds: Vec<String> = (0..CLOSE_WRITES)
+                .map(|i| format!("read -P 0x5c {} 64k", i * 393_216))
+                .collect();
+            let mut args = vec!["-U", "-r", "-f", "qcow2"];
+            for c in &cmds {
+                args.extend(["-c", c.as_str()]);
+            }
+            args.push(&img);
+            let (ok, text) = tool("qemu-io", &args);
+            assert!(ok && !text.contains("fail"), "run {run}: {text}");
+        }
+    }
+    eprintln!("{closed} of 60 writers closed the image before the kill");
 }

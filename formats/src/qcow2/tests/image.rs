@@ -698,8 +698,11 @@ fn compressed_writes_read_back_in_qemu() {
     }
 }
 
+/// While a read-write node is open its image's bitmaps are marked in use
+/// (a crash leaves them inconsistent, not stale); the close stores them
+/// with the session's writes and clears the flag.
 #[test]
-fn persistent_bitmaps_are_kept_and_marked_in_use_on_write() {
+fn persistent_bitmaps_are_in_use_while_open_and_stored_at_close() {
     use crate::qcow2::check::Repair;
     let d = Dir::new("bitmaps");
     on_engines(|g, mode| {
@@ -718,11 +721,19 @@ fn persistent_bitmaps_are_kept_and_marked_in_use_on_write() {
             n.pwrite(4 << 20, IoBuf::filled(4096, 4), WriteFlags::default())
                 .await
                 .unwrap();
+            let info = qemu_img(&["info", "-U", &img]);
+            assert_eq!(info.matches("in-use").count(), 2, "{info}");
             close(g, n).await;
         });
         check_clean(&img);
         let info = qemu_img(&["info", &img]);
-        assert_eq!(info.matches("in-use").count(), 2, "{info}");
+        assert_eq!(info.matches("in-use").count(), 0, "{info}");
+        run(g, async {
+            let n = open(g, &img, true).await;
+            let b0 = n.dirty_bitmap("b0").unwrap();
+            assert!(b0.is_dirty(4 << 20) && b0.is_dirty(0), "{mode:?}");
+            close(g, n).await;
+        });
         qemu_io(&img, &["read -P 3 0 1M".into(), "read -P 4 4M 4k".into()]);
     });
 }
@@ -1494,4 +1505,64 @@ fn persistent_bitmaps_load_at_open() {
             std::fs::write(&img, saved).unwrap();
         }
     });
+}
+
+/// Bitmaps stored at close come back with the same bits, across cluster
+/// sizes (tables and data spanning several small clusters); storing again
+/// frees the old tables (no leaks); a removed bitmap leaves the directory.
+#[test]
+fn persistent_bitmaps_store_at_close() {
+    let d = Dir::new("bmstore");
+    for cs in [512u64, 4096, 65536] {
+        on_engines(|g, mode| {
+            let img = d.file("s.qcow2");
+            let _ = std::fs::remove_file(&img);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cs}"),
+                &img,
+                "8M",
+            ]);
+            qemu_img(&["bitmap", "--add", "-g", "512", &img, "own"]);
+            qemu_img(&["bitmap", "--add", &img, "gone"]);
+            let writes = [(0u64, 512u64), (3 << 20, 70_000), ((8 << 20) - 512, 512)];
+            run(g, async {
+                let n = open(g, &img, false).await;
+                let mine = block_core::DirtyBitmap::new("mine", n.size(), 4096, false);
+                n.add_dirty_bitmap(Rc::new(mine.persistent(false, false)))
+                    .unwrap();
+                for (o, l) in writes {
+                    n.pwrite(o, IoBuf::filled(l as usize, 1), WriteFlags::default())
+                        .await
+                        .unwrap();
+                }
+                n.dirty_bitmap("mine").unwrap().set_dirty(1 << 20, 1);
+                n.remove_dirty_bitmap("gone").unwrap();
+                close(g, n).await;
+            });
+            check_clean(&img);
+            let info = qemu_img(&["info", &img]);
+            assert!(!info.contains("in-use") && !info.contains("gone"), "{info}");
+            // Reopened read-write (stored again) and then read-only.
+            for ro in [false, true] {
+                run(g, async {
+                    let n = open(g, &img, ro).await;
+                    let own = n.dirty_bitmap("own").unwrap();
+                    let want: u64 = writes.iter().map(|&(_, l)| l.div_ceil(512) * 512).sum();
+                    assert_eq!(own.count(), want, "{cs} {mode:?}");
+                    assert!(own.is_dirty(3 << 20) && !own.is_dirty(4 << 20));
+                    let mine = n.dirty_bitmap("mine").unwrap();
+                    assert!(!mine.is_recording(), "disabled stays disabled");
+                    assert_eq!(mine.count(), 4096, "{cs} {mode:?}");
+                    assert!(mine.is_dirty(1 << 20));
+                    close(g, n).await;
+                });
+                check_clean(&img);
+            }
+        });
+    }
 }
