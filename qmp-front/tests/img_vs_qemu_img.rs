@@ -1979,3 +1979,46 @@ fn snapshot_tables_reuse_holes_like_qemu_img() {
     let s = layout(STRATA, &d.s());
     assert_eq!(s, q, "(L1 offset, snapshot table offset, file size, check)");
 }
+
+/// qemu-img's image commands load an image's persistent bitmaps and store
+/// them back at close; strata-img's leave them the same way: not in use,
+/// resized with the image, and the image clean.
+#[test]
+fn image_commands_keep_bitmaps_consistent() {
+    let d = Scratch::new("keepbm");
+    let steps: &[&[&str]] = &[
+        &["snapshot", "-c", "s1", "b.qcow2"],
+        &["snapshot", "-d", "s1", "b.qcow2"],
+        &["check", "-r", "all", "b.qcow2"],
+        &["amend", "-o", "lazy_refcounts=on", "b.qcow2"],
+        &["amend", "-o", "size=12M", "b.qcow2"],
+        &["resize", "b.qcow2", "+4M"],
+    ];
+    let run = |tool: &str, dir: &Path| {
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "b.qcow2", "8M"],
+            dir,
+        );
+        must("qemu-img", &["bitmap", "--add", "b.qcow2", "b0"], dir);
+        must(
+            "qemu-img",
+            &["bitmap", "--add", "-g", "4096", "b.qcow2", "b1"],
+            dir,
+        );
+        qemu_io("b.qcow2", "qcow2", &["write -P 1 1M 64k"], dir);
+        let mut seen = Vec::new();
+        for s in steps {
+            let o = must(tool, s, dir);
+            let info = must("qemu-img", &["info", "--output=json", "b.qcow2"], dir).stdout;
+            let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+            let bitmaps = info["format-specific"]["data"]["bitmaps"].clone();
+            let check = must("qemu-img", &["check", "b.qcow2"], dir).stdout;
+            seen.push((s.join(" "), o.code, bitmaps, check.contains("No errors")));
+        }
+        seen
+    };
+    let q = run("qemu-img", &d.q());
+    let s = run(STRATA, &d.s());
+    assert_eq!(s, q);
+}

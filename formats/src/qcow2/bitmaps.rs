@@ -366,6 +366,11 @@ impl Qcow2 {
                 kept_tables.push(e.table_offset);
                 (e.table_offset, e.table_size, e.flags | FLAG_IN_USE)
             } else {
+                // The image may have been resized under a bitmap that
+                // nobody attached to a node (qemu-img-like tools).
+                if b.size() != self.size.get() {
+                    b.resize(self.size.get());
+                }
                 let (off, n) = self.store_bitmap_data(b).await?;
                 let flags = if b.is_recording() { FLAG_AUTO } else { 0 };
                 (off, n, flags)

@@ -130,7 +130,13 @@ impl<'g> Image<'g> {
             Ok(())
         } else {
             let _g = self.drv.meta.lock().await;
-            self.drv.settle_for_close().await
+            // The image's bitmaps were marked in use at open: store them
+            // back, as qemu-img does when it closes an image.
+            let loaded: Vec<Rc<block_core::DirtyBitmap>> =
+                self.drv.take_loaded().into_iter().map(Rc::new).collect();
+            let stored = self.drv.store_bitmaps(&loaded).await;
+            let settled = self.drv.settle_for_close().await;
+            stored.and(settled)
         };
         let r = match r {
             Ok(()) if !self.drv.read_only => self.drv.file.flush().await,

@@ -551,6 +551,10 @@ impl Qcow2 {
     pub fn of(node: &Node) -> Option<&Qcow2> {
         node.driver().as_any()?.downcast_ref::<Qcow2>()
     }
+    /// The persistent bitmaps loaded at open, once.
+    pub(crate) fn take_loaded(&self) -> Vec<block_core::DirtyBitmap> {
+        std::mem::take(&mut *self.loaded_bitmaps.borrow_mut())
+    }
 
     /// A copy of the header as last written: feature bits set while the
     /// image is open (corrupt, dirty) show here, unlike in the file's
@@ -810,7 +814,7 @@ impl BlockDriver for Qcow2 {
     }
 
     fn take_loaded_bitmaps(&self) -> Vec<block_core::DirtyBitmap> {
-        std::mem::take(&mut *self.loaded_bitmaps.borrow_mut())
+        self.take_loaded()
     }
 
     fn filename(&self) -> Option<String> {
