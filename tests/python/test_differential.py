@@ -193,6 +193,30 @@ def nbd_conversation(binary, workdir):
     return out
 
 
+class Recorder:
+    """Collects a conversation: QMP replies, bitmap listings and client
+    output (socket paths and qemu-io's timing lines taken out)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.q = None
+        self.out = []
+
+    def step(self, _cmd, **args):
+        self.out.append([_cmd, self.q.cmd_obj({"execute": _cmd, "arguments": args})])
+
+    def bitmaps(self):
+        r = self.q.cmd("query-named-block-nodes", flat=True)["return"]
+        self.out.append(["bitmaps", sorted([n["node-name"], n.get("dirty-bitmaps")] for n in r
+                                           if not n["node-name"].startswith("#"))])
+
+    def client(self, args):
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        text = "".join(line for line in r.stdout.replace(self.sock, "<sock>").splitlines(True)
+                       if " ops; " not in line)
+        self.out.append([args[0], r.returncode, text])
+
+
 def bitmap_conversation(binary, workdir):
     """Dirty bitmaps: the commands, their checks, what writes over NBD
     mark, and the qemu:dirty-bitmap context as qemu-img and nbdinfo read
@@ -205,24 +229,10 @@ def bitmap_conversation(binary, workdir):
                     qimg, "1M"], check=True)
     sock = os.path.join(workdir, "nbd.sock")
     d = Daemon(binary)
-    out = []
+    rec = Recorder(sock)
+    out, step, bitmaps, client = rec.out, rec.step, rec.bitmaps, rec.client
     try:
-        q = d.connect()
-
-        def step(_cmd, **args):
-            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
-
-        def bitmaps():
-            r = q.cmd("query-named-block-nodes", flat=True)["return"]
-            out.append(["bitmaps", sorted([n["node-name"], n.get("dirty-bitmaps")] for n in r
-                                          if not n["node-name"].startswith("#"))])
-
-        def client(args):
-            r = subprocess.run(args, capture_output=True, text=True, timeout=30)
-            # qemu-io's timing lines differ from run to run.
-            text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
-                           if " ops; " not in line)
-            out.append([args[0], r.returncode, text])
+        rec.q = q = d.connect()
 
         def io(*cmds, export="e0"):
             args = ["qemu-io", "-f", "raw"]
@@ -345,23 +355,10 @@ def persistent_bitmap_conversation(binary, workdir):
     mark_first_bitmap_in_use(bad)
     sock = os.path.join(workdir, "nbd.sock")
     d = Daemon(binary)
-    out = []
+    rec = Recorder(sock)
+    out, step, bitmaps, client = rec.out, rec.step, rec.bitmaps, rec.client
     try:
-        q = d.connect()
-
-        def step(_cmd, **args):
-            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
-
-        def bitmaps():
-            r = q.cmd("query-named-block-nodes", flat=True)["return"]
-            out.append(["bitmaps", sorted([n["node-name"], n.get("dirty-bitmaps")] for n in r
-                                          if not n["node-name"].startswith("#"))])
-
-        def client(args):
-            r = subprocess.run(args, capture_output=True, text=True, timeout=30)
-            text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
-                           if " ops; " not in line)
-            out.append([args[0], r.returncode, text])
+        rec.q = q = d.connect()
 
         def node(name, path, ro):
             step("blockdev-add", driver="qcow2", **{"node-name": name, "read-only": ro},
@@ -414,20 +411,13 @@ def stored_bitmap_conversation(binary, workdir):
         subprocess.run(["qemu-img", "bitmap", "--add", img, *args], check=True)
     subprocess.run(["qemu-io", "-c", "write 64k 4k", img], check=True, capture_output=True)
     sock = os.path.join(workdir, "nbd.sock")
-    out = []
+    rec = Recorder(sock)
+    out, step, bitmaps, client = rec.out, rec.step, rec.bitmaps, rec.client
 
-    def client(args):
-        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
-        text = "".join(line for line in r.stdout.replace(sock, "<sock>").splitlines(True)
-                       if " ops; " not in line)
-        out.append([args[0], r.returncode, text])
 
     d = Daemon(binary)
     try:
-        q = d.connect()
-
-        def step(_cmd, **args):
-            out.append([_cmd, q.cmd_obj({"execute": _cmd, "arguments": args})])
+        rec.q = q = d.connect()
 
         step("blockdev-add", driver="qcow2", **{"node-name": "rw"},
              file={"driver": "file", "filename": img})
@@ -459,7 +449,7 @@ def stored_bitmap_conversation(binary, workdir):
                                  f"driver=qcow2,node-name=r,read-only=on,file.driver=file,"
                                  f"file.filename={img}"])
     try:
-        q = reader.connect()
+        rec.q = q = reader.connect()
         r = q.cmd("query-named-block-nodes", flat=True)["return"]
         out.append(["loaded", [n.get("dirty-bitmaps") for n in r if n["node-name"] == "r"]])
         q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})

@@ -284,15 +284,8 @@ impl Qcow2 {
                 continue;
             }
             v.push((e.table_offset, bytes));
-            let t = self
-                .file
-                .pread(e.table_offset, IoBuf::zeroed(bytes as usize))
-                .await?;
-            for c in t.chunks_exact(8) {
-                let d = be64(c, 0) & BME_OFFSET_MASK;
-                if d != 0 {
-                    v.push((d, cs));
-                }
+            for d in self.bitmap_data_clusters(&e).await? {
+                v.push((d, cs));
             }
         }
         Ok(v)
@@ -431,20 +424,26 @@ impl Qcow2 {
                 if bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
                     continue;
                 }
-                let t = self
-                    .file
-                    .pread(e.table_offset, IoBuf::zeroed(bytes as usize))
-                    .await?;
-                for c in t.chunks_exact(8) {
-                    let d = be64(c, 0) & BME_OFFSET_MASK;
-                    if d != 0 {
-                        self.free_bytes(d, cs).await?;
-                    }
+                for d in self.bitmap_data_clusters(&e).await? {
+                    self.free_bytes(d, cs).await?;
                 }
                 self.free_bytes(e.table_offset, bytes).await?;
             }
         }
         Ok(())
+    }
+
+    /// The data clusters a bitmap's table points to.
+    async fn bitmap_data_clusters(&self, e: &Entry) -> Result<Vec<u64>> {
+        let bytes = u64::from(e.table_size) * 8;
+        let t = self
+            .file
+            .pread(e.table_offset, IoBuf::zeroed(bytes as usize))
+            .await?;
+        Ok(t.chunks_exact(8)
+            .map(|c| be64(c, 0) & BME_OFFSET_MASK)
+            .filter(|&d| d != 0)
+            .collect())
     }
 
     /// Writes one bitmap's non-zero data clusters and its table; returns
