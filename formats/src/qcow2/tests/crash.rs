@@ -13,6 +13,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use block_core::{AioMode, EventBus, EventLoop, Graph, IoBuf, Prealloc, WriteFlags};
@@ -118,24 +119,34 @@ fn crash_ops(seed: u64, cs: u64) -> Vec<CrashOp> {
     ops
 }
 
+/// A writer process's loop and graph.
+fn writer_graph() -> (EventLoop, Graph) {
+    let el = EventLoop::new(AioMode::IoUring).expect("event loop");
+    let g = Graph::new(Rc::clone(el.context()), crate::registry(), EventBus::new());
+    (el, g)
+}
+
+/// Opens the image with a persistent bitmap of the session, stored next
+/// to the image's own when the node closes; prints `READY`.
+async fn open_with_session_bitmap(
+    g: &Graph,
+    opts: block_core::Options,
+    granularity: u64,
+) -> Rc<block_core::Node> {
+    let n = g.open(opts).await.unwrap();
+    let b = block_core::DirtyBitmap::new("session", n.size(), granularity, true);
+    n.add_dirty_bitmap(Rc::new(b.persistent(false, false)))
+        .unwrap();
+    println!("READY");
+    n
+}
+
 /// The writer process: applies the operations, printing `ACK i` once a
 /// flush after operation `i` completes.
 fn write_until_killed(img: &str, seed: u64, cs: u64) {
-    let el = EventLoop::new(AioMode::IoUring).expect("event loop");
-    let g = Graph::new(
-        std::rc::Rc::clone(el.context()),
-        crate::registry(),
-        EventBus::new(),
-    );
-    let ctx = std::rc::Rc::clone(g.context());
-    ctx.block_on(async {
-        let n = g.open(q2_opts(img).with("discard", "unmap")).await.unwrap();
-        // A bitmap of the session, stored next to the image's own when the
-        // node closes.
-        let b = block_core::DirtyBitmap::new("session", n.size(), 65536, true);
-        n.add_dirty_bitmap(std::rc::Rc::new(b.persistent(false, false)))
-            .unwrap();
-        println!("READY");
+    let (el, g) = writer_graph();
+    Rc::clone(el.context()).block_on(async {
+        let n = open_with_session_bitmap(&g, q2_opts(img).with("discard", "unmap"), 65536).await;
         for (i, op) in crash_ops(seed, cs).iter().enumerate() {
             let q = Qcow2::of(&n).unwrap();
             match op {
@@ -197,19 +208,9 @@ fn crash_writer() {
 /// The close writer: writes covered by a flush, then a close that stores
 /// the persistent bitmaps (the image's own and one of the session).
 fn close_until_killed(img: &str) {
-    let el = EventLoop::new(AioMode::IoUring).expect("event loop");
-    let g = Graph::new(
-        std::rc::Rc::clone(el.context()),
-        crate::registry(),
-        EventBus::new(),
-    );
-    let ctx = std::rc::Rc::clone(g.context());
-    ctx.block_on(async {
-        let n = g.open(q2_opts(img)).await.unwrap();
-        let b = block_core::DirtyBitmap::new("session", n.size(), 4096, true);
-        n.add_dirty_bitmap(std::rc::Rc::new(b.persistent(false, false)))
-            .unwrap();
-        println!("READY");
+    let (el, g) = writer_graph();
+    Rc::clone(el.context()).block_on(async {
+        let n = open_with_session_bitmap(&g, q2_opts(img), 4096).await;
         for i in 0..CLOSE_WRITES {
             n.pwrite(
                 i * 393_216,
