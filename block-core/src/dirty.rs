@@ -22,6 +22,20 @@ pub const MAX_GRANULARITY: u64 = 1 << 31;
 /// Longest bitmap name QEMU accepts (`BDRV_BITMAP_MAX_NAME_SIZE`).
 pub const MAX_NAME_LEN: usize = 1023;
 
+/// What an operation does with a bitmap, for [`DirtyBitmap::check`]
+/// (QEMU's `bdrv_dirty_bitmap_check` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapUse {
+    /// Merge from: only its bits are read, busy or not.
+    Source,
+    /// Enable, disable, export: a read-only bitmap may serve.
+    Read,
+    /// Clear, merge into.
+    Modify,
+    /// Remove: an inconsistent bitmap may go.
+    Remove,
+}
+
 /// A named dirty bitmap of one node.
 #[derive(Debug)]
 pub struct DirtyBitmap {
@@ -159,6 +173,29 @@ impl DirtyBitmap {
     /// Marks the bitmap held or released by an operation.
     pub fn set_busy(&self, busy: bool) {
         self.busy.set(busy)
+    }
+
+    /// Whether the bitmap may be used as `what`, with QEMU's messages: not
+    /// while busy, not changed while read-only, not used while
+    /// inconsistent.
+    pub fn check(&self, what: BitmapUse) -> crate::Result<()> {
+        let name = &self.name;
+        if what != BitmapUse::Source && self.busy.get() {
+            return Err(crate::Error::invalid(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if matches!(what, BitmapUse::Modify | BitmapUse::Remove) && self.readonly {
+            return Err(crate::Error::invalid(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            )));
+        }
+        if what != BitmapUse::Remove && self.inconsistent {
+            return Err(crate::Error::invalid(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            )));
+        }
+        Ok(())
     }
 
     /// Dirty bytes: dirty granules times the granularity (QEMU's `count`).

@@ -2022,3 +2022,71 @@ fn image_commands_keep_bitmaps_consistent() {
     let s = run(STRATA, &d.s());
     assert_eq!(s, q);
 }
+
+/// `bitmap`: every action, in command-line order, with qemu-img's checks
+/// and messages; the image ends with the same bitmaps, flags and bits.
+#[test]
+fn bitmap_matches_qemu_img() {
+    let d = Scratch::new("bitmapcmd");
+    for dir in [d.q(), d.s()] {
+        for (f, o) in [("t.qcow2", "compat=1.1"), ("t2.qcow2", "compat=1.1")] {
+            must(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", o, f, "4M"],
+                &dir,
+            );
+        }
+        must(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", "r.raw", "4M"],
+            &dir,
+        );
+    }
+    let steps: &[&[&str]] = &[
+        &["--add", "t.qcow2", "b0"],
+        &["--add", "t.qcow2", "b0"],
+        &["--add", "-g", "512", "t.qcow2", "fine"],
+        &["--add", "-g", "1000", "t.qcow2", "x"],
+        &["--add", "-g", "abc", "t.qcow2", "x"],
+        &["--remove", "t.qcow2", "zz"],
+        &["--clear", "t.qcow2", "zz"],
+        &["--enable", "t.qcow2", "zz"],
+        &["--disable", "t.qcow2", "fine"],
+        &["--merge", "b0", "t.qcow2", "fine"],
+        &["--merge", "zz", "t.qcow2", "fine"],
+        &["--merge", "b0", "-b", "t2.qcow2", "t.qcow2", "fine"],
+        &["--add", "t2.qcow2", "s"],
+        &[
+            "--merge", "s", "-b", "t2.qcow2", "-F", "qcow2", "t.qcow2", "fine",
+        ],
+        &["--add", "--disable", "t.qcow2", "both"],
+        &["t.qcow2", "b0"],
+        &["--add", "t.qcow2"],
+        &["--add", "nope.qcow2", "x"],
+        &["--remove", "t.qcow2", "b0"],
+        &["--add", "-g", "4k", "t.qcow2", "k"],
+        &["--add", "-g", "0", "t.qcow2", "z"],
+        &["--clear", "-g", "4k", "t.qcow2", "z"],
+        &["-F", "qcow2", "--add", "t.qcow2", "y"],
+        &["-b", "t2.qcow2", "--add", "t.qcow2", "y"],
+        &["--add", "--add", "t.qcow2", "dd"],
+        &["--add", "--remove", "--add", "t.qcow2", "again"],
+        &["--enable", "-f", "raw", "r.raw", "x"],
+    ];
+    for s in steps {
+        let mut a = vec!["bitmap"];
+        a.extend_from_slice(s);
+        assert_eq!(strata(&a, &d.s()), qemu_img(&a, &d.q()), "{a:?}");
+        // Writes between steps land in the bitmaps that record.
+        for dir in [d.q(), d.s()] {
+            qemu_io("t.qcow2", "qcow2", &["write 1M 4k"], &dir);
+        }
+    }
+    let stored = |dir: &Path| {
+        let info = must("qemu-img", &["info", "--output=json", "t.qcow2"], dir).stdout;
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let check = must("qemu-img", &["check", "t.qcow2"], dir).stdout;
+        (info["format-specific"]["data"]["bitmaps"].clone(), check)
+    };
+    assert_eq!(stored(&d.s()), stored(&d.q()));
+}

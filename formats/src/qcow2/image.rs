@@ -24,6 +24,9 @@ pub struct Image<'g> {
     graph: &'g Graph,
     drv: Qcow2,
     users: Vec<(Rc<Node>, u64)>,
+    /// The image's persistent bitmaps, newest first (as a node lists
+    /// them); stored back when a writable image closes.
+    bitmaps: std::cell::RefCell<Vec<Rc<block_core::DirtyBitmap>>>,
 }
 
 impl<'g> Image<'g> {
@@ -56,13 +59,45 @@ impl<'g> Image<'g> {
             match n.add_user("image", name, p, s) {
                 Ok(id) => users.push((Rc::clone(n), id)),
                 Err(e) => {
-                    let img = Image { graph, drv, users };
+                    let img = Image::new(graph, drv, users);
                     img.close().await?;
                     return Err(e);
                 }
             }
         }
-        Ok(Image { graph, drv, users })
+        Ok(Image::new(graph, drv, users))
+    }
+
+    fn new(graph: &'g Graph, drv: Qcow2, users: Vec<(Rc<Node>, u64)>) -> Self {
+        let bitmaps = drv.take_loaded().into_iter().rev().map(Rc::new).collect();
+        Image {
+            graph,
+            drv,
+            users,
+            bitmaps: std::cell::RefCell::new(bitmaps),
+        }
+    }
+
+    /// The persistent bitmaps, newest first.
+    pub fn bitmaps(&self) -> Vec<Rc<block_core::DirtyBitmap>> {
+        self.bitmaps.borrow().clone()
+    }
+
+    /// Adds a persistent bitmap (stored when the image closes).
+    pub fn add_bitmap(&self, b: block_core::DirtyBitmap) -> Result<()> {
+        if self.bitmaps.borrow().iter().any(|x| x.name() == b.name()) {
+            return Err(Error::invalid(format!(
+                "Bitmap already exists: {}",
+                b.name()
+            )));
+        }
+        self.bitmaps.borrow_mut().insert(0, Rc::new(b));
+        Ok(())
+    }
+
+    /// Removes a bitmap; it leaves the image when the image closes.
+    pub fn remove_bitmap(&self, name: &str) {
+        self.bitmaps.borrow_mut().retain(|b| b.name() != name);
     }
 
     /// The driver.
@@ -132,9 +167,8 @@ impl<'g> Image<'g> {
             let _g = self.drv.meta.lock().await;
             // The image's bitmaps were marked in use at open: store them
             // back, as qemu-img does when it closes an image.
-            let loaded: Vec<Rc<block_core::DirtyBitmap>> =
-                self.drv.take_loaded().into_iter().map(Rc::new).collect();
-            let stored = self.drv.store_bitmaps(&loaded).await;
+            let bitmaps = self.bitmaps();
+            let stored = self.drv.store_bitmaps(&bitmaps).await;
             let settled = self.drv.settle_for_close().await;
             stored.and(settled)
         };

@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use block_core::dirty::{default_granularity, MAX_NAME_LEN};
+use block_core::dirty::{default_granularity, BitmapUse, MAX_NAME_LEN};
 use block_core::{DirtyBitmap, Node};
 
 use super::errors;
@@ -31,7 +31,7 @@ pub fn register(r: &mut Registry<Daemon>) {
         "block-dirty-bitmap-remove",
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (n, b) = lookup(&d, &a.node, &a.name)?;
-            check(&b, Use::Remove)?;
+            check(&b, BitmapUse::Remove)?;
             // A persistent bitmap leaves the image's directory when the
             // node closes and stores what remains.
             n.remove_dirty_bitmap(b.name());
@@ -42,7 +42,7 @@ pub fn register(r: &mut Registry<Daemon>) {
         "block-dirty-bitmap-clear",
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (_, b) = lookup(&d, &a.node, &a.name)?;
-            check(&b, Use::Modify)?;
+            check(&b, BitmapUse::Modify)?;
             b.clear();
             Ok(Empty {})
         },
@@ -53,7 +53,7 @@ pub fn register(r: &mut Registry<Daemon>) {
     ] {
         r.command(cmd, move |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (_, b) = lookup(&d, &a.node, &a.name)?;
-            check(&b, Use::Read)?;
+            check(&b, BitmapUse::Read)?;
             b.set_recording(on);
             Ok(Empty {})
         });
@@ -126,16 +126,14 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
 /// of another size.
 fn merge(d: &Daemon, a: &BitmapMergeArgs) -> R<()> {
     let (_, target) = lookup(d, &a.node, &a.target)?;
-    check(&target, Use::Modify)?;
+    check(&target, BitmapUse::Modify)?;
     let mut sources = Vec::with_capacity(a.bitmaps.len());
     for s in &a.bitmaps {
         let (_, b) = match s {
             BitmapOrStr::Name(name) => lookup(d, &a.node, name)?,
             BitmapOrStr::Full(f) => lookup(d, &f.node, &f.name)?,
         };
-        if b.is_inconsistent() {
-            return Err(inconsistent(&b));
-        }
+        check(&b, BitmapUse::Source)?;
         if b.size() != target.size() {
             return Err(QmpError::generic(format!(
                 "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -169,41 +167,8 @@ fn lookup(d: &Daemon, node_name: &str, name: &str) -> R<(Rc<Node>, Rc<DirtyBitma
     Ok((n, b))
 }
 
-/// What a command does with a bitmap, for QEMU's `bdrv_dirty_bitmap_check`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Use {
-    /// Enable, disable, export: a read-only bitmap may be used.
-    Read,
-    /// Clear, merge into.
-    Modify,
-    /// Remove: an inconsistent bitmap may go.
-    Remove,
-}
-
-fn check(b: &DirtyBitmap, what: Use) -> R<()> {
-    if b.is_busy() {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{}' is currently in use by another operation and cannot be used",
-            b.name()
-        )));
-    }
-    if what != Use::Read && b.is_readonly() {
-        return Err(QmpError::generic(format!(
-            "Bitmap '{}' is readonly and cannot be modified",
-            b.name()
-        )));
-    }
-    if what != Use::Remove && b.is_inconsistent() {
-        return Err(inconsistent(b));
-    }
-    Ok(())
-}
-
-fn inconsistent(b: &DirtyBitmap) -> QmpError {
-    QmpError::generic(format!(
-        "Bitmap '{}' is inconsistent and cannot be used",
-        b.name()
-    ))
+fn check(b: &DirtyBitmap, what: BitmapUse) -> R<()> {
+    b.check(what).map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// The `dirty-bitmaps` member of a node's `BlockDeviceInfo` (absent when

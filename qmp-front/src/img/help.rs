@@ -268,6 +268,42 @@ Arguments:
 
 "#
         }
+        "bitmap" => {
+            r#"Usage:
+Perform modifications of the persistent bitmap in the image.  Usage:
+
+  qemu-img bitmap ( --merge SOURCE | --add | --remove | --clear |
+                --enable | --disable ).. [-f FMT | --image-opts]
+        [ -b SRC_FILENAME [-F SOURCE_FMT]] [-g SIZE[KMGTPE]] [--object OBJDEF]
+        FILENAME BITMAP
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -f, --format FMT
+     specify FILENAME format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+     instead of a file name (incompatible with --format)
+  --add
+     creates BITMAP, enables to record future edits
+   -g, --granularity SIZE[KMGTPE]
+     sets non-default bitmap granularity for --add to this size
+  --remove
+     removes BITMAP
+  --clear
+     clears BITMAP
+  --enable, --disable
+     starts and stops recording future edits to BITMAP
+  --merge SRC_FILENAME
+     merges contents of SRC_FILENAME bitmap into BITMAP
+   -b, --source-file SRC_FILENAME
+     select alternative source file for --merge
+   -F, --source-format SRC_FMT
+     specify format for SRC_FILENAME explicitly
+
+"#
+        }
         "resize" => {
             r#"Usage:
 Resize the image to the new size.  Usage:

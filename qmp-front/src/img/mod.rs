@@ -19,6 +19,7 @@
 
 pub mod amend;
 pub mod bench;
+pub mod bitmap;
 pub mod check;
 pub mod common;
 pub mod compare;
@@ -48,6 +49,11 @@ pub const COMMANDS: &[(&str, CommandFn, &str)] = &[
         "Update format-specific options of the image",
     ),
     ("bench", bench::run, "Run simple image benchmark"),
+    (
+        "bitmap",
+        bitmap::run,
+        "Perform modifications of the persistent bitmap in the image",
+    ),
     ("create", create::run, "Create and format new image file"),
     ("info", info::run, "Display information about image"),
     ("check", check::run, "Check basic image integrity"),

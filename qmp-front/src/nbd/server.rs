@@ -416,18 +416,7 @@ fn find_bitmap(
             bm
         }
     };
-    if bm.is_busy() {
-        return Err(Error::invalid(format!(
-            "Bitmap '{}' is currently in use by another operation and cannot be used",
-            b.name
-        )));
-    }
-    if bm.is_inconsistent() {
-        return Err(Error::invalid(format!(
-            "Bitmap '{}' is inconsistent and cannot be used",
-            b.name
-        )));
-    }
+    bm.check(block_core::dirty::BitmapUse::Read)?;
     Ok(bm)
 }
 
