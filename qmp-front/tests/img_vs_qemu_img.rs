@@ -2090,3 +2090,104 @@ fn bitmap_matches_qemu_img() {
     };
     assert_eq!(stored(&d.s()), stored(&d.q()));
 }
+
+/// `convert --bitmaps` copies the source's persistent bitmaps (names,
+/// granularity, recording state and bits) as qemu-img does, plain and
+/// compressed; the option checks and refusals match.
+#[test]
+fn convert_copies_bitmaps_like_qemu_img() {
+    let d = Scratch::new("convbm");
+    let dir = d.q();
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "4M"],
+        &dir,
+    );
+    must("qemu-img", &["bitmap", "--add", "src.qcow2", "b0"], &dir);
+    must(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", "src.qcow2", "fine"],
+        &dir,
+    );
+    qemu_io(
+        "src.qcow2",
+        "qcow2",
+        &["write 64k 4k", "write 1M 100k"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["bitmap", "--disable", "src.qcow2", "fine"],
+        &dir,
+    );
+    must(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "r.raw", "4M"],
+        &dir,
+    );
+    // Dirty bits as qemu-nbd exports them and qemu-img maps them.
+    let bits = |img: &str, name: &str| {
+        let sock = dir.join(format!("{img}.{name}.sock"));
+        let sock = sock.to_str().unwrap();
+        must(
+            "qemu-nbd",
+            &["--fork", "-r", "-B", name, "-k", sock, img],
+            &dir,
+        );
+        let opts = format!(
+            "driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
+        );
+        must(
+            "qemu-img",
+            &["map", "--output=json", "--image-opts", &opts],
+            &dir,
+        )
+        .stdout
+    };
+    for (i, mode) in [&["-O", "qcow2"][..], &["-c", "-O", "qcow2"]]
+        .iter()
+        .enumerate()
+    {
+        let (q, s) = (format!("q{i}.qcow2"), format!("s{i}.qcow2"));
+        for (tool, out) in [("qemu-img", &q), (STRATA, &s)] {
+            let mut a = vec!["convert", "--bitmaps"];
+            a.extend_from_slice(mode);
+            a.extend(["src.qcow2", out.as_str()]);
+            must(tool, &a, &dir);
+        }
+        let info = |f: &str| {
+            let j = must("qemu-img", &["info", "--output=json", f], &dir).stdout;
+            let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+            j["format-specific"]["data"]["bitmaps"].clone()
+        };
+        assert_eq!(info(&s), info(&q), "{mode:?}");
+        for b in ["b0", "fine"] {
+            assert_eq!(bits(&s, b), bits(&q, b), "{mode:?} {b}");
+        }
+        same(&["check", &s], &dir);
+    }
+    let errors: &[&[&str]] = &[
+        &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "e.raw"],
+        &[
+            "convert",
+            "--skip-broken-bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "e.qcow2",
+        ],
+        &[
+            "convert",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "-f",
+            "raw",
+            "r.raw",
+            "e.qcow2",
+        ],
+    ];
+    for a in errors {
+        same(a, &dir);
+    }
+}

@@ -23,6 +23,8 @@ use super::num::parse_size;
 use super::open::CacheMode;
 use super::Failure;
 
+use std::rc::Rc;
+
 use block_core::{BlockBackend, IoBuf, WriteFlags};
 
 const OPT_OBJECT: u32 = 256;
@@ -96,6 +98,10 @@ struct Opts {
     cache: CacheMode,
     /// `-T`: the source's cache mode.
     src_cache: CacheMode,
+    /// `--bitmaps`: copy the source's persistent bitmaps.
+    bitmaps: bool,
+    /// `--skip-broken-bitmaps`: leave inconsistent ones out.
+    skip_broken: bool,
     src: String,
     dst: String,
 }
@@ -162,6 +168,8 @@ fn parse(args: &[String]) -> Result<Option<Opts>, Failure> {
         progress: false,
         cache: CacheMode::Unsafe,
         src_cache: CacheMode::Writeback,
+        bitmaps: false,
+        skip_broken: false,
         src: String::new(),
         dst: String::new(),
     };
@@ -231,13 +239,20 @@ fn parse(args: &[String]) -> Result<Option<Opts>, Failure> {
                     "--image-opts is not supported by convert".into(),
                 ))
             }
-            OPT_BITMAPS | OPT_SKIP_BROKEN | OPT_SALVAGE | OPT_TARGET_IS_ZERO => {
+            OPT_BITMAPS => o.bitmaps = true,
+            OPT_SKIP_BROKEN => o.skip_broken = true,
+            OPT_SALVAGE | OPT_TARGET_IS_ZERO => {
                 return Err(Failure::Error(
                     "this option of convert is not supported by this build".into(),
                 ))
             }
             _ => {}
         }
+    }
+    if o.skip_broken && !o.bitmaps {
+        return Err(Failure::Error(
+            "Use of --skip-broken-bitmaps requires --bitmaps".into(),
+        ));
     }
     match m.operands.as_slice() {
         [] | [_] => return Err(Failure::Error("Must specify image file name".into())),
@@ -388,6 +403,12 @@ fn convert_from(
         ));
     }
     let size = src.size();
+    // As qemu-img: the source's bitmaps are checked before the target is
+    // created, the target's support after.
+    let bitmaps = match (o.bitmaps, src.root()) {
+        (true, Some(top)) => source_bitmaps(&top, o.skip_broken)?,
+        _ => Vec::new(),
+    };
     if !o.no_create {
         if o.backing.is_some() && o.out_fmt == "raw" {
             return Err(Failure::Error(
@@ -423,6 +444,7 @@ fn convert_from(
     let top = src
         .root()
         .ok_or_else(|| Failure::Error("no medium".into()))?;
+
     let fail = |e: block_core::Error| Failure::Error(format!("error while writing at byte 0: {e}"));
     // The compressing writer opens the image itself (one writer at a
     // time), so it is only looked at through its header here.
@@ -434,6 +456,15 @@ fn convert_from(
         let unmap = o.min_sparse != 0;
         Some(env.block_on(env.open_with(&o.dst, Some(&o.out_fmt), true, false, unmap, o.cache))?)
     };
+    if o.bitmaps && o.out_fmt != "qcow2" {
+        if let Some(d) = dst {
+            release(d);
+        }
+        return Err(Failure::Error(format!(
+            "Format driver '{}' does not support bitmaps",
+            o.out_fmt
+        )));
+    }
     let dst_size = match &dst {
         Some(d) => d.size(),
         None => read_qcow2_header(&o.dst)?.size,
@@ -527,6 +558,11 @@ fn convert_from(
                 .into_iter()
                 .collect::<Result<Vec<()>, _>>()
                 .map(|_| ());
+            if r.is_ok() {
+                for b in &bitmaps {
+                    img.add_bitmap(copy_of(b, img.size())).map_err(fail)?;
+                }
+            }
             let c = img.close().await;
             r.and(c).map_err(fail)
         });
@@ -590,6 +626,15 @@ fn convert_from(
             .into_iter()
             .collect::<Result<Vec<()>, _>>()
             .map(|_| ());
+        if r.is_ok() {
+            // Stored in the image when the node closes.
+            if let Some(n) = dst.root() {
+                for b in &bitmaps {
+                    n.add_dirty_bitmap(Rc::new(copy_of(b, n.size())))
+                        .map_err(fail)?;
+                }
+            }
+        }
         match r {
             Ok(()) => dst.flush().await.map_err(fail),
             Err(e) => Err(e),
@@ -597,6 +642,50 @@ fn convert_from(
     });
     release(dst);
     r
+}
+
+/// The source's persistent bitmaps to copy (`--bitmaps`), newest first;
+/// inconsistent ones refuse the copy unless `skip_broken`.
+fn source_bitmaps(
+    top: &Rc<block_core::Node>,
+    skip_broken: bool,
+) -> Result<Vec<Rc<block_core::DirtyBitmap>>, Failure> {
+    if top.format_name() != "qcow2" {
+        return Err(Failure::Error("Source lacks bitmap support".into()));
+    }
+    let mut out = Vec::new();
+    for b in top
+        .dirty_bitmaps()
+        .into_iter()
+        .filter(|b| b.is_persistent())
+    {
+        if b.is_inconsistent() {
+            if skip_broken {
+                eprintln!(
+                    "{}: warning: Skipping inconsistent bitmap '{}'",
+                    super::PROG,
+                    b.name()
+                );
+                continue;
+            }
+            return Err(Failure::Error(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use '{} bitmap --remove' to delete it",
+                b.name(),
+                super::PROG
+            )));
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// A persistent copy of `b` for a target of `size` bytes: same name,
+/// granularity, recording state and bits.
+fn copy_of(b: &block_core::DirtyBitmap, size: u64) -> block_core::DirtyBitmap {
+    let c = block_core::DirtyBitmap::new(b.name(), size, b.granularity(), b.is_recording())
+        .persistent(false, false);
+    c.merge_from(b);
+    c
 }
 
 /// Splits the source into chunks as `convert_iteration_sectors` does: at
