@@ -2190,4 +2190,22 @@ fn convert_copies_bitmaps_like_qemu_img() {
     for a in errors {
         same(a, &dir);
     }
+    // A target that already holds a bitmap of that name: refused after the
+    // copy, plain and compressed, and the copied data is still complete.
+    for c in [false, true] {
+        let mut outs = Vec::new();
+        for (tool, t) in [("qemu-img", "tq.qcow2"), (STRATA, "ts.qcow2")] {
+            must("qemu-img", &["create", "-q", "-f", "qcow2", t, "4M"], &dir);
+            must("qemu-img", &["bitmap", "--add", t, "b0"], &dir);
+            let mut a = vec!["convert", "-n", "--bitmaps", "-O", "qcow2"];
+            if c {
+                a.push("-c");
+            }
+            a.extend(["src.qcow2", t]);
+            outs.push(exec(tool, &a, &dir));
+            let cmp = qemu_img(&["compare", "src.qcow2", t], &dir);
+            assert_eq!(cmp.code, 0, "{tool} -c {c}: {cmp:?}");
+        }
+        assert_eq!(outs[1], outs[0], "-c {c}");
+    }
 }

@@ -558,13 +558,16 @@ fn convert_from(
                 .into_iter()
                 .collect::<Result<Vec<()>, _>>()
                 .map(|_| ());
-            if r.is_ok() {
-                for b in &bitmaps {
-                    img.add_bitmap(copy_of(b, img.size())).map_err(fail)?;
-                }
-            }
-            let c = img.close().await;
-            r.and(c).map_err(fail)
+            let r = r.map_err(fail).and_then(|()| {
+                bitmaps.iter().try_for_each(|b| {
+                    img.add_bitmap(copy_of(b, img.size()))
+                        .map_err(|e| bitmap_failure(b.name(), &e))
+                })
+            });
+            // Closed whatever happened: the copy's metadata must reach the
+            // file.
+            let c = img.close().await.map_err(fail);
+            r.and(c)
         });
     }
     let Some(dst) = dst else {
@@ -631,7 +634,7 @@ fn convert_from(
             if let Some(n) = dst.root() {
                 for b in &bitmaps {
                     n.add_dirty_bitmap(Rc::new(copy_of(b, n.size())))
-                        .map_err(fail)?;
+                        .map_err(|e| bitmap_failure(b.name(), &e))?;
                 }
             }
         }
@@ -677,6 +680,11 @@ fn source_bitmaps(
         out.push(b);
     }
     Ok(out)
+}
+
+/// qemu-img's message for a bitmap that cannot be created in the target.
+fn bitmap_failure(name: &str, e: &block_core::Error) -> Failure {
+    Failure::Error(format!("Failed to create bitmap {name}: {e}"))
 }
 
 /// A persistent copy of `b` for a target of `size` bytes: same name,
