@@ -198,6 +198,20 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// Whether `src` may be merged into this bitmap: consistent and of the
+    /// same size (the target's own checks are [`Self::check`]'s).
+    pub fn check_merge_source(&self, src: &DirtyBitmap) -> crate::Result<()> {
+        src.check(BitmapUse::Source)?;
+        if src.size() != self.size() {
+            return Err(crate::Error::invalid(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                self.size(),
+                src.size()
+            )));
+        }
+        Ok(())
+    }
+
     /// Dirty bytes: dirty granules times the granularity (QEMU's `count`).
     pub fn count(&self) -> u64 {
         let bits: u64 = self
@@ -313,6 +327,34 @@ impl DirtyBitmap {
         }
         self.size.set(size);
     }
+}
+
+/// QEMU's check of the granularity asked for a new bitmap; `None` takes
+/// `default`.
+pub fn check_granularity(asked: Option<u64>, default: u64) -> crate::Result<u64> {
+    match asked {
+        None => Ok(default),
+        Some(g) if g < 512 || !g.is_power_of_two() || g > MAX_GRANULARITY => Err(
+            crate::Error::invalid("Granularity must be power of 2 and at least 512"),
+        ),
+        Some(g) => Ok(g),
+    }
+}
+
+/// QEMU's checks of a new bitmap's name, `taken` when its node (or image)
+/// already has a bitmap of that name.
+pub fn check_new_name(name: &str, taken: bool) -> crate::Result<()> {
+    if taken {
+        return Err(crate::Error::invalid(format!(
+            "Bitmap already exists: {name}"
+        )));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(crate::Error::invalid(format!(
+            "Bitmap name too long: {name}"
+        )));
+    }
+    Ok(())
 }
 
 /// QEMU's default granularity for a new bitmap: the node's cluster size

@@ -488,14 +488,10 @@ impl Node {
         !self.users.borrow().is_empty()
     }
     /// Attaches a dirty bitmap; fails if the node already has one of that
-    /// name.
+    /// name or the name is too long (QEMU's checks and texts).
     pub fn add_dirty_bitmap(&self, bitmap: Rc<DirtyBitmap>) -> Result<()> {
-        if self.dirty_bitmap(bitmap.name()).is_some() {
-            return Err(Error::invalid(format!(
-                "Bitmap already exists: {}",
-                bitmap.name()
-            )));
-        }
+        let taken = self.dirty_bitmap(bitmap.name()).is_some();
+        crate::dirty::check_new_name(bitmap.name(), taken)?;
         self.dirty_bitmaps.borrow_mut().insert(0, bitmap);
         Ok(())
     }

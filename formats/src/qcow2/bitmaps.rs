@@ -81,11 +81,16 @@ impl Qcow2 {
         let Some((_, dir, entries)) = self.read_bitmap_directory().await? else {
             return Ok(Vec::new());
         };
+        self.entry_infos(&dir, &entries)
+    }
+
+    /// What the entries of a directory already read say of their bitmaps.
+    fn entry_infos(&self, dir: &[u8], entries: &[Entry]) -> Result<Vec<BitmapInfo>> {
         entries
             .iter()
             .map(|e| {
-                let extra = be32(&dir, e.pos + 20) as usize;
-                let len = be16(&dir, e.pos + 18) as usize;
+                let extra = be32(dir, e.pos + 20) as usize;
+                let len = be16(dir, e.pos + 18) as usize;
                 let start = e.pos + 24 + extra;
                 let name = dir
                     .get(start..start + len)
@@ -166,7 +171,7 @@ impl Qcow2 {
         };
         let cs = self.cluster_size;
         let size = self.size.get();
-        let infos = self.bitmaps().await?;
+        let infos = self.entry_infos(&dir, &entries)?;
         let mut out: Vec<DirtyBitmap> = Vec::with_capacity(entries.len());
         for (e, info) in entries.iter().zip(infos) {
             let bad = |why: &str| self.corrupt(format!("bitmap '{}': {why}", info.name));
@@ -182,6 +187,9 @@ impl Qcow2 {
             }
             if out.iter().any(|b| b.name() == info.name) {
                 return Err(bad("name used twice"));
+            }
+            if info.name.is_empty() || info.name.len() > MAX_NAME {
+                return Err(bad("name length out of range"));
             }
             let g = 1u64 << gbits;
             let bytes = size.div_ceil(g).div_ceil(8);
@@ -325,10 +333,13 @@ impl Qcow2 {
         if old.is_none() && !bitmaps.iter().any(|b| b.is_persistent()) {
             return Ok(());
         }
-        let old_names: Vec<String> = if old.is_some() {
-            self.bitmaps().await?.into_iter().map(|b| b.name).collect()
-        } else {
-            Vec::new()
+        let old_names: Vec<String> = match &old {
+            Some((_, dir, entries)) => self
+                .entry_infos(dir, entries)?
+                .into_iter()
+                .map(|b| b.name)
+                .collect(),
+            None => Vec::new(),
         };
         // QEMU's order: the directory's bitmaps where they were, then new
         // ones newest first.

@@ -85,12 +85,8 @@ impl<'g> Image<'g> {
 
     /// Adds a persistent bitmap (stored when the image closes).
     pub fn add_bitmap(&self, b: block_core::DirtyBitmap) -> Result<()> {
-        if self.bitmaps.borrow().iter().any(|x| x.name() == b.name()) {
-            return Err(Error::invalid(format!(
-                "Bitmap already exists: {}",
-                b.name()
-            )));
-        }
+        let taken = self.bitmaps.borrow().iter().any(|x| x.name() == b.name());
+        block_core::dirty::check_new_name(b.name(), taken)?;
         self.bitmaps.borrow_mut().insert(0, Rc::new(b));
         Ok(())
     }

@@ -9,7 +9,7 @@
 
 use std::rc::Rc;
 
-use block_core::dirty::{default_granularity, BitmapUse, MAX_NAME_LEN};
+use block_core::dirty::{check_granularity, check_new_name, default_granularity, BitmapUse};
 use block_core::{DirtyBitmap, Node};
 
 use super::errors;
@@ -69,17 +69,10 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
         return Err(QmpError::generic("Bitmap name cannot be empty"));
     }
     let n = node(d, &a.node)?;
-    let granularity = match a.granularity {
-        Some(g) if g < 512 || !g.is_power_of_two() => {
-            return Err(QmpError::generic(
-                "Granularity must be power of 2 and at least 512",
-            ))
-        }
-        Some(g) => u64::from(g),
-        None => {
-            default_granularity(formats::qcow2::Qcow2::of(&n).map(|q| q.header().cluster_size()))
-        }
-    };
+    let default =
+        default_granularity(formats::qcow2::Qcow2::of(&n).map(|q| q.header().cluster_size()));
+    let granularity =
+        check_granularity(a.granularity.map(u64::from), default).map_err(|e| generic(&e))?;
     let persistent = a.persistent == Some(true);
     if persistent {
         let Some(q) = formats::qcow2::Qcow2::of(&n) else {
@@ -101,18 +94,7 @@ fn add(d: &Daemon, a: &BitmapAddArgs) -> R<()> {
             ))
         })?;
     }
-    if n.dirty_bitmap(&a.name).is_some() {
-        return Err(QmpError::generic(format!(
-            "Bitmap already exists: {}",
-            a.name
-        )));
-    }
-    if a.name.len() > MAX_NAME_LEN {
-        return Err(QmpError::generic(format!(
-            "Bitmap name too long: {}",
-            a.name
-        )));
-    }
+    check_new_name(&a.name, n.dirty_bitmap(&a.name).is_some()).map_err(|e| generic(&e))?;
     let recording = a.disabled != Some(true);
     let mut b = DirtyBitmap::new(&a.name, n.size(), granularity, recording);
     if persistent {
@@ -133,14 +115,7 @@ fn merge(d: &Daemon, a: &BitmapMergeArgs) -> R<()> {
             BitmapOrStr::Name(name) => lookup(d, &a.node, name)?,
             BitmapOrStr::Full(f) => lookup(d, &f.node, &f.name)?,
         };
-        check(&b, BitmapUse::Source)?;
-        if b.size() != target.size() {
-            return Err(QmpError::generic(format!(
-                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
-                target.size(),
-                b.size()
-            )));
-        }
+        target.check_merge_source(&b).map_err(|e| generic(&e))?;
         sources.push(b);
     }
     for s in sources {
@@ -168,7 +143,12 @@ fn lookup(d: &Daemon, node_name: &str, name: &str) -> R<(Rc<Node>, Rc<DirtyBitma
 }
 
 fn check(b: &DirtyBitmap, what: BitmapUse) -> R<()> {
-    b.check(what).map_err(|e| QmpError::generic(e.to_string()))
+    b.check(what).map_err(|e| generic(&e))
+}
+
+/// Bitmap refusals are GenericErrors carrying QEMU's text.
+fn generic(e: &block_core::Error) -> QmpError {
+    QmpError::generic(e.to_string())
 }
 
 /// The `dirty-bitmaps` member of a node's `BlockDeviceInfo` (absent when

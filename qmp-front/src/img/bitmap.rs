@@ -5,7 +5,7 @@
 
 use std::rc::Rc;
 
-use block_core::dirty::{default_granularity, BitmapUse, MAX_NAME_LEN};
+use block_core::dirty::{check_granularity, check_new_name, default_granularity, BitmapUse};
 use block_core::DirtyBitmap;
 use formats::qcow2::image::Image;
 
@@ -181,19 +181,13 @@ fn failed(a: &Action, bitmap: &str, why: &str) -> Failure {
 
 /// Whether `path` is to be treated as qcow2: `-f` says so, or its magic.
 fn is_qcow2(path: &str, fmt: Option<&str>) -> Result<bool, Failure> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| {
+    let probed = super::open::probe_format(path).map_err(|e| {
         let why = super::open::strerror(&e);
         Failure::Error(format!(
             "Could not open '{path}': Could not open '{path}': {why}"
         ))
     })?;
-    let n = f.read(&mut magic).unwrap_or(0);
-    Ok(match fmt {
-        Some(f) => f == "qcow2",
-        None => n == 4 && &magic == b"QFI\xfb",
-    })
+    Ok(fmt.unwrap_or(probed) == "qcow2")
 }
 
 /// One action on `img` (`from` holds merge sources; `None` when the
@@ -218,19 +212,11 @@ fn act(
                 return Err("Bitmap name cannot be empty".into());
             }
             let q = img.driver();
-            let g = match granularity {
-                0 => default_granularity(Some(q.header().cluster_size())),
-                g if g < 512 || !g.is_power_of_two() || g > u64::from(u32::MAX) => {
-                    return Err("Granularity must be power of 2 and at least 512".into())
-                }
-                g => g,
-            };
-            if img.bitmaps().iter().any(|b| b.name() == name) {
-                return Err(format!("Bitmap already exists: {name}"));
-            }
-            if name.len() > MAX_NAME_LEN {
-                return Err(format!("Bitmap name too long: {name}"));
-            }
+            let default = default_granularity(Some(q.header().cluster_size()));
+            let asked = (granularity != 0).then_some(granularity);
+            let g = check_granularity(asked, default).map_err(|e| e.to_string())?;
+            let taken = img.bitmaps().iter().any(|b| b.name() == name);
+            check_new_name(name, taken).map_err(|e| e.to_string())?;
             q.can_store_bitmap(name, img.bitmaps().len())
                 .map_err(|why| format!("Can't make bitmap '{name}' persistent: {why}"))?;
             let b = DirtyBitmap::new(name, img.size(), g, true).persistent(false, false);
@@ -261,14 +247,7 @@ fn act(
                 Some(i) => find(i, src)?,
                 None => return Err(format!("Dirty bitmap '{src}' not found")),
             };
-            check(&s, BitmapUse::Source)?;
-            if s.size() != target.size() {
-                return Err(format!(
-                    "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
-                    target.size(),
-                    s.size()
-                ));
-            }
+            target.check_merge_source(&s).map_err(|e| e.to_string())?;
             target.merge_from(&s);
             Ok(())
         }
