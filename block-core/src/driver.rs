@@ -273,6 +273,13 @@ pub trait BlockDriver {
         Box::pin(async { Ok(()) })
     }
 
+    /// Drops the persistent bitmap `name` from the image now (qcow2
+    /// rewrites its bitmap directory). Formats without persistent bitmaps
+    /// hold none, and a bitmap not stored yet is no error.
+    fn remove_persistent_bitmap<'a>(&'a self, _name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Dirty bitmaps the format loaded at open (qcow2's persistent
     /// bitmaps); the graph attaches them to the new node, once.
     fn take_loaded_bitmaps(&self) -> Vec<crate::dirty::DirtyBitmap> {

@@ -505,7 +505,22 @@ impl Node {
             .cloned()
     }
 
-    /// Detaches the dirty bitmap called `name` and returns it.
+    /// Removes the dirty bitmap called `name`, and a persistent one from
+    /// the image first, as QEMU's `block-dirty-bitmap-remove` does: a
+    /// crash afterwards cannot bring it back, and when the image cannot
+    /// be updated the bitmap stays on the node.
+    pub async fn delete_dirty_bitmap(&self, name: &str) -> Result<Option<Rc<DirtyBitmap>>> {
+        let Some(b) = self.dirty_bitmap(name) else {
+            return Ok(None);
+        };
+        if b.is_persistent() {
+            self.driver.remove_persistent_bitmap(name).await?;
+        }
+        Ok(self.remove_dirty_bitmap(name))
+    }
+
+    /// Detaches the dirty bitmap called `name` and returns it (the image
+    /// drops a persistent one when the node closes).
     pub fn remove_dirty_bitmap(&self, name: &str) -> Option<Rc<DirtyBitmap>> {
         let mut v = self.dirty_bitmaps.borrow_mut();
         let i = v.iter().position(|b| b.name() == name)?;

@@ -116,6 +116,12 @@ class Daemon:
         self.wait_ready()
         return Qmp(self.sock, **kw)
 
+    def kill(self):
+        """SIGKILL: the daemon gets no chance to tidy its images."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()

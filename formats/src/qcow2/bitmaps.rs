@@ -4,7 +4,8 @@
 //! `qemu:dirty-bitmap`). On read-write open every bitmap is marked
 //! `in_use` on disk, so that a crash leaves them inconsistent rather than
 //! trusted and stale; when the node closes, its persistent bitmaps are
-//! stored anew and the directory points at them with `in_use` clear.
+//! stored anew and the directory points at them with `in_use` clear. A
+//! bitmap removed while open leaves the directory at once, as in QEMU.
 //! `check` counts the bitmap directory, tables and data clusters so they
 //! are not leaks.
 //!
@@ -49,6 +50,8 @@ const MAX_NAME: usize = 1023;
 struct Entry {
     /// Byte offset of the entry inside the directory.
     pos: usize,
+    /// Bytes the entry takes, padding included.
+    len: usize,
     table_offset: u64,
     table_size: u32,
     flags: u32,
@@ -147,13 +150,15 @@ impl Qcow2 {
             }
             let name = be16(&dir, pos + 18) as usize;
             let extra = be32(&dir, pos + 20) as usize;
+            let len = (24 + extra + name).div_ceil(8) * 8;
             entries.push(Entry {
                 pos,
+                len,
                 table_offset: be64(&dir, pos),
                 table_size: be32(&dir, pos + 8),
                 flags: be32(&dir, pos + 12),
             });
-            pos += (24 + extra + name).div_ceil(8) * 8;
+            pos += len;
         }
         Ok(Some((off, dir, entries)))
     }
@@ -357,7 +362,6 @@ impl Qcow2 {
             let i = old_names.iter().position(|n| n == name)?;
             entries.get(i)
         };
-        let cs = self.cluster_size;
         let mut dir = Vec::new();
         let mut count = 0u32;
         // Old tables that stay in use (inconsistent bitmaps keep theirs).
@@ -391,23 +395,75 @@ impl Qcow2 {
             dir[start + 24..start + 24 + name.len()].copy_from_slice(name);
             count += 1;
         }
+        self.publish_directory(dir, count).await?;
+        // The old directory and every table not kept are garbage now.
+        if let Some((off, odir, entries)) = old {
+            self.free_bytes(off, odir.len() as u64).await?;
+            for e in entries {
+                if !kept_tables.contains(&e.table_offset) {
+                    self.free_bitmap(&e).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the stored bitmap `name` from the image at once, as QEMU's
+    /// `block-dirty-bitmap-remove` does, so that neither a crash nor a
+    /// failed store at close brings it back. The other entries are kept
+    /// byte for byte (still in use); the removed bitmap's table and data
+    /// are freed only once the header points at the new directory. A
+    /// bitmap the image does not hold (never stored yet) is no error.
+    pub async fn remove_stored_bitmap(&self, name: &str) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _g = self.meta.lock().await;
+        if self.hdr.borrow().autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let Some((off, dir, entries)) = self.read_bitmap_directory().await? else {
+            return Ok(());
+        };
+        let infos = self.entry_infos(&dir, &entries)?;
+        let Some(gone) = infos.iter().position(|b| b.name == name) else {
+            return Ok(());
+        };
+        let mut new_dir = Vec::with_capacity(dir.len());
+        for (i, e) in entries.iter().enumerate() {
+            if i != gone {
+                let bytes = dir
+                    .get(e.pos..e.pos + e.len)
+                    .ok_or_else(|| self.corrupt("bitmap directory entry beyond the directory"))?;
+                new_dir.extend_from_slice(bytes);
+            }
+        }
+        self.publish_directory(new_dir, entries.len() as u32 - 1)
+            .await?;
+        self.free_bytes(off, dir.len() as u64).await?;
+        self.free_bitmap(&entries[gone]).await
+    }
+
+    /// Writes a new bitmap directory of `count` entries (none: the
+    /// extension goes) and points the header at it. Everything the new
+    /// directory needs is flushed before the header names it, and the
+    /// header is flushed before anything old may be freed.
+    async fn publish_directory(&self, dir: Vec<u8>, count: u32) -> Result<()> {
         let ext = if dir.is_empty() {
             None
         } else {
             let off = self
-                .alloc_contiguous((dir.len() as u64).div_ceil(cs))
-                .await?;
-            self.file
-                .pwrite(off, IoBuf::from_slice(&dir), WriteFlags::default())
+                .alloc_contiguous((dir.len() as u64).div_ceil(self.cluster_size))
                 .await?;
             let mut e = vec![0u8; 24];
             put32(&mut e, 0, count);
             put64(&mut e, 8, dir.len() as u64);
             put64(&mut e, 16, off);
+            self.file
+                .pwrite(off, IoBuf::from_slice(&dir), WriteFlags::default())
+                .await?;
             Some(e)
         };
-        // Everything the new directory needs is on disk before the header
-        // points at it.
         self.flush_caches().await?;
         self.file.flush().await?;
         let header = {
@@ -423,25 +479,22 @@ impl Qcow2 {
         self.file
             .pwrite(0, IoBuf::from_slice(&header), WriteFlags::default())
             .await?;
-        self.file.flush().await?;
-        // The old directory and every table not kept are garbage now.
-        if let Some((off, odir, entries)) = old {
-            self.free_bytes(off, odir.len() as u64).await?;
-            for e in entries {
-                if kept_tables.contains(&e.table_offset) || e.table_size == 0 {
-                    continue;
-                }
-                let bytes = u64::from(e.table_size) * 8;
-                if bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
-                    continue;
-                }
-                for d in self.bitmap_data_clusters(&e).await? {
-                    self.free_bytes(d, cs).await?;
-                }
-                self.free_bytes(e.table_offset, bytes).await?;
-            }
+        self.file.flush().await
+    }
+
+    /// Frees one old entry's data clusters and table. A table that
+    /// cannot be one of ours (misaligned, absurd) is left alone: a leak
+    /// is harmless, freeing somebody else's cluster is not.
+    async fn free_bitmap(&self, e: &Entry) -> Result<()> {
+        let cs = self.cluster_size;
+        let bytes = u64::from(e.table_size) * 8;
+        if e.table_size == 0 || bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
+            return Ok(());
         }
-        Ok(())
+        for d in self.bitmap_data_clusters(e).await? {
+            self.free_bytes(d, cs).await?;
+        }
+        self.free_bytes(e.table_offset, bytes).await
     }
 
     /// The data clusters a bitmap's table points to.

@@ -817,6 +817,10 @@ impl BlockDriver for Qcow2 {
         self.take_loaded()
     }
 
+    fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {
+        Box::pin(self.remove_stored_bitmap(name))
+    }
+
     fn filename(&self) -> Option<String> {
         Some(self.file.filename())
     }

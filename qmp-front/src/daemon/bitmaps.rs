@@ -4,8 +4,8 @@
 //!
 //! Bitmaps live in memory on their node ([`block_core::dirty`]); the
 //! request path records writes into them. A qcow2 node loads its image's
-//! persistent bitmaps at open and stores its persistent bitmaps (added,
-//! changed, removed) when it closes.
+//! persistent bitmaps at open, drops a removed one from the image at
+//! once, and stores the others (added, changed) when it closes.
 
 use std::rc::Rc;
 
@@ -32,9 +32,9 @@ pub fn register(r: &mut Registry<Daemon>) {
         |d: Rc<Daemon>, a: ExportBitmap| async move {
             let (n, b) = lookup(&d, &a.node, &a.name)?;
             check(&b, BitmapUse::Remove)?;
-            // A persistent bitmap leaves the image's directory when the
-            // node closes and stores what remains.
-            n.remove_dirty_bitmap(b.name());
+            n.delete_dirty_bitmap(b.name()).await.map_err(|e| {
+                QmpError::generic(format!("Failed to update bitmap extension: {e}"))
+            })?;
             Ok(Empty {})
         },
     );

@@ -1566,3 +1566,65 @@ fn persistent_bitmaps_store_at_close() {
         });
     }
 }
+
+/// A removed persistent bitmap leaves the image at once, as with QEMU:
+/// the image read while the node is still open (a crash now) no longer
+/// lists it and holds no corruption; the others stay, in use; a bitmap
+/// added this session and never stored, and one in memory only, are
+/// removed without touching the image.
+#[test]
+fn removed_persistent_bitmap_leaves_the_image_at_once() {
+    let d = Dir::new("bmremove");
+    on_engines(|g, mode| {
+        let img = d.file("r.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "qcow2", &img, "8M"]);
+        for b in ["a", "gone", "c"] {
+            qemu_img(&["bitmap", "--add", &img, b]);
+        }
+        qemu_io(&img, &["write 1M 64k".to_string()]);
+        let stored = || {
+            let info = qemu_img(&["info", "-U", &img]);
+            info.lines()
+                .filter_map(|l| l.trim().strip_prefix("name: "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        run(g, async {
+            let n = open(g, &img, false).await;
+            let fresh = block_core::DirtyBitmap::new("fresh", n.size(), 65536, true);
+            n.add_dirty_bitmap(Rc::new(fresh.persistent(false, false)))
+                .unwrap();
+            let mem = block_core::DirtyBitmap::new("mem", n.size(), 65536, true);
+            n.add_dirty_bitmap(Rc::new(mem)).unwrap();
+            let gone = n.delete_dirty_bitmap("gone").await.unwrap();
+            assert!(gone.is_some() && n.dirty_bitmap("gone").is_none());
+            assert_eq!(stored(), ["a", "c"], "{mode:?}");
+            let (_, text) = tool("qemu-img", &["check", "-U", &img]);
+            assert!(
+                !text.contains("ERROR") && !text.contains("corrupt"),
+                "{text}"
+            );
+            for name in ["fresh", "mem"] {
+                assert!(n.delete_dirty_bitmap(name).await.unwrap().is_some());
+            }
+            assert!(n.delete_dirty_bitmap("none").await.unwrap().is_none());
+            assert_eq!(stored(), ["a", "c"], "{mode:?}");
+            close(g, n).await;
+        });
+        check_clean(&img);
+        assert_eq!(stored(), ["a", "c"], "{mode:?}");
+        let info = qemu_img(&["info", &img]);
+        assert!(!info.contains("in-use"), "{info}");
+        // The last one out takes the extension with it.
+        run(g, async {
+            let n = open(g, &img, false).await;
+            for name in ["a", "c"] {
+                n.delete_dirty_bitmap(name).await.unwrap().unwrap();
+            }
+            assert!(stored().is_empty());
+            close(g, n).await;
+        });
+        check_clean(&img);
+    });
+}
