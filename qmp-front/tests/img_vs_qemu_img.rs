@@ -2190,6 +2190,36 @@ fn convert_copies_bitmaps_like_qemu_img() {
     for a in errors {
         same(a, &dir);
     }
+    // Bitmaps left in use by a writer that was killed: refused, or skipped
+    // with a warning while the consistent one is copied.
+    std::fs::copy(dir.join("src.qcow2"), dir.join("bad.qcow2")).unwrap();
+    let killed = exec(
+        "qemu-io",
+        &["-c", "write 0 4k", "-c", "sigraise 9", "bad.qcow2"],
+        &dir,
+    );
+    assert_ne!(killed.code, 0, "{killed:?}");
+    must("qemu-img", &["bitmap", "--add", "bad.qcow2", "late"], &dir);
+    for skip in [false, true] {
+        let mut got = Vec::new();
+        for (tool, t) in [("qemu-img", "bq.qcow2"), (STRATA, "bs.qcow2")] {
+            let _ = std::fs::remove_file(dir.join(t));
+            let mut a = vec!["convert", "--bitmaps", "-O", "qcow2"];
+            if skip {
+                a.push("--skip-broken-bitmaps");
+            }
+            a.extend(["bad.qcow2", t]);
+            let out = exec(tool, &a, &dir);
+            let stored = dir.join(t).exists().then(|| {
+                let j = must("qemu-img", &["info", "--output=json", t], &dir).stdout;
+                let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+                j["format-specific"]["data"]["bitmaps"].clone()
+            });
+            got.push((out, stored));
+        }
+        assert_eq!(got[1], got[0], "skip {skip}");
+        assert_eq!(got[0].0.code, if skip { 0 } else { 1 }, "{:?}", got[0]);
+    }
     // A target that already holds a bitmap of that name: refused after the
     // copy, plain and compressed, and the copied data is still complete.
     for c in [false, true] {
