@@ -63,6 +63,12 @@ def conversation(binary, workdir):
             ("blockdev-reopen", {"options": [{"driver": "null-co", "node-name": "n0",
                                               "size": 1048576, "detect-zeroes": "on"}]}),
             ("blockdev-reopen", {"options": [{"driver": "null-co"}]}),
+            # An inline child given again as it was is the same child.
+            ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0",
+                                              "read-only": True,
+                                              "file": {"driver": "file", "filename": img}}]}),
+            ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0",
+                                              "file": {"driver": "file", "filename": img}}]}),
             ("query-named-block-nodes", {"flat": True}),
             ("blockdev-del", {"node-name": "zz"}),
             ("blockdev-del", {"node-name": "r0"}),

@@ -241,13 +241,15 @@ pub async fn blockdev_add(d: &Daemon, mut map: Map<String, Value>) -> R<()> {
     check_force_share(&map)?;
     check_drivers(d, &map)?;
     strip_active(&mut map)?;
+    // Remembered as given: a reopen compares inline children with it.
+    let given = map.clone();
     no_inherited_detect_zeroes(&mut map, true);
     let opts = to_options(&map);
     let res = d.graph.open(opts).await;
     d.sync_order();
     let node = res.map_err(|e| errors::block(&e))?;
     d.owned.borrow_mut().insert(name);
-    remember_opts(d, &node, map);
+    remember_opts(d, &node, given);
     Ok(())
 }
 
