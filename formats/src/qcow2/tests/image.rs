@@ -967,6 +967,23 @@ fn corrupted_metadata_never_panics() {
         &ext,
         &["write -P 1 0 100k".into(), "write -z 1M 64k".into()],
     );
+    // Bitmaps: the header extension, the directory and the tables are
+    // loaded at open and rewritten at close of a read-write node.
+    let bm = d.file("bm.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        &bm,
+        "4M",
+    ]);
+    qemu_img(&["bitmap", "--add", &bm, "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", &bm, "fine"]);
+    qemu_io(&bm, &["write -P 1 64k 8k".into()]);
+    let bm_dir = first_bitmap_entry(&bm);
     let el = EventLoop::new(AioMode::Threads).unwrap();
     let g = Rc::new(Graph::new(
         Rc::clone(el.context()),
@@ -974,15 +991,20 @@ fn corrupted_metadata_never_panics() {
         EventBus::new(),
     ));
     let mut r = Rng(0xfeed);
-    for i in 0..300 {
-        let src = if i % 2 == 0 { &good } else { &ext };
+    for i in 0..450 {
+        let src = [&good, &ext, &bm][i % 3];
         let p = d.file("f.qcow2");
         std::fs::copy(src, &p).unwrap();
         let len = std::fs::metadata(&p).unwrap().len();
         // Corrupt a few bytes of metadata (the first clusters hold the
-        // header, refcount table and block, L1 and L2 tables).
+        // header, refcount table and block, L1 and L2 tables; the bitmap
+        // image's directory and tables sit after its data).
         for _ in 0..1 + r.below(4) {
-            let off = r.below(len.min(6 * 16384));
+            let off = if src == &bm && r.below(2) == 0 {
+                bm_dir + r.below(len - bm_dir).min(3 * 4096)
+            } else {
+                r.below(len.min(6 * 16384))
+            };
             let v = r.next() as u8;
             patch(&p, off, &[v]);
         }
@@ -996,6 +1018,9 @@ fn corrupted_metadata_never_panics() {
                     .pwrite_zeroes(1 << 20, 1 << 16, WriteFlags::default())
                     .await;
                 let _ = n.flush().await;
+                if i % 6 == 2 {
+                    let _ = n.delete_dirty_bitmap("fine").await;
+                }
                 drop(n);
             }
             let _ = g.close_all().await;
