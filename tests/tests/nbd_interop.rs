@@ -2,13 +2,62 @@
 //! convert, compare) and libnbd's nbdinfo/nbdcopy, over unix and TCP; many
 //! clients at once; abusive clients that must not hurt the server.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
+use std::sync::atomic::{AtomicIsize, Ordering};
 
 use block_core::AioMode;
 use qmp_front::nbd::ExportConfig;
 use strata_tests::{qemu_io, raw_opts, run_tool, NbdFixture, Scratch};
+
+/// Counts the bytes live on the heap, so that a test can tell whether the
+/// server (running in this process) keeps memory per closed connection.
+/// nextest runs every test in a process of its own.
+struct CountingAlloc;
+
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counter is only bookkeeping.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on unchanged.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(l.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on unchanged.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(l.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { System.dealloc(p, l) };
+        LIVE_BYTES.fetch_sub(l.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on unchanged.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            LIVE_BYTES.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 fn export(node: &str, name: &str, writable: bool) -> ExportConfig {
     ExportConfig {
@@ -253,7 +302,6 @@ fn abusive_clients_do_not_hurt_the_server() {
         false,
         vec![(raw_node(&img, "a0"), export("a0", "a", true))],
     );
-    let before = open_fds();
     let garbage: [&[u8]; 6] = [
         b"",
         b"\x00\x00\x00\x03",
@@ -265,17 +313,37 @@ fn abusive_clients_do_not_hurt_the_server() {
         // Truncated option.
         b"\x00\x00\x00\x03IHAVEOPT\x00\x00\x00\x07\x00\x00\x01\x00abc",
     ];
-    for i in 0..10_000usize {
-        let mut c = UnixStream::connect(&sock).expect("connect");
-        let g = garbage[i % garbage.len()];
-        let _ = c.write_all(g);
-        if i % 97 == 0 {
-            // Some clients read the greeting first.
-            let mut greet = [0u8; 18];
-            let _ = c.read_exact(&mut greet);
+    let abuse = |count: usize| {
+        for i in 0..count {
+            let mut c = UnixStream::connect(&sock).expect("connect");
+            let g = garbage[i % garbage.len()];
+            let _ = c.write_all(g);
+            if i % 97 == 0 {
+                // Some clients read the greeting first.
+                let mut greet = [0u8; 18];
+                let _ = c.read_exact(&mut greet);
+            }
+            drop(c);
         }
-        drop(c);
-    }
+        // The server drops the last connections on its own loop.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    // A warm-up first: lazily made buffers and tables are not leaks.
+    abuse(600);
+    let (fds_before, heap_before) = (open_fds(), LIVE_BYTES.load(Ordering::Relaxed));
+    abuse(10_000);
+    let (fds_after, heap_after) = (open_fds(), LIVE_BYTES.load(Ordering::Relaxed));
+    assert!(
+        fds_after <= fds_before + 4,
+        "fds before {fds_before}, after {fds_after}"
+    );
+    // Less than 8 bytes per connection: no connection leaves anything.
+    let grown = heap_after - heap_before;
+    eprintln!("heap {heap_before} -> {heap_after}, fds {fds_before} -> {fds_after}");
+    assert!(
+        grown < 80_000,
+        "heap grew by {grown} bytes over 10,000 connections ({heap_before} -> {heap_after})"
+    );
     // A client that stops reading: send many requests, never read replies.
     {
         let mut c = UnixStream::connect(&sock).unwrap();
@@ -314,7 +382,10 @@ fn abusive_clients_do_not_hurt_the_server() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     // The server (same process) did not leak descriptors.
     let after = open_fds();
-    assert!(after <= before + 4, "fds before {before}, after {after}");
+    assert!(
+        after <= fds_before + 4,
+        "fds before {fds_before}, after {after}"
+    );
 }
 
 /// A tiny reader for `qemu-img map --output=json` (flat objects of numbers
