@@ -422,6 +422,9 @@ impl Qcow2 {
         if self.hdr.borrow().autoclear_features & AUTOCLEAR_BITMAPS == 0 {
             return Ok(());
         }
+        // After a failed metadata write the refcounts may be stale: no
+        // new directory is placed by them.
+        self.check_writable_meta()?;
         let Some((off, dir, entries)) = self.read_bitmap_directory().await? else {
             return Ok(());
         };
