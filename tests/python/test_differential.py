@@ -407,6 +407,17 @@ def persistent_bitmap_conversation(binary, workdir):
     return out
 
 
+def stored_bitmaps(img):
+    """The bitmaps an image holds and its check report, as qemu-img sees
+    them (the check's exit status under "status")."""
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
+                                     capture_output=True, text=True, check=True).stdout)
+    check = subprocess.run(["qemu-img", "check", "--output=json", img],
+                           capture_output=True, text=True)
+    report = dict(json.loads(check.stdout), status=check.returncode)
+    return info["format-specific"]["data"].get("bitmaps"), report
+
+
 def stored_bitmap_conversation(binary, workdir):
     """A read-write session that adds, changes and removes persistent
     bitmaps, then what the image holds afterwards as qemu-img and a fresh
@@ -443,13 +454,9 @@ def stored_bitmap_conversation(binary, workdir):
         q.close()
     finally:
         d.stop()
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
-                                     capture_output=True, text=True, check=True).stdout)
-    out.append(["stored", info["format-specific"]["data"].get("bitmaps")])
-    check = subprocess.run(["qemu-img", "check", "--output=json", img],
-                           capture_output=True, text=True)
-    c = json.loads(check.stdout)
-    out.append(["check", check.returncode, c.get("leaks", 0), c.get("corruptions", 0)])
+    stored, check = stored_bitmaps(img)
+    out.append(["stored", stored])
+    out.append(["check", check["status"], check.get("leaks", 0), check.get("corruptions", 0)])
     # The bits, as qemu-storage-daemon loads them.
     reader = Daemon(qsd_path(), ["--blockdev",
                                  f"driver=qcow2,node-name=r,read-only=on,file.driver=file,"
@@ -495,14 +502,10 @@ def killed_bitmap_conversation(binary, workdir):
         q.close()
     finally:
         d.kill()
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", img],
-                                     capture_output=True, text=True, check=True).stdout)
-    out.append(["stored", info["format-specific"]["data"].get("bitmaps")])
-    check = subprocess.run(["qemu-img", "check", "--output=json", img],
-                           capture_output=True, text=True)
-    c = json.loads(check.stdout)
+    stored, check = stored_bitmaps(img)
+    out.append(["stored", stored])
     # Leaks after a kill are allowed and may differ; corruption is not.
-    out.append(["check", c.get("corruptions", 0), c.get("check-errors", 0)])
+    out.append(["check", check.get("corruptions", 0), check.get("check-errors", 0)])
     return out
 
 
