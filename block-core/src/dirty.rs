@@ -47,7 +47,7 @@ pub struct DirtyBitmap {
     recording: Cell<bool>,
     busy: Cell<bool>,
     persistent: bool,
-    readonly: bool,
+    readonly: Cell<bool>,
     inconsistent: bool,
 }
 
@@ -64,7 +64,7 @@ impl DirtyBitmap {
             recording: Cell::new(recording),
             busy: Cell::new(false),
             persistent: false,
-            readonly: false,
+            readonly: Cell::new(false),
             inconsistent: false,
         }
     }
@@ -74,7 +74,7 @@ impl DirtyBitmap {
     /// `inconsistent` when the image says it was not saved cleanly.
     pub fn persistent(mut self, readonly: bool, inconsistent: bool) -> Self {
         self.persistent = true;
-        self.readonly = readonly;
+        self.readonly = Cell::new(readonly);
         self.inconsistent = inconsistent;
         self
     }
@@ -87,7 +87,13 @@ impl DirtyBitmap {
     /// Whether the bitmap may not be changed (loaded from a read-only
     /// image).
     pub fn is_readonly(&self) -> bool {
-        self.readonly
+        self.readonly.get()
+    }
+
+    /// Follows the image turning read-only or writable again
+    /// (`blockdev-reopen`).
+    pub fn set_readonly(&self, on: bool) {
+        self.readonly.set(on)
     }
 
     /// Whether the image marked the bitmap as not saved cleanly: its bits
@@ -185,7 +191,7 @@ impl DirtyBitmap {
                 "Bitmap '{name}' is currently in use by another operation and cannot be used"
             )));
         }
-        if matches!(what, BitmapUse::Modify | BitmapUse::Remove) && self.readonly {
+        if matches!(what, BitmapUse::Modify | BitmapUse::Remove) && self.readonly.get() {
             return Err(crate::Error::invalid(format!(
                 "Bitmap '{name}' is readonly and cannot be modified"
             )));

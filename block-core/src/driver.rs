@@ -273,6 +273,14 @@ pub trait BlockDriver {
         Box::pin(async { Ok(()) })
     }
 
+    /// Follows `blockdev-reopen` changing the node's read-only flag: called
+    /// before the node becomes read-only, while its children still take
+    /// writes (a format writes back what it keeps), and after it became
+    /// writable. An error leaves the flag as it was.
+    fn reopen<'a>(&'a self, _node: &'a Node, _read_only: bool) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Drops the persistent bitmap `name` from the image now (qcow2
     /// rewrites its bitmap directory). Formats without persistent bitmaps
     /// hold none, and a bitmap not stored yet is no error.

@@ -509,6 +509,55 @@ def killed_bitmap_conversation(binary, workdir):
     return out
 
 
+def reopened_bitmap_conversation(binary, workdir):
+    """A read-write qcow2 node with persistent bitmaps and lazy refcounts,
+    written over NBD, reopened read-only (bitmaps stored, readonly, the
+    image clean while still open) and read-write again."""
+    img = os.path.join(workdir, "ro.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "4M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", img, "b0"], check=True)
+    sock = os.path.join(workdir, "nbd.sock")
+    rec = Recorder(sock)
+    out, step = rec.out, rec.step
+
+    def image():
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", img],
+                                         capture_output=True, text=True, check=True).stdout)
+        out.append(["image", info.get("dirty-flag"),
+                    info["format-specific"]["data"].get("bitmaps")])
+
+    d = Daemon(binary)
+    try:
+        rec.q = q = d.connect()
+        file = {"driver": "file", "filename": img}
+        node = {"driver": "qcow2", "node-name": "n", "lazy-refcounts": True, "file": file}
+        step("blockdev-add", **node)
+        step("block-dirty-bitmap-add", node="n", name="p", persistent=True)
+        step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        step("block-export-add", type="nbd", id="e0", **{"node-name": "n"}, writable=True)
+        rec.client(["qemu-io", "-f", "raw", "-c", "write 1M 64k",
+                    f"nbd+unix:///n?socket={sock}"])
+        step("block-export-del", id="e0")
+        q.wait_event("BLOCK_EXPORT_DELETED")
+        image()
+        step("blockdev-reopen", options=[dict(node, **{"read-only": True})])
+        image()
+        rec.bitmaps()
+        step("block-dirty-bitmap-clear", node="n", name="b0")
+        step("block-dirty-bitmap-add", node="n", name="q", persistent=True)
+        step("blockdev-reopen", options=[node])
+        image()
+        step("block-dirty-bitmap-clear", node="n", name="b0")
+        step("blockdev-del", **{"node-name": "n"})
+        q.close()
+    finally:
+        d.stop()
+    image()
+    stored, check = stored_bitmaps(img)
+    out.append(["check", check["status"], check.get("leaks", 0), check.get("corruptions", 0)])
+    return out
+
+
 def strip_versions(convo):
     # package strings and the version triple's micro may differ by build.
     for step in convo:
@@ -558,6 +607,10 @@ class Differential(unittest.TestCase):
     @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
     def test_same_bitmaps_after_a_kill(self):
         self.assert_same_texts(killed_bitmap_conversation)
+
+    @unittest.skipUnless(shutil.which("qemu-io"), "qemu-io not installed")
+    def test_same_bitmaps_across_reopens(self):
+        self.assert_same_texts(reopened_bitmap_conversation)
 
     def test_schema_arguments(self):
         """Member names and optionality of every common command's arguments

@@ -206,7 +206,7 @@ impl Qcow2 {
             }
             let in_use = e.flags & FLAG_IN_USE != 0;
             let bm = DirtyBitmap::new(&info.name, size, g, info.auto && !in_use)
-                .persistent(self.read_only, in_use);
+                .persistent(self.read_only.get(), in_use);
             if !in_use {
                 self.load_bitmap_data(&bm, e, &bad).await?;
             }
@@ -305,13 +305,11 @@ impl Qcow2 {
     }
 
     /// Whether a new persistent bitmap `name` could be stored here, with
-    /// QEMU's messages.
+    /// QEMU's messages. A read-only node takes one too, as in QEMU: it is
+    /// stored once the node has been reopened read-write and closes.
     pub fn can_store_bitmap(&self, name: &str, existing: usize) -> std::result::Result<(), String> {
         if self.hdr.borrow().version < 3 {
             return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
-        }
-        if self.read_only {
-            return Err("the image is read-only".into());
         }
         if existing >= MAX_BITMAPS as usize {
             return Err("Maximum number of persistent bitmaps is already reached".into());
@@ -327,7 +325,7 @@ impl Qcow2 {
     /// they were; bitmaps no longer on the node leave the directory.
     /// Called under `meta` when a read-write node closes.
     pub(crate) async fn store_bitmaps(&self, bitmaps: &[Rc<DirtyBitmap>]) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Ok(());
         }
         let old = if self.hdr.borrow().autoclear_features & AUTOCLEAR_BITMAPS != 0 {
@@ -415,7 +413,7 @@ impl Qcow2 {
     /// are freed only once the header points at the new directory. A
     /// bitmap the image does not hold (never stored yet) is no error.
     pub async fn remove_stored_bitmap(&self, name: &str) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Ok(());
         }
         let _g = self.meta.lock().await;

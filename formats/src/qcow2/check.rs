@@ -391,8 +391,8 @@ impl Qcow2 {
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
         let _g = self.lock_meta_idle().await;
         self.flush_caches_if_writable().await?;
-        let fix_errors = repair.errors && !self.read_only;
-        let fix = (repair.leaks || repair.errors) && !self.read_only;
+        let fix_errors = repair.errors && !self.read_only.get();
+        let fix = (repair.leaks || repair.errors) && !self.read_only.get();
         let mut cnt = self.calculate_refcounts(repair).await?;
         if cnt.report.aborted.is_some() {
             return Ok(cnt.report);
@@ -440,7 +440,8 @@ impl Qcow2 {
         let r = &report;
         let refcounts_clean =
             r.check_errors == 0 && r.corruptions == r.corruptions_fixed && r.leaks == r.leaks_fixed;
-        let fix_copied = !self.read_only && (repair.errors || (repair.leaks && refcounts_clean));
+        let fix_copied =
+            !self.read_only.get() && (repair.errors || (repair.leaks && refcounts_clean));
         let meta = std::mem::take(&mut cnt.meta);
         self.check_copied(fix_copied, &mut report, &meta).await?;
         if (repair.leaks || repair.errors) && report.aborted.is_none() {
@@ -613,7 +614,7 @@ impl Qcow2 {
     /// the last call for a rebuild.
     async fn check_refblocks(&self, reftable: &[u64], cnt: &mut Counts, fix: bool) -> Result<()> {
         let cs = self.cluster_size;
-        let fix = fix && !self.read_only;
+        let fix = fix && !self.read_only.get();
         for (index, &e) in reftable.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
             let c = off / cs;
@@ -669,7 +670,7 @@ impl Qcow2 {
                     self.signal_corruption_at(&msg, None).await;
                     cmp.signal = Some(CorruptionSignal {
                         msg,
-                        fatal: !self.read_only,
+                        fatal: !self.read_only.get(),
                     });
                 }
                 cmp.unreadable.push(c);
@@ -698,7 +699,7 @@ impl Qcow2 {
     }
 
     async fn flush_caches_if_writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Ok(());
         }
         self.flush_caches().await
@@ -731,7 +732,7 @@ impl Qcow2 {
                 cnt.find(Finding::L2TableUnaligned { offset: l2_off });
             }
             let t = self.l2_table_bytes(l2_off).await?;
-            let fix = repair.errors && !self.read_only && aligned;
+            let fix = repair.errors && !self.read_only.get() && aligned;
             self.check_l2(&t, l2_off, cnt, active, fix).await?;
             if cnt.report.aborted.is_some() {
                 return Ok(());

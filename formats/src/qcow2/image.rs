@@ -157,7 +157,7 @@ impl<'g> Image<'g> {
 
     /// Flushes metadata and releases the children.
     pub async fn close(self) -> Result<()> {
-        let r = if self.drv.read_only {
+        let r = if self.drv.read_only.get() {
             Ok(())
         } else {
             let _g = self.drv.meta.lock().await;
@@ -169,7 +169,7 @@ impl<'g> Image<'g> {
             stored.and(settled)
         };
         let r = match r {
-            Ok(()) if !self.drv.read_only => self.drv.file.flush().await,
+            Ok(()) if !self.drv.read_only.get() => self.drv.file.flush().await,
             r => r,
         };
         for (n, id) in self.users {
@@ -193,7 +193,7 @@ impl Qcow2 {
     /// as compressing it.
     pub(crate) async fn write_compressed(&self, offset: u64, data: IoBuf) -> Result<()> {
         let cs = self.cluster_size;
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });

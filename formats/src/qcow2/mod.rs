@@ -95,7 +95,8 @@ pub struct Qcow2 {
     file: Rc<Node>,
     /// Where guest data lives: `file`, or the external data file.
     data: Rc<Node>,
-    read_only: bool,
+    /// Set at open and changed by `blockdev-reopen` (see [`Self::reopen_impl`]).
+    read_only: Cell<bool>,
     /// The header as last written (size and table locations change).
     hdr: RefCell<Header>,
     cluster_bits: u32,
@@ -442,7 +443,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         node_name: node_name.clone(),
         file: Rc::clone(&file),
         data,
-        read_only,
+        read_only: Cell::new(read_only),
         hdr: RefCell::new(hdr),
         cluster_bits,
         cluster_size: cs,
@@ -490,32 +491,7 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
     // not saved cleanly.
     *drv.loaded_bitmaps.borrow_mut() = drv.load_bitmaps().await?;
     if !read_only {
-        drv.mark_bitmaps_in_use().await?;
-    }
-    if !read_only && drv.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
-        // Not closed cleanly with lazy refcounts: rebuild the refcounts
-        // from the metadata, then clear the dirty bit (QEMU does the same).
-        let r = drv
-            .check(check::Repair {
-                leaks: true,
-                errors: true,
-            })
-            .await?;
-        if r.corruptions > r.corruptions_fixed || r.aborted.is_some() {
-            return Err(drv.corrupt("could not repair the dirty image"));
-        }
-        let v = {
-            let mut h = drv.hdr.borrow_mut();
-            h.incompatible_features &= !header::INCOMPAT_DIRTY;
-            h.incompatible_features
-        };
-        file.pwrite(
-            72,
-            IoBuf::from_slice(&v.to_be_bytes()),
-            WriteFlags::default(),
-        )
-        .await?;
-        file.flush().await?;
+        drv.begin_writing().await?;
     }
     Ok((drv, children))
 }
@@ -645,6 +621,79 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// What a writer does first (at a read-write open, or when reopened
+    /// read-write): marks the image's bitmaps in use, and repairs an image
+    /// left dirty by lazy refcounts.
+    async fn begin_writing(&self) -> Result<()> {
+        self.mark_bitmaps_in_use().await?;
+        if self.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            // Not closed cleanly with lazy refcounts: rebuild the refcounts
+            // from the metadata, then clear the dirty bit (QEMU does the same).
+            let r = self
+                .check(check::Repair {
+                    leaks: true,
+                    errors: true,
+                })
+                .await?;
+            if r.corruptions > r.corruptions_fixed || r.aborted.is_some() {
+                return Err(self.corrupt("could not repair the dirty image"));
+            }
+            let v = {
+                let mut h = self.hdr.borrow_mut();
+                h.incompatible_features &= !header::INCOMPAT_DIRTY;
+                h.incompatible_features
+            };
+            self.file
+                .pwrite(
+                    72,
+                    IoBuf::from_slice(&v.to_be_bytes()),
+                    WriteFlags::default(),
+                )
+                .await?;
+            self.file.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Follows `blockdev-reopen` changing the node's read-only flag, as
+    /// QEMU's qcow2 does. Before the node becomes read-only: the
+    /// persistent bitmaps are stored (no longer in use), the metadata
+    /// written and the image marked clean, and the bitmaps turn readonly.
+    /// After it becomes writable again: the image is checked for the
+    /// corrupt bit, the bitmaps are marked in use and may change again.
+    pub(crate) async fn reopen_impl(&self, node: &Node, read_only: bool) -> Result<()> {
+        if read_only == self.read_only.get() {
+            return Ok(());
+        }
+        if read_only {
+            let _g = self.lock_meta_idle().await;
+            // A bitmap that cannot be stored must not keep the metadata
+            // from being written; it stays in use on disk.
+            let stored = self.store_bitmaps(&node.dirty_bitmaps()).await;
+            self.flush_caches().await?;
+            self.mark_image_clean().await?;
+            stored?;
+            self.read_only.set(true);
+        } else {
+            if self.hdr.borrow().incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+                return Err(Error::invalid(format!(
+                    "qcow2: Image '{}' is corrupt; cannot be opened read/write",
+                    self.node_name
+                )));
+            }
+            // No guest writes yet: the node turns writable after this. The
+            // repair of a dirty image takes `meta` itself.
+            self.read_only.set(false);
+            self.begin_writing().await?;
+        }
+        for b in node.dirty_bitmaps().iter().filter(|b| b.is_persistent()) {
+            b.set_readonly(read_only);
+        }
+        Ok(())
+    }
+}
+
 impl BlockDriver for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
@@ -728,7 +777,7 @@ impl BlockDriver for Qcow2 {
 
     fn flush<'a>(&'a self, _node: &'a Node) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            if !self.read_only {
+            if !self.read_only.get() {
                 let _g = self.meta.lock().await;
                 self.flush_caches().await?;
             }
@@ -801,7 +850,7 @@ impl BlockDriver for Qcow2 {
 
     fn close<'a>(&'a self, node: &'a Node) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only.get() {
                 return Ok(());
             }
             let _g = self.meta.lock().await;
@@ -815,6 +864,10 @@ impl BlockDriver for Qcow2 {
 
     fn take_loaded_bitmaps(&self) -> Vec<block_core::DirtyBitmap> {
         self.take_loaded()
+    }
+
+    fn reopen<'a>(&'a self, node: &'a Node, read_only: bool) -> IoFuture<'a, ()> {
+        Box::pin(self.reopen_impl(node, read_only))
     }
 
     fn remove_persistent_bitmap<'a>(&'a self, name: &'a str) -> IoFuture<'a, ()> {

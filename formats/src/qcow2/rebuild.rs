@@ -271,7 +271,7 @@ impl Qcow2 {
     pub async fn change_refcount_width(&self, bits: u32, status: &dyn Fn(u64, u64)) -> Result<()> {
         let _g = self.lock_meta_idle().await;
         self.check_writable_meta()?;
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });

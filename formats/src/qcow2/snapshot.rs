@@ -143,7 +143,7 @@ impl Qcow2 {
     }
 
     async fn create_snapshot_as(&self, name: &str, qemu_img: bool) -> Result<SnapshotInfo> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });
@@ -495,7 +495,7 @@ impl Qcow2 {
 
     /// Deletes the snapshot with this id or name.
     pub async fn delete_snapshot(&self, name_or_id: &str) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });
@@ -521,7 +521,7 @@ impl Qcow2 {
 
     /// Makes the active disk state that of the snapshot with this id or name.
     pub async fn revert_to_snapshot(&self, name_or_id: &str) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });

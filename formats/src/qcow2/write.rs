@@ -72,7 +72,7 @@ impl Qcow2 {
     /// a read-only image the corruption is not fatal, as in QEMU: reported,
     /// but neither marked nor stopping reads.
     pub(crate) async fn signal_corruption_at(&self, msg: &str, range: Option<(u64, u64)>) {
-        let fatal = !self.read_only;
+        let fatal = !self.read_only.get();
         if fatal {
             self.broken.set(true);
         }
@@ -113,7 +113,7 @@ impl Qcow2 {
     }
 
     fn check_write(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only.get() {
             return Err(Error::ReadOnly {
                 node: self.node_name.clone(),
             });

@@ -48,9 +48,12 @@ pub fn registry() -> Registry<Daemon> {
             blockdev_del(&d, &a.node_name).await.map(|_| Empty {})
         },
     );
-    r.command("blockdev-reopen", |d: Rc<Daemon>, a: BlockdevReopenArgs| async move {
-        reopen(&d, a.options).map(|_| Empty {})
-    });
+    r.command(
+        "blockdev-reopen",
+        |d: Rc<Daemon>, a: BlockdevReopenArgs| async move {
+            reopen(&d, a.options).await.map(|_| Empty {})
+        },
+    );
     r.command(
         "query-named-block-nodes",
         |d: Rc<Daemon>, a: QueryNodesArgs| async move {
@@ -380,7 +383,7 @@ async fn blockdev_del(d: &Daemon, name: &str) -> R<()> {
     r.map_err(|e| errors::block(&e))
 }
 
-fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
+async fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
     // Check everything first so that a refusal changes nothing.
     let mut plan = Vec::new();
     for o in &list {
@@ -471,6 +474,15 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
     }
     for (node, f) in plan {
         let old = node.flags();
+        // The format writes back what it keeps while its file still takes
+        // writes (qcow2 stores its bitmaps), and starts writing only once
+        // the file takes them again.
+        if f.read_only && !old.read_only {
+            node.driver()
+                .reopen(&node, true)
+                .await
+                .map_err(|e| errors::block(&e))?;
+        }
         node.set_flags(f);
         let child = inheriting_child(d, &node);
         let child_old = child.as_ref().map(|c| c.flags());
@@ -479,12 +491,22 @@ fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
             cf.read_only = f.read_only;
             c.set_flags(cf);
         }
+        let undo = || {
+            node.set_flags(old);
+            if let (Some(c), Some(cf)) = (&child, child_old) {
+                c.set_flags(cf);
+            }
+        };
         if old.read_only != f.read_only {
             if let Err(e) = refresh_child_perms(&node) {
-                node.set_flags(old);
-                if let (Some(c), Some(cf)) = (&child, child_old) {
-                    c.set_flags(cf);
-                }
+                undo();
+                return Err(errors::block(&e));
+            }
+        }
+        if old.read_only && !f.read_only {
+            if let Err(e) = node.driver().reopen(&node, false).await {
+                undo();
+                let _ = refresh_child_perms(&node);
                 return Err(errors::block(&e));
             }
         }
