@@ -38,6 +38,9 @@ pub struct FileDriver {
     direct: bool,
     no_flush: bool,
     locking: bool,
+    /// Whether the descriptor is open for writing (a node opened read-only
+    /// gets a writable one when first reopened read-write).
+    writable: Cell<bool>,
     /// A second descriptor for the image locks (see [`lock_descriptor`]).
     lock_fd: Option<OwnedFd>,
     block_device: bool,
@@ -48,6 +51,32 @@ pub struct FileDriver {
 
 fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
+}
+
+/// Opens `path` for the engine: read-only or read-write, O_DIRECT or not.
+fn open_descriptor(path: &str, read_only: bool, direct: bool) -> std::io::Result<OwnedFd> {
+    let cpath = CString::new(path).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "file name contains a NUL byte",
+        )
+    })?;
+    let mut oflags = libc::O_CLOEXEC;
+    oflags |= if read_only {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    if direct {
+        oflags |= libc::O_DIRECT;
+    }
+    // SAFETY: `cpath` is a valid NUL-terminated string.
+    let fd = unsafe { libc::open(cpath.as_ptr(), oflags) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `fd` was just returned by open and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Opens a second open file description of the file behind `fd` to hold
@@ -172,28 +201,15 @@ impl FileDriver {
         no_flush: bool,
         locking: bool,
     ) -> Result<Self> {
-        let cpath =
-            CString::new(path).map_err(|_| Error::invalid("file name contains a NUL byte"))?;
-        let mut oflags = libc::O_CLOEXEC;
-        oflags |= if read_only {
-            libc::O_RDONLY
-        } else {
-            libc::O_RDWR
-        };
-        if direct {
-            oflags |= libc::O_DIRECT;
+        if path.contains('\0') {
+            return Err(Error::invalid("file name contains a NUL byte"));
         }
         let open_err = |e: std::io::Error| Error::Open {
             path: path.to_owned(),
             source: e,
         };
-        // SAFETY: `cpath` is a valid NUL-terminated string.
-        let fd = unsafe { libc::open(cpath.as_ptr(), oflags) };
-        if fd < 0 {
-            return Err(open_err(errno()));
-        }
-        // SAFETY: `fd` was just returned by open and is owned by no one else.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let owned = open_descriptor(path, read_only, direct).map_err(open_err)?;
+        let fd = owned.as_raw_fd();
         let st = fstat(fd).map_err(open_err)?;
         let kind = st.st_mode & libc::S_IFMT;
         let block_device = kind == libc::S_IFBLK;
@@ -222,6 +238,7 @@ impl FileDriver {
             direct,
             no_flush,
             locking,
+            writable: Cell::new(!read_only),
             lock_fd,
             block_device,
             align,
@@ -589,6 +606,30 @@ impl BlockDriver for FileDriver {
                     }
                 }
             }
+            Ok(())
+        })
+    }
+
+    fn reopen<'a>(&'a self, _node: &'a Node, read_only: bool) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            if read_only || self.writable.get() {
+                return Ok(());
+            }
+            let open_err = |e: std::io::Error| Error::Open {
+                path: self.path.clone(),
+                source: e,
+            };
+            let new = open_descriptor(&self.path, false, self.direct).map_err(open_err)?;
+            let (was, now) = (fstat(self.fd()), fstat(new.as_raw_fd()));
+            let (was, now) = (was.map_err(open_err)?, now.map_err(open_err)?);
+            if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino) {
+                return Err(Error::invalid(format!(
+                    "Could not reopen '{}': the file was replaced since it was opened",
+                    self.path
+                )));
+            }
+            self.file.replace_description(new).map_err(open_err)?;
+            self.writable.set(true);
             Ok(())
         })
     }

@@ -555,6 +555,35 @@ def reopened_bitmap_conversation(binary, workdir):
     image()
     stored, check = stored_bitmaps(img)
     out.append(["check", check["status"], check.get("leaks", 0), check.get("corruptions", 0)])
+    # Opened read-only (the file too), then made writable: the file gets
+    # a writable descriptor, on io_uring and on threads.
+    for aio in ("io_uring", "threads"):
+        d = Daemon(binary)
+        try:
+            rec.q = q = d.connect()
+            file = {"driver": "file", "filename": img, "aio": aio}
+            node = {"driver": "qcow2", "node-name": "n", "file": file}
+            step("blockdev-add", **dict(node, **{"read-only": True}))
+            step("block-dirty-bitmap-clear", node="n", name="p")
+            step("blockdev-reopen", options=[node])
+            image()
+            step("block-dirty-bitmap-clear", node="n", name="p")
+            step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+            step("block-export-add", type="nbd", id="e0", **{"node-name": "n"}, writable=True,
+                 bitmaps=["p"])
+            rec.client(["qemu-io", "-f", "raw", "-c", "write -P 7 2M 64k",
+                        "-c", "read -P 7 2M 64k", f"nbd+unix:///n?socket={sock}"])
+            rec.client(["qemu-img", "map", "--output=json", "--image-opts",
+                        f"driver=nbd,export=n,server.type=unix,server.path={sock},"
+                        f"x-dirty-bitmap=qemu:dirty-bitmap:p"])
+            step("block-export-del", id="e0")
+            q.wait_event("BLOCK_EXPORT_DELETED")
+            step("blockdev-del", **{"node-name": "n"})
+            q.close()
+        finally:
+            d.stop()
+        image()
+        rec.client(["qemu-io", "-c", "read -P 7 2M 64k", img])
     return out
 
 

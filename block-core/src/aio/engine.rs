@@ -57,6 +57,24 @@ impl EngineFile {
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+
+    /// Puts `new` (the same file opened anew, read-write say) behind this
+    /// descriptor's number: later requests, thread-pool jobs in flight and
+    /// the io_uring's registered slot all move to it, while requests the
+    /// kernel already took finish on the old description.
+    pub fn replace_description(&self, new: OwnedFd) -> io::Result<()> {
+        // SAFETY: both descriptors are open and owned; dup3 swaps the open
+        // file description behind our number atomically, and the number
+        // stays owned by `self.fd`.
+        let r = unsafe { libc::dup3(new.as_raw_fd(), self.fd.as_raw_fd(), libc::O_CLOEXEC) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some((ring, f)) = &self.uring {
+            ring.refresh(f)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for EngineFile {

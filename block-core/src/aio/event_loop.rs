@@ -707,4 +707,35 @@ mod tests {
             );
         }
     }
+    /// A file opened read-only takes writes once a read-write description
+    /// is put behind its descriptor, on io_uring (registered slot) and on
+    /// the thread pool; writes before that fail with EBADF.
+    #[test]
+    fn replaced_description_takes_writes() {
+        for mode in [AioMode::IoUring, AioMode::Threads] {
+            let (path, rw) = temp_file(&format!("reopen-{mode:?}"), 8192);
+            drop(rw);
+            let ro = std::fs::File::open(&path).unwrap();
+            let el = EventLoop::new(mode).unwrap();
+            let ctx = Rc::clone(el.context());
+            let file = ctx.open_file(ro.into());
+            let (r, _) = el.block_on(ctx.write(&file, 0, IoBuf::filled(4096, 7), 0));
+            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF), "{mode:?}");
+            let rw = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            file.replace_description(rw.into()).unwrap();
+            let (r, _) = el.block_on(ctx.write(&file, 4096, IoBuf::filled(4096, 7), 0));
+            assert_eq!(r.unwrap(), 4096, "{mode:?}");
+            let (r, buf) = el.block_on(ctx.read(&file, 4096, IoBuf::zeroed(4096), 0));
+            assert_eq!(r.unwrap(), 4096);
+            assert!(buf.iter().all(|&b| b == 7), "{mode:?}");
+            drop(file);
+            let data = std::fs::read(&path).unwrap();
+            assert!(data[..4096].iter().all(|&b| b == 0) && data[4096..].iter().all(|&b| b == 7));
+            std::fs::remove_file(path).unwrap();
+        }
+    }
 }

@@ -259,6 +259,18 @@ impl Uring {
         UringFile { fd, fixed: None }
     }
 
+    /// Points a registered slot at what its descriptor number holds now
+    /// (after the description behind it was replaced).
+    pub(crate) fn refresh(&self, file: &UringFile) -> std::io::Result<()> {
+        if let Some(slot) = file.fixed {
+            self.ring
+                .borrow()
+                .submitter()
+                .register_files_update(slot, &[file.fd])?;
+        }
+        Ok(())
+    }
+
     /// Releases a registered slot; call before closing the fd.
     pub(crate) fn unregister(&self, file: UringFile) {
         if let Some(slot) = file.fixed {

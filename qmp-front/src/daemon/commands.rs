@@ -441,18 +441,6 @@ async fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
                 return Err(QmpError::generic(format!("Cannot change the option '{k}'")));
             }
         }
-        if !f.read_only && node.is_read_only() {
-            let mut n = Some(Rc::clone(&node));
-            while let Some(x) = n {
-                if x.format_name() == "file" && !d.opened_rw.borrow().contains(x.name()) {
-                    return Err(QmpError::generic(format!(
-                        "Cannot make node '{name}' writable: reopening '{}' read-write is not supported yet",
-                        x.filename()
-                    )));
-                }
-                n = x.storage_child();
-            }
-        }
         if f.read_only && !node.is_read_only() {
             let (perm, _) = node.cumulative_perm();
             if perm.contains(Perm::WRITE) {
@@ -504,6 +492,20 @@ async fn reopen(d: &Daemon, list: Vec<BlockdevOptions>) -> R<()> {
             }
         }
         if old.read_only && !f.read_only {
+            // Bottom up: a file opened read-only gets a writable
+            // descriptor before the format above it starts writing.
+            let mut opened = Ok(());
+            if let Some(c) = child
+                .as_ref()
+                .filter(|_| child_old.is_some_and(|cf| cf.read_only))
+            {
+                opened = c.driver().reopen(c, false).await;
+            }
+            if let Err(e) = opened {
+                undo();
+                let _ = refresh_child_perms(&node);
+                return Err(errors::block(&e));
+            }
             if let Err(e) = node.driver().reopen(&node, false).await {
                 undo();
                 let _ = refresh_child_perms(&node);

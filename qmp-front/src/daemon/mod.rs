@@ -74,9 +74,6 @@ pub struct Daemon {
     /// The checked options each root node was added with (reopen compares
     /// against them; QEMU's `json:` filenames are built from them).
     pub add_opts: RefCell<std::collections::HashMap<String, serde_json::Map<String, Value>>>,
-    /// Nodes opened read-write (their files have writable descriptors,
-    /// so reopening them read-write again is possible).
-    pub opened_rw: RefCell<HashSet<String>>,
     /// The NBD server, while started.
     pub nbd: RefCell<Option<Rc<crate::nbd::NbdServer>>>,
     /// Exports (id, node name) in creation order, until each is really
@@ -136,13 +133,6 @@ impl Daemon {
         for n in &fresh {
             visit(n, &fresh_names, &mut seen, &mut new);
         }
-        let mut rw = self.opened_rw.borrow_mut();
-        rw.retain(|n| names.contains(n));
-        rw.extend(
-            new.iter()
-                .filter(|n| !n.is_read_only())
-                .map(|n| n.name().to_owned()),
-        );
         order.extend(new.iter().map(|n| n.name().to_owned()));
     }
 
@@ -424,7 +414,6 @@ fn run(cli: &Cli, pipe: Option<sys::DaemonPipe>) -> Result<(), StartError> {
         iothreads: RefCell::new(Vec::new()),
         chardevs: RefCell::new(Vec::new()),
         add_opts: RefCell::new(std::collections::HashMap::new()),
-        opened_rw: RefCell::new(HashSet::new()),
         nbd: RefCell::new(None),
         export_ids: RefCell::new(Vec::new()),
         quit: Cell::new(false),
