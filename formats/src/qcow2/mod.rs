@@ -426,12 +426,6 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
     } else {
         cluster_bits
     };
-    let mut hdr = hdr;
-    let mut clear_autoclear = false;
-    if !read_only && hdr.version >= 3 && hdr.autoclear_features & !header::AUTOCLEAR_KNOWN != 0 {
-        hdr.autoclear_features &= header::AUTOCLEAR_KNOWN;
-        clear_autoclear = true;
-    }
     let size = hdr.size;
     let end_cluster = fsize.div_ceil(cs);
     let zero_from = if Rc::ptr_eq(&data, &file) {
@@ -476,17 +470,6 @@ async fn open_impl(args: OpenArgs<'_>) -> Result<(Qcow2, Vec<(String, ChildRole,
         room: room::FileRoom::default(),
         loaded_bitmaps: RefCell::new(Vec::new()),
     };
-    if clear_autoclear {
-        // Only the autoclear field changes: one 8-byte write at offset 88.
-        let v = drv.hdr.borrow().autoclear_features;
-        file.pwrite(
-            88,
-            IoBuf::from_slice(&v.to_be_bytes()),
-            WriteFlags::default(),
-        )
-        .await?;
-        file.flush().await?;
-    }
     // Loaded before they are marked in use: a bitmap in use already was
     // not saved cleanly.
     *drv.loaded_bitmaps.borrow_mut() = drv.load_bitmaps().await?;
@@ -623,9 +606,30 @@ impl Qcow2 {
 
 impl Qcow2 {
     /// What a writer does first (at a read-write open, or when reopened
-    /// read-write): marks the image's bitmaps in use, and repairs an image
-    /// left dirty by lazy refcounts.
+    /// read-write): clears the autoclear bits it does not know (their
+    /// data is not kept up to date), marks the image's bitmaps in use, and
+    /// repairs an image left dirty by lazy refcounts.
     async fn begin_writing(&self) -> Result<()> {
+        let unknown = {
+            let h = self.hdr.borrow();
+            h.version >= 3 && h.autoclear_features & !header::AUTOCLEAR_KNOWN != 0
+        };
+        if unknown {
+            let v = {
+                let mut h = self.hdr.borrow_mut();
+                h.autoclear_features &= header::AUTOCLEAR_KNOWN;
+                h.autoclear_features
+            };
+            // Only the autoclear field changes: one 8-byte write at offset 88.
+            self.file
+                .pwrite(
+                    88,
+                    IoBuf::from_slice(&v.to_be_bytes()),
+                    WriteFlags::default(),
+                )
+                .await?;
+            self.file.flush().await?;
+        }
         self.mark_bitmaps_in_use().await?;
         if self.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
             // Not closed cleanly with lazy refcounts: rebuild the refcounts

@@ -1653,3 +1653,37 @@ fn removed_persistent_bitmap_leaves_the_image_at_once() {
         check_clean(&img);
     });
 }
+
+/// Autoclear bits the driver does not know are cleared by a writer, as
+/// QEMU clears them (their data is no longer kept up to date); known ones
+/// (bitmaps) stay, and a reader changes nothing.
+#[test]
+fn unknown_autoclear_bits_are_cleared_by_writers_like_qemu() {
+    let d = Dir::new("autoclear");
+    let autoclear = |img: &str| {
+        let h = std::fs::read(img).unwrap();
+        u64::from_be_bytes(h[88..96].try_into().unwrap())
+    };
+    on_engines(|g, mode| {
+        let (ours, theirs) = (d.file("a.qcow2"), d.file("q.qcow2"));
+        let _ = std::fs::remove_file(&ours);
+        qemu_img(&["create", "-q", "-f", "qcow2", &ours, "4M"]);
+        qemu_img(&["bitmap", "--add", &ours, "b0"]);
+        let v = autoclear(&ours) | 1 << 5 | 1 << 63;
+        poke(&ours, 88, &v.to_be_bytes());
+        std::fs::copy(&ours, &theirs).unwrap();
+        run(g, async {
+            let n = open(g, &ours, true).await;
+            close(g, n).await;
+        });
+        assert_eq!(autoclear(&ours), v, "{mode:?}: a reader keeps them");
+        run(g, async {
+            let n = open(g, &ours, false).await;
+            close(g, n).await;
+        });
+        qemu_io(&theirs, &["read 0 4k".to_string()]);
+        assert_eq!(autoclear(&ours), 1, "{mode:?}: the bitmaps bit stays");
+        assert_eq!(autoclear(&ours), autoclear(&theirs), "{mode:?}");
+        check_clean(&ours);
+    });
+}
