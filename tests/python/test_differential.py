@@ -520,10 +520,14 @@ def reopened_bitmap_conversation(binary, workdir):
     rec = Recorder(sock)
     out, step = rec.out, rec.step
 
-    def image():
+    def image(writable=False):
+        # A writable Strata node keeps room made ahead at the end of the
+        # file, so the length is compared only when nothing writes, and in
+        # clusters: QEMU's file may end inside its last cluster.
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", img],
                                          capture_output=True, text=True, check=True).stdout)
         out.append(["image", info.get("dirty-flag"),
+                    None if writable else -(-os.path.getsize(img) // 65536),
                     info["format-specific"]["data"].get("bitmaps")])
 
     d = Daemon(binary)
@@ -539,14 +543,14 @@ def reopened_bitmap_conversation(binary, workdir):
                     f"nbd+unix:///n?socket={sock}"])
         step("block-export-del", id="e0")
         q.wait_event("BLOCK_EXPORT_DELETED")
-        image()
+        image(writable=True)
         step("blockdev-reopen", options=[dict(node, **{"read-only": True})])
         image()
         rec.bitmaps()
         step("block-dirty-bitmap-clear", node="n", name="b0")
         step("block-dirty-bitmap-add", node="n", name="q", persistent=True)
         step("blockdev-reopen", options=[node])
-        image()
+        image(writable=True)
         step("block-dirty-bitmap-clear", node="n", name="b0")
         step("blockdev-del", **{"node-name": "n"})
         q.close()
@@ -566,7 +570,7 @@ def reopened_bitmap_conversation(binary, workdir):
             step("blockdev-add", **dict(node, **{"read-only": True}))
             step("block-dirty-bitmap-clear", node="n", name="p")
             step("blockdev-reopen", options=[node])
-            image()
+            image(writable=True)
             step("block-dirty-bitmap-clear", node="n", name="p")
             step("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
             step("block-export-add", type="nbd", id="e0", **{"node-name": "n"}, writable=True,

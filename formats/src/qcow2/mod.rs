@@ -663,7 +663,8 @@ impl Qcow2 {
     /// Follows `blockdev-reopen` changing the node's read-only flag, as
     /// QEMU's qcow2 does. Before the node becomes read-only: the
     /// persistent bitmaps are stored (no longer in use), the metadata
-    /// written and the image marked clean, and the bitmaps turn readonly.
+    /// written, the file cut back to what is used and the image marked
+    /// clean, and the bitmaps turn readonly.
     /// After it becomes writable again: the image is checked for the
     /// corrupt bit, the bitmaps are marked in use and may change again.
     pub(crate) async fn reopen_impl(&self, node: &Node, read_only: bool) -> Result<()> {
@@ -675,8 +676,9 @@ impl Qcow2 {
             // A bitmap that cannot be stored must not keep the metadata
             // from being written; it stays in use on disk.
             let stored = self.store_bitmaps(&node.dirty_bitmaps()).await;
-            self.flush_caches().await?;
-            self.mark_image_clean().await?;
+            // As at close: the room made ahead goes too, since nothing
+            // allocates while read-only.
+            self.settle_for_close().await?;
             stored?;
             self.read_only.set(true);
         } else {
