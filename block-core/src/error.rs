@@ -110,6 +110,13 @@ pub enum Error {
         /// Node name.
         node: String,
     },
+    /// A user wants to write through a read-only node (the permission
+    /// check, as when a parent is made writable over it); QEMU's message.
+    #[error("Block node is read-only")]
+    ReadOnlyNode {
+        /// Node name.
+        node: String,
+    },
     /// An option or argument is invalid; `msg` is the user-facing reason.
     #[error("{msg}")]
     InvalidArgument {
@@ -172,7 +179,7 @@ impl Error {
             Error::OutOfRange { .. } | Error::TooLarge { .. } | Error::InvalidArgument { .. } => {
                 ErrorKind::InvalidArgument
             }
-            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::ReadOnly { .. } | Error::ReadOnlyNode { .. } => ErrorKind::ReadOnly,
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::Duplicate { .. } => ErrorKind::AlreadyExists,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
@@ -188,7 +195,7 @@ impl Error {
             Error::OutOfRange { .. } | Error::TooLarge { .. } | Error::InvalidArgument { .. } => {
                 Some(libc::EINVAL)
             }
-            Error::ReadOnly { .. } => Some(libc::EPERM),
+            Error::ReadOnly { .. } | Error::ReadOnlyNode { .. } => Some(libc::EPERM),
             Error::Unsupported { .. } => Some(libc::ENOTSUP),
             _ => Some(libc::EIO),
         }

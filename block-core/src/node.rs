@@ -372,7 +372,7 @@ impl Node {
 
     fn check_subtree(&self, perm: Perm, shared: Perm) -> Result<()> {
         if perm.contains(Perm::WRITE) && self.is_read_only() {
-            return Err(Error::ReadOnly {
+            return Err(Error::ReadOnlyNode {
                 node: self.name.clone(),
             });
         }

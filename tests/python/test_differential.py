@@ -19,8 +19,10 @@ from qmpraw import Daemon  # noqa: E402
 def conversation(binary, workdir):
     """Runs one fixed conversation; returns the list of replies/events."""
     img = os.path.join(workdir, "img.raw")
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
+    img2 = os.path.join(workdir, "img2.raw")
+    for path in (img, img2):
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
     d = Daemon(binary, ["--blockdev", "null-co,node-name=n0,size=1048576"])
     out = []
     try:
@@ -69,6 +71,18 @@ def conversation(binary, workdir):
                                               "file": {"driver": "file", "filename": img}}]}),
             ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "r0",
                                               "file": {"driver": "file", "filename": img}}]}),
+            # A child given by reference keeps its own flag: the parent
+            # becomes writable only once the child is.
+            ("blockdev-add", {"driver": "file", "node-name": "rf", "read-only": True,
+                              "filename": img2}),
+            ("blockdev-add", {"driver": "raw", "node-name": "rq", "read-only": True,
+                              "file": "rf"}),
+            ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "rq", "file": "rf"}]}),
+            ("blockdev-reopen", {"options": [{"driver": "file", "node-name": "rf",
+                                              "filename": img2}]}),
+            ("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "rq", "file": "rf"}]}),
+            ("blockdev-del", {"node-name": "rq"}),
+            ("blockdev-del", {"node-name": "rf"}),
             ("query-named-block-nodes", {"flat": True}),
             ("blockdev-del", {"node-name": "zz"}),
             ("blockdev-del", {"node-name": "r0"}),
