@@ -580,7 +580,7 @@ def reopened_bitmap_conversation(binary, workdir):
         try:
             rec.q = q = d.connect()
             file = {"driver": "file", "filename": img, "aio": aio}
-            node = {"driver": "qcow2", "node-name": "n", "file": file}
+            node = {"driver": "qcow2", "node-name": "n", "lazy-refcounts": True, "file": file}
             step("blockdev-add", **dict(node, **{"read-only": True}))
             step("block-dirty-bitmap-clear", node="n", name="p")
             step("blockdev-reopen", options=[node])
@@ -594,6 +594,8 @@ def reopened_bitmap_conversation(binary, workdir):
             rec.client(["qemu-img", "map", "--output=json", "--image-opts",
                         f"driver=nbd,export=n,server.type=unix,server.path={sock},"
                         f"x-dirty-bitmap=qemu:dirty-bitmap:p"])
+            # Lazy refcounts, asked for at the read-only open, now apply.
+            image(writable=True)
             step("block-export-del", id="e0")
             q.wait_event("BLOCK_EXPORT_DELETED")
             step("blockdev-del", **{"node-name": "n"})
