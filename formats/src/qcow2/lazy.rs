@@ -56,21 +56,24 @@ impl Qcow2 {
     }
 
     async fn write_incompatible(&self, v: u64) -> Result<()> {
-        let r = async {
-            self.file
-                .pwrite(
-                    72,
-                    IoBuf::from_slice(&v.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await?;
-            self.sync_now().await
-        };
-        if let Err(e) = r.await {
+        if let Err(e) = self.write_header_u64(72, v).await {
             self.broken.set(true);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Writes one 8-byte header field in place and syncs it (feature
+    /// bits: nothing else in the header changes).
+    pub(crate) async fn write_header_u64(&self, offset: u64, v: u64) -> Result<()> {
+        self.file
+            .pwrite(
+                offset,
+                IoBuf::from_slice(&v.to_be_bytes()),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.sync_now().await
     }
 
     /// Writes all metadata, gives back the room made ahead in the file and

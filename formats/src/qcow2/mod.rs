@@ -622,14 +622,7 @@ impl Qcow2 {
                 h.autoclear_features
             };
             // Only the autoclear field changes: one 8-byte write at offset 88.
-            self.file
-                .pwrite(
-                    88,
-                    IoBuf::from_slice(&v.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await?;
-            self.file.flush().await?;
+            self.write_header_u64(88, v).await?;
         }
         self.mark_bitmaps_in_use().await?;
         if self.hdr.borrow().incompatible_features & header::INCOMPAT_DIRTY != 0 {
@@ -644,19 +637,7 @@ impl Qcow2 {
             if r.corruptions > r.corruptions_fixed || r.aborted.is_some() {
                 return Err(self.corrupt("could not repair the dirty image"));
             }
-            let v = {
-                let mut h = self.hdr.borrow_mut();
-                h.incompatible_features &= !header::INCOMPAT_DIRTY;
-                h.incompatible_features
-            };
-            self.file
-                .pwrite(
-                    72,
-                    IoBuf::from_slice(&v.to_be_bytes()),
-                    WriteFlags::default(),
-                )
-                .await?;
-            self.file.flush().await?;
+            self.mark_image_clean().await?;
         }
         Ok(())
     }
