@@ -4,10 +4,9 @@
 //! the graph and its permission model ([`node`], [`perm`], [`graph`]), the
 //! one request path ([`io`]: alignment, read-modify-write, tracked and
 //! serialising requests, zero detection, write thresholds, [`dirty`]
-//! bitmaps), BlockBackends
-//! with accounting ([`backend`], [`stats`]), the event bus ([`events`]), and
-//! execution ([`aio`]): an event loop per thread with a single-threaded
-//! executor and an I/O engine.
+//! bitmaps), BlockBackends with accounting ([`backend`], [`stats`]), the
+//! event bus ([`events`]), and execution ([`aio`]): an event loop per
+//! thread with a single-threaded executor and an I/O engine.
 //!
 //! ## Decisions
 //! - **Executor.** Our own small executor over the `io-uring` crate rather

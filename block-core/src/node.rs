@@ -487,6 +487,7 @@ impl Node {
     pub fn has_users(&self) -> bool {
         !self.users.borrow().is_empty()
     }
+
     /// Attaches a dirty bitmap; fails if the node already has one of that
     /// name or the name is too long (QEMU's checks and texts).
     pub fn add_dirty_bitmap(&self, bitmap: Rc<DirtyBitmap>) -> Result<()> {

@@ -286,13 +286,12 @@ impl Qcow2 {
         let cs = self.cluster_size;
         let mut v = vec![(off, dir.len() as u64)];
         for e in entries {
-            let bytes = e.table_size as u64 * 8;
-            if bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
+            let Some(bytes) = self.table_bytes(&e) else {
                 return Err(self.corrupt(format!(
                     "invalid bitmap table at {:#x} ({} entries)",
                     e.table_offset, e.table_size
                 )));
-            }
+            };
             if bytes == 0 {
                 continue;
             }
@@ -487,15 +486,21 @@ impl Qcow2 {
     /// cannot be one of ours (misaligned, absurd) is left alone: a leak
     /// is harmless, freeing somebody else's cluster is not.
     async fn free_bitmap(&self, e: &Entry) -> Result<()> {
-        let cs = self.cluster_size;
-        let bytes = u64::from(e.table_size) * 8;
-        if e.table_size == 0 || bytes > MAX_DIRECTORY_BYTES || !e.table_offset.is_multiple_of(cs) {
+        let Some(bytes) = self.table_bytes(e).filter(|_| e.table_size != 0) else {
             return Ok(());
-        }
+        };
         for d in self.bitmap_data_clusters(e).await? {
-            self.free_bytes(d, cs).await?;
+            self.free_bytes(d, self.cluster_size).await?;
         }
         self.free_bytes(e.table_offset, bytes).await
+    }
+
+    /// The bytes of an entry's table, if it can be one the image holds
+    /// (cluster-aligned, of a size QEMU accepts).
+    fn table_bytes(&self, e: &Entry) -> Option<u64> {
+        let bytes = u64::from(e.table_size) * 8;
+        (bytes <= MAX_DIRECTORY_BYTES && e.table_offset.is_multiple_of(self.cluster_size))
+            .then_some(bytes)
     }
 
     /// The data clusters a bitmap's table points to.

@@ -163,10 +163,7 @@ impl<'g> Image<'g> {
             let _g = self.drv.meta.lock().await;
             // The image's bitmaps were marked in use at open: store them
             // back, as qemu-img does when it closes an image.
-            let bitmaps = self.bitmaps();
-            let stored = self.drv.store_bitmaps(&bitmaps).await;
-            let settled = self.drv.settle_for_close().await;
-            stored.and(settled)
+            self.drv.store_bitmaps_and_settle(&self.bitmaps()).await
         };
         let r = match r {
             Ok(()) if !self.drv.read_only.get() => self.drv.file.flush().await,

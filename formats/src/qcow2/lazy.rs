@@ -84,4 +84,17 @@ impl Qcow2 {
         self.give_back_room().await?;
         self.mark_image_clean().await
     }
+
+    /// What a writer leaves behind when it closes (or turns read-only):
+    /// `bitmaps` stored, then [`Self::settle_for_close`]. A bitmap that
+    /// cannot be stored must not keep the metadata from being written; it
+    /// stays in use on disk. Called under `meta`.
+    pub(crate) async fn store_bitmaps_and_settle(
+        &self,
+        bitmaps: &[std::rc::Rc<block_core::DirtyBitmap>],
+    ) -> Result<()> {
+        let stored = self.store_bitmaps(bitmaps).await;
+        let settled = self.settle_for_close().await;
+        stored.and(settled)
+    }
 }

@@ -511,6 +511,7 @@ impl Qcow2 {
     pub fn of(node: &Node) -> Option<&Qcow2> {
         node.driver().as_any()?.downcast_ref::<Qcow2>()
     }
+
     /// The persistent bitmaps loaded at open, once.
     pub(crate) fn take_loaded(&self) -> Vec<block_core::DirtyBitmap> {
         std::mem::take(&mut *self.loaded_bitmaps.borrow_mut())
@@ -603,9 +604,7 @@ impl Qcow2 {
         let (ty, host) = first.unwrap_or((SubType::UnallocatedPlain, 0));
         Ok((ty, host, (pos - offset).min(max)))
     }
-}
 
-impl Qcow2 {
     /// What a writer does first (at a read-write open, or when reopened
     /// read-write): clears the autoclear bits it does not know (their
     /// data is not kept up to date), marks the image's bitmaps in use, and
@@ -655,13 +654,9 @@ impl Qcow2 {
         }
         if read_only {
             let _g = self.lock_meta_idle().await;
-            // A bitmap that cannot be stored must not keep the metadata
-            // from being written; it stays in use on disk.
-            let stored = self.store_bitmaps(&node.dirty_bitmaps()).await;
             // As at close: the room made ahead goes too, since nothing
             // allocates while read-only.
-            self.settle_for_close().await?;
-            stored?;
+            self.store_bitmaps_and_settle(&node.dirty_bitmaps()).await?;
             self.read_only.set(true);
         } else {
             if self.hdr.borrow().incompatible_features & header::INCOMPAT_CORRUPT != 0 {
@@ -842,11 +837,7 @@ impl BlockDriver for Qcow2 {
                 return Ok(());
             }
             let _g = self.meta.lock().await;
-            // A bitmap that cannot be stored must not keep the metadata
-            // from being flushed; it stays in use on disk.
-            let stored = self.store_bitmaps(&node.dirty_bitmaps()).await;
-            let settled = self.settle_for_close().await;
-            stored.and(settled)
+            self.store_bitmaps_and_settle(&node.dirty_bitmaps()).await
         })
     }
 

@@ -444,7 +444,6 @@ fn convert_from(
     let top = src
         .root()
         .ok_or_else(|| Failure::Error("no medium".into()))?;
-
     let fail = |e: block_core::Error| Failure::Error(format!("error while writing at byte 0: {e}"));
     // The compressing writer opens the image itself (one writer at a
     // time), so it is only looked at through its header here.
